@@ -1,0 +1,169 @@
+"""The score network: noisy token embeddings and each token's noise level in, logits over the vocabulary out.
+
+No loss, schedule, sampling or I/O here; diffusion.py wraps this network with the preconditioning.
+Shapes: B batch, L length, E embedding dim, D model dim, H heads, V vocabulary.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8000
+    embedding_dim: int = 64   # E: the space the diffusion runs in
+    model_dim: int = 256      # D
+    num_layers: int = 4
+    num_heads: int = 4        # H; D / H is the head dim, rotated in full by the rotary embedding
+    fourier_dim: int = 64     # features of the noise level
+    time_dim: int = 128       # width of the noise-level MLP that feeds every block's FiLM
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise ValueError(f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size")
+
+
+def segment_positions(segment_ids):
+    """Position of each token inside its own packed sequence, restarting at 0 where the segment id changes.
+    segment_ids (B, L) int -> (B, L) int64."""
+    B, L = segment_ids.shape
+    index = torch.arange(L, device=segment_ids.device).expand(B, L)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
+def segment_mask(segment_ids):
+    """Boolean attention mask (B, 1, L, L): query i may attend to key j only if both carry the same segment id,
+    so sequences packed side by side never see each other (identity, not length, decides)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+class FourierFeatures(nn.Module):
+    """Fourier features of a scalar per token with learned frequencies, initialised N(0, 1) (Tancik et al.
+    2020; learned as in the original project's noise embedding): (B, L) float -> (B, L, fourier_dim)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.freqs = nn.Parameter(torch.randn(dim // 2))
+
+    def forward(self, x):
+        angles = 2 * math.pi * x.float()[..., None] * self.freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.model_dim, 3 * cfg.model_dim, bias=False)
+        self.out = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+
+    def forward(self, x, freqs, mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, D/H)
+        q, k = apply_rotary_emb(freqs, q), apply_rotary_emb(freqs, k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward of Shazeer (2020), hidden width 8/3 D rounded up to a multiple of 32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = 32 * math.ceil(8 * dim / 3 / 32)
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, value = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose two norms are modulated per token by FiLM (Perez et al. 2018) from
+    that token's noise-level embedding: h = (1 + scale) * RMSNorm(x) + shift."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.model_dim, elementwise_affine=False)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.model_dim, elementwise_affine=False)
+        self.ffn = SwiGLU(cfg.model_dim)
+        self.film = nn.Linear(cfg.time_dim, 4 * cfg.model_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, time, freqs, mask):
+        scale1, shift1, scale2, shift2 = self.film(time).chunk(4, dim=-1)  # each (B, L, D)
+        x = x + self.dropout(self.attn((1 + scale1) * self.attn_norm(x) + shift1, freqs, mask))
+        return x + self.dropout(self.ffn((1 + scale2) * self.ffn_norm(x) + shift2))
+
+
+class ScoreLM(nn.Module):
+    """Transformer that reads noisy token embeddings and a noise level per token and predicts logits
+    for the clean token at every position (CDCD, Dieleman et al. 2022).
+
+    forward(x, c_noise, segment_ids): x (B, L, E) float, the noisy embeddings already scaled by c_in;
+    c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
+    segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
+    restart in each). Returns logits (B, L, V) in the compute dtype.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        self.fourier = FourierFeatures(cfg.fourier_dim)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.fourier_dim, cfg.time_dim), nn.SiLU(),
+            nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU())
+        self.input_proj = nn.Linear(cfg.embedding_dim, cfg.model_dim)
+        self.rotary = RotaryEmbedding(cfg.model_dim // cfg.num_heads)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.model_dim)
+        self.head = nn.Linear(cfg.model_dim, cfg.embedding_dim, bias=False)
+        self.logit_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            nn.init.zeros_(block.film.weight)  # every block starts unmodulated
+            nn.init.zeros_(block.film.bias)
+            for proj in (block.attn.out, block.ffn.down):  # GPT-2's scaled residual init
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0)
+
+    def embedding_table(self):
+        """All token embeddings, L2-normalised and scaled to norm sqrt(E) (CDCD): (V, E) float32."""
+        return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
+
+    def embed(self, ids):
+        """Normalised embeddings of token ids: (B, L) int64 -> (B, L, E) float32, each of norm sqrt(E)."""
+        return F.normalize(self.embedding(ids).float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
+
+    def forward(self, x, c_noise, segment_ids=None):
+        B, L, _ = x.shape
+        if segment_ids is None:
+            positions, mask = torch.arange(L, device=x.device).expand(B, L), None
+        else:
+            positions, mask = segment_positions(segment_ids), segment_mask(segment_ids)
+        with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32
+            freqs = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
+        time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
+        h = self.input_proj(x)  # (B, L, D)
+        for block in self.blocks:
+            h = block(h, time, freqs, mask)
+        return self.head(self.norm(h)) @ self.embedding_table().to(h.dtype).T + self.logit_bias  # (B, L, V)

@@ -1,0 +1,49 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+WORDNET = os.path.join(ROOT, "..", "shared", "data", "wordnet")
+
+from data import Tokenizer  # noqa: E402
+from model import ModelConfig, ScoreLM  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def spm_path():
+    path = os.path.join(WORDNET, "bpe.model")
+    if not os.path.isfile(path):
+        pytest.skip(f"shared corpus missing: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(spm_path):
+    return Tokenizer(spm_path)
+
+
+@pytest.fixture(scope="session")
+def wordnet_lines():
+    """The first 400 lines of the shared WordNet training corpus."""
+    with open(os.path.join(WORDNET, "train.txt"), encoding="utf-8") as f:
+        return [next(f).strip() for _ in range(400)]
+
+
+@pytest.fixture
+def corpus_file(tmp_path, wordnet_lines):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(wordnet_lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def small_model(vocab_size=8000, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, embedding_dim=16, model_dim=32, num_layers=2, num_heads=2,
+               fourier_dim=16, time_dim=32)
+    cfg.update(kwargs)
+    return ScoreLM(ModelConfig(**cfg))

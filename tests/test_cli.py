@@ -1,0 +1,143 @@
+"""End to end through the entry points: prepare, train, resume, sample, and their error messages."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+import sample
+import train
+from conftest import ROOT
+from data import Tokenizer
+from diffusion import network_logits
+
+TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
+        "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1"]
+
+
+def run_train(corpus, spm, model_dir, *extra):
+    train.main(["-d", corpus, "-spm", spm, "-mdir", str(model_dir), *TINY, *extra])
+    return torch.load(os.path.join(model_dir, "ckpt.pt"), weights_only=True)
+
+
+def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_path, corpus_file, spm_path, monkeypatch):
+    saved = {}
+    real_save = train.save_checkpoint
+
+    def save_and_keep(checkpoint, path):
+        real_save(checkpoint, path)
+        shutil.copyfile(path, tmp_path / f"step{checkpoint['step']}.pt")
+        saved[checkpoint["step"]] = path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    straight = run_train(corpus_file, spm_path, tmp_path / "straight", "--max_steps", "6", "--save_interval", "3")
+    assert sorted(saved) == [3, 6]
+    # a run stopped after step 3: its folder holds the step-3 checkpoint; starting it again resumes
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copyfile(tmp_path / "step3.pt", stopped / "ckpt.pt")
+    shutil.copyfile(tmp_path / "straight" / "tokenizer.model", stopped / "tokenizer.model")
+    resumed = run_train(corpus_file, spm_path, stopped, "--max_steps", "6", "--save_interval", "3")
+    assert resumed["step"] == straight["step"] == 6
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in straight["ema"]["0.999"].items():
+        torch.testing.assert_close(resumed["ema"]["0.999"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert resumed["data_state"] == straight["data_state"]
+    losses = lambda d: [line for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert len(losses(tmp_path / "straight")) == 3 and len(losses(stopped)) == 2
+
+
+def test_tiny_model_overfits_a_handful_of_lines(tmp_path, wordnet_lines, spm_path):
+    lines = wordnet_lines[:4]
+    corpus = tmp_path / "four.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    model_dir = tmp_path / "run"
+    run_train(str(corpus), spm_path, model_dir, "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
+              "--log_interval", "20", "-ema", "")
+    losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl")]
+    assert losses[0] > 7 and sum(losses[-3:]) / 3 < 1.0, (losses[0], losses[-3:])
+    # the trained denoiser recovers every token of the lines from sigma_min = 1
+    model, tokenizer, _ = sample.load_model(str(model_dir))
+    ids = torch.full((4, 32), tokenizer.pad_id)
+    for i, line in enumerate(lines):
+        encoded = tokenizer.encode(line)[:32]
+        ids[i, :len(encoded)] = torch.tensor(encoded)
+    torch.manual_seed(0)
+    noisy = model.embed(ids) + torch.randn(4, 32, 16)
+    with torch.no_grad():
+        predicted = network_logits(model, noisy, torch.ones(4, 32)).argmax(-1)
+    assert (predicted == ids).float().mean() > 0.95
+
+
+def test_sample_keeps_prompt_text_and_writes_one_line_per_sample(tmp_path, corpus_file, spm_path, capsys):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    capsys.readouterr()
+    sample.main(["-mdir", str(model_dir), "-n", "3", "--steps", "4", "--prompt", "a tangible and", "the 1990s",
+                 "--sampler", "heun", "--ema", "0.9999"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6
+    assert all(o.startswith("a tangible and") for o in out[:3]) and all(o.startswith("the 1990s") for o in out[3:])
+    with pytest.raises(Exception, match="has EMA rates"):
+        sample.main(["-mdir", str(model_dir), "--ema", "0.5"])
+
+
+def test_sample_is_deterministic_for_a_seed(tmp_path, corpus_file, spm_path, capsys):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    capsys.readouterr()
+    outs = []
+    for batch_size in ("4", "1"):
+        sample.main(["-mdir", str(model_dir), "-n", "4", "--steps", "3", "--seed", "7", "--batch_size", batch_size])
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_inputs_end_with_one_line_errors(tmp_path, corpus_file, wordnet_lines):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(input=corpus_file, model_prefix=str(tmp_path / "default"), vocab_size=300,
+                                   minloglevel=2)
+    cases = [
+        (["train.py", "-d", corpus_file, "-spm", str(tmp_path / "default.model"), "-mdir", str(tmp_path / "o")],
+         "default.model: the tokenizer has no pad id"),
+        (["train.py", "-d", str(tmp_path / "nope.txt"), "-spm", str(tmp_path / "default.model"), "-mdir",
+          str(tmp_path / "o")], "default.model"),
+        (["sample.py", "-mdir", str(tmp_path / "empty")], "ckpt.pt: no checkpoint there"),
+        (["prepare.py", "-i", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "p")], "nope.txt: no such file"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_boolean_switches_cannot_be_misread():
+    with pytest.raises(SystemExit):
+        train.parse_args(["-d", "x", "-spm", "y", "-mdir", "z", "--progress", "False"])
+    assert train.parse_args(["-d", "x", "-spm", "y", "-mdir", "z", "--no-progress"]).progress is False
+
+
+def test_prepare_cleans_splits_and_trains_a_tokenizer(tmp_path, wordnet_lines):
+    raw = tmp_path / "raw.txt"
+    body = "\r\n".join(f"  {line}\t " if i % 7 else "" for i, line in enumerate(wordnet_lines))
+    raw.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    out = tmp_path / "out"
+    prepare.main(["-i", str(raw), "-o", str(out), "--vocab_size", "400", "--valid_fraction", "0.1", "--lowercase"])
+    train_lines = (out / "train.txt").read_text().splitlines()
+    valid_lines = (out / "valid.txt").read_text().splitlines()
+    kept = [" ".join(line.split()).lower() for i, line in enumerate(wordnet_lines) if i % 7]
+    assert sorted(train_lines + valid_lines) == sorted(kept)
+    assert 0 < len(valid_lines) < 0.25 * len(kept)
+    assert not set(train_lines) & set(valid_lines)
+    tokenizer = Tokenizer(str(out / "bpe.model"))
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id, tokenizer.vocab_size) == (0, 1, 2, 3, 400)
+    assert [tokenizer.sp.id_to_piece(i) for i in range(4, 14)] == [str(d) for d in range(10)]

@@ -1,0 +1,124 @@
+import math
+
+import torch
+
+from conftest import small_model
+from diffusion import (denoise, draw_training_sigma, edm_preconditioning, generate, network_logits, rho_schedule,
+                       sample_euler, sample_heun, score_interpolation_loss, sigma_grid, uniform_schedule)
+from utils import masked_mean
+
+
+def test_rho_schedule_and_grid_endpoints():
+    assert rho_schedule(0.0, 1.0, 10.0, 7.0) == 10.0 ** 1.0 or math.isclose(rho_schedule(0.0, 1.0, 10.0, 7.0), 10.0)
+    assert math.isclose(rho_schedule(1.0, 1.0, 10.0, 7.0), 1.0)
+    assert math.isclose(rho_schedule(0.5, 1.0, 10.0, 1.0), 5.5)  # rho = 1 is linear
+    grid = sigma_grid(5, 1.0, 10.0, 7.0)
+    assert grid.shape == (6,)
+    torch.testing.assert_close(grid[[0, 4, 5]], torch.tensor([10.0, 1.0, 0.0]))
+    assert (grid[1:] < grid[:-1]).all()
+    # EDM eq. 5 at i = 2 of N = 5
+    expected = (10 ** (1 / 7) + 2 / 4 * (1 - 10 ** (1 / 7))) ** 7
+    assert math.isclose(grid[2].item(), expected, rel_tol=1e-6)
+    torch.testing.assert_close(sigma_grid(1, 1.0, 10.0, 7.0), torch.tensor([10.0, 0.0]))
+
+
+def test_edm_preconditioning_matches_its_formulas():
+    sigma = torch.tensor([[0.0, 0.5, 1.0, 10.0]])
+    c_in, c_noise = edm_preconditioning(sigma, sigma_data=1.0)
+    torch.testing.assert_close(c_in, torch.tensor([[1.0, 1 / math.sqrt(1.25), 1 / math.sqrt(2), 1 / math.sqrt(101)]]))
+    torch.testing.assert_close(c_noise[0, 1:], torch.log(sigma[0, 1:]) / 4)
+    assert torch.isfinite(c_noise).all()  # sigma = 0 is floored, not -inf
+    c_in, _ = edm_preconditioning(torch.tensor([2.0]), sigma_data=0.5)
+    torch.testing.assert_close(c_in, torch.tensor([1 / math.sqrt(4.25)]))
+
+
+def test_denoiser_is_identity_at_sigma_zero_and_score_interpolation_elsewhere():
+    model = small_model(vocab_size=50).eval()
+    x = torch.randn(2, 6, 16)
+    sigma = torch.tensor([[0.0, 0.0, 1.0, 2.0, 5.0, 10.0]]).expand(2, 6)
+    with torch.no_grad():
+        denoised = denoise(model, x, sigma)
+        logits = network_logits(model, x, sigma)
+    assert torch.equal(denoised[:, :2], x[:, :2])
+    expected = logits.softmax(-1) @ model.embedding_table()
+    torch.testing.assert_close(denoised[:, 2:], expected[:, 2:])
+
+
+def test_per_sequence_sigma_equals_the_same_sigma_per_token():
+    model = small_model(vocab_size=50)
+    ids = torch.randint(0, 50, (3, 8))
+    noise = torch.randn(3, 8, 16)
+    sigma = torch.tensor([1.0, 4.0, 9.0])
+    cond = torch.rand(3, 8) < 0.3
+    per_sequence = score_interpolation_loss(model, ids, sigma, noise, cond_mask=cond)
+    per_token = score_interpolation_loss(model, ids, sigma[:, None].expand(3, 8).clone(), noise, cond_mask=cond)
+    torch.testing.assert_close(per_sequence, per_token)
+    other = score_interpolation_loss(model, ids, sigma.flip(0), noise, cond_mask=cond)
+    assert not torch.allclose(per_sequence, other)
+
+
+def test_training_sigma_per_sequence_and_per_token():
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(0)
+    sigma = draw_training_sigma(segment_ids, 1.0, 10.0, 1.0, per_token=False)
+    assert sigma.shape == (2, 6) and ((sigma >= 1.0) & (sigma <= 10.0)).all()
+    assert (sigma[0, :3] == sigma[0, 0]).all() and (sigma[0, 3:5] == sigma[0, 3]).all()
+    assert sigma[0, 0] != sigma[0, 3]
+    assert (sigma[1] == sigma[1, 0]).all()
+    sigma = draw_training_sigma(segment_ids, 1.0, 10.0, 1.0, per_token=True)
+    assert sigma[1].unique().numel() == 6
+
+
+def test_fully_conditioned_batch_gives_a_finite_loss_and_gradient():
+    model = small_model(vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5))
+    cond = torch.ones(2, 5, dtype=torch.bool)
+    ce = score_interpolation_loss(model, ids, torch.full((2,), 3.0), torch.randn(2, 5, 16), cond_mask=cond)
+    loss = masked_mean(ce, ~cond)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_euler_step_matches_a_hand_computed_one():
+    denoiser = lambda x, sigma: 0.5 * x  # noqa: E731
+    x = torch.ones(1, 2, 3)
+    sigmas = torch.tensor([4.0, 1.0, 0.0])[:, None, None].expand(3, 1, 2)
+    # step 1: d = (x - x/2) / 4 = x/8, x <- x + (1 - 4) x/8 = 5/8 x; step 2 lands on D = 5/16
+    out = sample_euler(denoiser, x, sigmas)
+    torch.testing.assert_close(out, torch.full((1, 2, 3), 5 / 16))
+
+
+def test_heun_with_one_step_equals_euler_and_is_finite():
+    model = small_model(vocab_size=50).eval()
+    x = 10 * torch.randn(2, 6, 16)
+    sigmas = uniform_schedule(sigma_grid(1, 1.0, 10.0, 1.0), torch.zeros(2, 6, dtype=torch.bool))
+    denoiser = lambda x, sigma: denoise(model, x, sigma)  # noqa: E731
+    heun, euler = sample_heun(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas)
+    assert torch.equal(heun, euler) and torch.isfinite(heun).all()
+    sigmas = uniform_schedule(sigma_grid(8, 1.0, 10.0, 7.0), torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.isfinite(sample_heun(denoiser, x, sigmas)).all()
+
+
+def test_heun_matches_a_hand_computed_step():
+    denoiser = lambda x, sigma: torch.zeros_like(x)  # noqa: E731  (d = x / sigma: the exact flow is x ~ sigma)
+    x = torch.full((1, 1, 1), 4.0)
+    sigmas = torch.tensor([4.0, 2.0, 0.0])[:, None, None]
+    # Heun is exact on x = sigma: 4 -> 2, then the Euler step into 0 gives D = 0
+    torch.testing.assert_close(sample_heun(denoiser, x, sigmas[:2]), torch.full((1, 1, 1), 2.0))
+    torch.testing.assert_close(sample_heun(denoiser, x, sigmas), torch.zeros(1, 1, 1))
+
+
+def test_generate_keeps_conditioned_tokens_exactly_for_every_sampler():
+    model = small_model(vocab_size=50).eval()
+    ids = torch.randint(0, 50, (3, 10))
+    cond = torch.zeros(3, 10, dtype=torch.bool)
+    cond[:, :4] = True
+    cond[1, 7:] = True  # a held suffix too
+    sigmas = uniform_schedule(sigma_grid(6, 1.0, 10.0, 1.0), cond)
+    assert (sigmas[:, cond] == 0).all() and (sigmas[:-1, ~cond] > 0).all()
+    for sampler in (sample_euler, sample_heun):
+        out = generate(model, sampler, ids, cond, sigmas, seeds=[0, 1, 2])
+        assert torch.equal(out[cond], ids[cond])
+        again = generate(model, sampler, ids[1:], cond[1:], sigmas[:, 1:], seeds=[1, 2])
+        assert torch.equal(again, out[1:])  # a sample depends on its seed, not its batch

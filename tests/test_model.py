@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from conftest import small_model
+from model import ModelConfig, segment_mask, segment_positions
+
+
+def test_segment_positions_restart_in_each_sequence():
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert torch.equal(segment_positions(segment_ids), expected)
+
+
+def test_segment_mask_compares_identities_not_lengths():
+    # two packed sequences of equal length must not see each other
+    mask = segment_mask(torch.tensor([[1, 1, 2, 2]]))[0, 0]
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_packed_sequence_gives_the_output_it_gives_alone():
+    model = small_model(vocab_size=50).eval()
+    lengths = [5, 7, 7, 3]  # two of equal length, as in the original's bug
+    xs = [torch.randn(1, n, 16) for n in lengths]
+    c_noises = [torch.rand(1, n) for n in lengths]
+    row_x = torch.cat(xs + [torch.randn(1, 2, 16)], dim=1)  # 2 fill slots at the end
+    row_c = torch.cat(c_noises + [torch.zeros(1, 2)], dim=1)
+    segment_ids = torch.tensor([[1] * 5 + [2] * 7 + [3] * 7 + [4] * 3 + [0] * 2])
+    with torch.no_grad():
+        packed = model(row_x, row_c, segment_ids)
+        start = 0
+        for x, c, n in zip(xs, c_noises, lengths):
+            alone = model(x, c, None)
+            torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+        # without the segment mask the neighbours do leak: the check above can fail
+        unmasked = model(row_x, row_c, torch.ones_like(segment_ids))
+        assert not torch.allclose(unmasked[:, 5:12], model(xs[1], c_noises[1], None), atol=1e-3)
+
+
+def test_every_token_reads_its_own_noise_level():
+    model = small_model(vocab_size=50).eval()
+    torch.nn.init.normal_(model.blocks[0].film.weight, std=0.5)  # FiLM starts at zero; make it act
+    x, c_noise = torch.randn(1, 6, 16), torch.zeros(1, 6)
+    with torch.no_grad():
+        base = model(x, c_noise)
+        c_noise[0, 3] = 0.5
+        changed = model(x, c_noise)
+    assert not torch.allclose(base[0, 3], changed[0, 3])
+
+
+def test_embeddings_are_normalised_to_sqrt_dim():
+    model = small_model(vocab_size=50)
+    norms = model.embed(torch.arange(50)[None]).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 4.0))
+    torch.testing.assert_close(model.embedding_table().norm(dim=-1), torch.full((50,), 4.0))
+
+
+def test_config_refuses_heads_that_do_not_divide_the_width():
+    with pytest.raises(ValueError, match="heads"):
+        ModelConfig(model_dim=30, num_heads=4)

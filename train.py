@@ -1,0 +1,268 @@
+"""Train a score-interpolation diffusion language model on a line-per-example corpus.
+
+    python train.py -d corpus.txt -spm bpe.model -mdir out [--preset tiny|small|base] [--max_steps N]
+    python train.py --demo
+
+A run started again with the same -mdir resumes from its checkpoint.
+"""
+import argparse
+import dataclasses
+import filecmp
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import LineDataset, PackedBatches, Tokenizer
+from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
+from model import ModelConfig, ScoreLM
+from utils import (MetricsWriter, UsageError, die, ema_update, load_checkpoint, load_state_dict_strict, lr_at,
+                   masked_mean, resolve_device, save_checkpoint, seed_all)
+
+# Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
+PRESETS = {
+    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=1e-3,
+                 warmup_steps=100),
+    "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=5e-4,
+                  warmup_steps=500),
+    "base": dict(model_dim=512, num_layers=8, num_heads=8, embedding_dim=128, batch_size=256, learning_rate=1e-4,
+                 warmup_steps=10000),
+}
+SAMPLE_PROMPTS = ["", "", "the", "a person who"]
+CHECKPOINT = "ckpt.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("data and output")
+    io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line (blank lines skipped)")
+    io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos/eos/pad/unk ids (prepare.py makes one)")
+    io.add_argument("-mdir", "--model_dir", help="folder for checkpoint, config and metrics; an existing run resumes")
+    io.add_argument("--demo", action="store_true",
+                    help="build a demo corpus and tokenizer under demo/ if missing, then train the tiny preset briefly")
+
+    arch = p.add_argument_group("model (defaults from --preset)")
+    arch.add_argument("--preset", choices=PRESETS, default="base", help="architecture and batch defaults (default: base)")
+    arch.add_argument("-dim", "--model_dim", type=int, help="transformer width D")
+    arch.add_argument("-emb", "--embedding_dim", type=int, help="token embedding size E, the space diffused in")
+    arch.add_argument("-nl", "--num_layers", type=int, help="transformer blocks")
+    arch.add_argument("-nh", "--num_heads", type=int, help="attention heads")
+    arch.add_argument("-dop", "--dropout_prob", type=float, default=0.0, help="dropout in every block (default 0)")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("-bsz", "--batch_size", type=int, help="rows per micro-batch (each row packs several lines)")
+    opt.add_argument("-acc", "--accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
+    opt.add_argument("-lr", "--learning_rate", type=float, help="peak AdamW learning rate")
+    opt.add_argument("-wus", "--warmup_steps", type=int, help="linear warm-up steps before the cosine decay")
+    opt.add_argument("-wd", "--weight_decay", type=float, default=0.01, help="AdamW weight decay on matrices only")
+    opt.add_argument("-gc", "--gradient_clipping", type=float, default=1.0, help="max global gradient norm (0: off)")
+    opt.add_argument("-ema", "--ema_rate", default="0.999,0.9999", help="comma-separated EMA decay rates ('' for none)")
+    opt.add_argument("--max_steps", type=int, default=100_000, help="optimiser steps; the cosine decay ends here")
+
+    diff = p.add_argument_group("diffusion")
+    diff.add_argument("-slen", "--sequence_length", type=int, default=64, help="row length L in tokens")
+    diff.add_argument("-smin", "--sigma_min", type=float, default=1.0, help="lowest training noise level (DDLM)")
+    diff.add_argument("-smax", "--sigma_max", type=float, default=10.0, help="highest training noise level (DDLM)")
+    diff.add_argument("-rho", "--rho", type=float, default=1.0, help="spacing of sigma between the ends (1: linear)")
+    diff.add_argument("--multilevel_prob", type=float, default=0.5,
+                      help="share of batches with an independent sigma per token instead of per sequence")
+    diff.add_argument("--expand_prob", type=float, default=0.5,
+                      help="share of lines padded after eos to a random length (teaches where text ends)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
+    run.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
+    run.add_argument("--log_interval", type=int, default=50, help="steps between metrics.jsonl lines")
+    run.add_argument("--save_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    run.add_argument("--sample_interval", type=int, default=1000, help="steps between printed samples (0: never)")
+    run.add_argument("--sample_steps", type=int, default=100, help="Euler steps for the printed samples")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show the progress bar")
+    args = p.parse_args(argv)
+    if args.demo:
+        apply_demo_defaults(args, p)
+    for name in ("data_path", "spm_model", "model_dir"):
+        if getattr(args, name) is None:
+            p.error(f"--{name} is required (or use --demo)")
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def apply_demo_defaults(args, parser):
+    import prepare  # only the demo needs it
+    data_dir = os.path.join("demo", "data")
+    if not os.path.isfile(os.path.join(data_dir, "bpe.model")):
+        print(f"building the demo corpus and tokenizer in {data_dir}/", file=sys.stderr)
+        prepare.build_demo(data_dir)
+    demo = dict(data_path=os.path.join(data_dir, "train.txt"), spm_model=os.path.join(data_dir, "bpe.model"),
+                model_dir=os.path.join("demo", "model"), preset="tiny", max_steps=400, sample_interval=0)
+    for name, value in demo.items():
+        if getattr(args, name) in (None, parser.get_default(name)):
+            setattr(args, name, value)
+
+
+def build_model(args, vocab_size, device):
+    cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
+                      num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob)
+    return ScoreLM(cfg).to(device)
+
+
+def build_optimizer(model, args):
+    """AdamW with weight decay on matrices only (biases, norms and frozen buffers excluded)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99))
+
+
+def ema_rates(args):
+    try:
+        return [float(r) for r in args.ema_rate.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999") from None
+
+
+def sampling_config(args):
+    return {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
+            "sequence_length": args.sequence_length}
+
+
+def train_step(model, batch, args, device):
+    """Forward and backward of one micro-batch; returns the mean masked cross-entropy (nats, on device)."""
+    ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
+    per_token = bool(torch.rand(()) < args.multilevel_prob)
+    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token)
+    noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
+    ce = score_interpolation_loss(model, ids, sigma, noise, segment_ids, cond_mask)  # (B, L)
+    loss = masked_mean(ce, (segment_ids > 0) & ~cond_mask)
+    (loss / args.accumulation_steps).backward()
+    return loss.detach()
+
+
+def print_samples(model, tokenizer, args, device, step):
+    """Write a few samples from fixed prompts under the progress bar."""
+    model.eval()
+    L = args.sequence_length
+    ids = torch.full((len(SAMPLE_PROMPTS), L), tokenizer.pad_id, dtype=torch.long)
+    cond_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, prompt in enumerate(SAMPLE_PROMPTS):
+        prefix = tokenizer.encode(prompt, eos=False)
+        ids[b, :len(prefix)], cond_mask[b, :len(prefix)] = torch.tensor(prefix), True
+    grid = sigma_grid(args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
+    out = generate(model, SAMPLERS["euler"], ids.to(device), cond_mask.to(device),
+                   uniform_schedule(grid, cond_mask).to(device), seeds=range(len(SAMPLE_PROMPTS)))
+    for row in out.tolist():
+        tqdm.write(f"[step {step}] {tokenizer.decode(row)}")
+    model.train()
+
+
+def checkpoint_dict(model, emas, optimizer, step, loader, args):
+    return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
+            "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(model.cfg),
+            "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}}
+
+
+def restore(checkpoint, path, model, emas, optimizer, loader):
+    """Load a checkpoint's state into the run; returns the step to continue from."""
+    if checkpoint["config"] != dataclasses.asdict(model.cfg):
+        changed = {k: (v, dataclasses.asdict(model.cfg)[k]) for k, v in checkpoint["config"].items()
+                   if dataclasses.asdict(model.cfg).get(k) != v}
+        raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
+    load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
+    for rate, sd in emas.items():
+        if str(rate) in checkpoint["ema"]:
+            for name, tensor in checkpoint["ema"][str(rate)].items():
+                sd[name].copy_(tensor)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    loader.load_state_dict(checkpoint["data_state"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    random.setstate((3, tuple(checkpoint["rng"]["python"]), None))
+    return checkpoint["step"]
+
+
+def prepare_model_dir(args, tokenizer_path):
+    """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume."""
+    os.makedirs(args.model_dir, exist_ok=True)
+    copy = os.path.join(args.model_dir, "tokenizer.model")
+    if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
+        raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {args.model_dir} was started with")
+    if not os.path.exists(copy):
+        shutil.copyfile(tokenizer_path, copy)
+    with open(os.path.join(args.model_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rates = ema_rates(args)
+    seed_all(args.seed)
+    device = resolve_device(args.device)
+    tokenizer = Tokenizer(args.spm_model)
+    loader = PackedBatches(LineDataset(args.data_path, tokenizer), args.batch_size, args.sequence_length,
+                           tokenizer.pad_id, seed=args.seed, expand_prob=args.expand_prob)
+    prepare_model_dir(args, args.spm_model)
+    model = build_model(args, tokenizer.vocab_size, device)
+    optimizer = build_optimizer(model, args)
+    emas = {r: {k: v.detach().clone() for k, v in model.state_dict().items()} for r in rates}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    path = os.path.join(args.model_dir, CHECKPOINT)
+    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader) if os.path.exists(path) else 0
+    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
+    print(f"{sum(p.numel() for p in params):,} parameters on {device}; "
+          f"{len(loader.dataset):,} lines; {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+    metrics = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"))
+
+    def save():
+        save_checkpoint(checkpoint_dict(model, emas, optimizer, step, loader, args), path)
+
+    model.train()
+    bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress, dynamic_ncols=True)
+    loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    while step < args.max_steps:
+        lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(args.accumulation_steps):
+            batch = next(loader)
+            tokens += int((batch["segment_ids"] > 0).sum())
+            loss_sum += train_step(model, batch, args, device) / args.accumulation_steps
+        if args.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for rate in rates:
+            ema_update([emas[rate][n] for n in names], params, rate, step)
+        step += 1
+        steps_logged += 1
+        bar.update(1)
+        if step % args.log_interval == 0 or step == args.max_steps:
+            elapsed = time.perf_counter() - started
+            loss = loss_sum.item() / steps_logged  # the one host sync per log interval
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+            metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tokens / elapsed, time=time.time())
+            loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
+        if step % args.save_interval == 0:
+            save()
+        if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps:
+            print_samples(model, tokenizer, args, device, step)
+    bar.close()
+    save()
+    if args.demo or args.sample_interval:
+        print_samples(model, tokenizer, args, device, step)
+    print(f"checkpoint: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        die(str(e))

@@ -1,0 +1,125 @@
+"""Leaf helpers: seeding, devices, shapes, EMA, learning rate, checkpoints, metrics. No project imports."""
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+
+
+class UsageError(Exception):
+    """Bad input from the user (a flag, a file, a checkpoint); entry points print it on one line and exit 2."""
+
+
+def die(message):
+    """Print `message` to stderr as one line and exit with status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def seed_all(seed):
+    """Seed Python's and torch's global generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; any other name is passed to torch.device.
+
+    Raises UsageError for a device that is not available here.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def append_dims(x, ndim):
+    """Append trailing singleton dimensions to `x` until it has `ndim` dimensions (k-diffusion's helper)."""
+    missing = ndim - x.ndim
+    if missing < 0:
+        raise ValueError(f"tensor has {x.ndim} dims, more than the target {ndim}")
+    return x[(...,) + (None,) * missing]
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, rate, step):
+    """One EMA step, ema <- d * ema + (1 - d) * param, with d = min(rate, (1 + step) / (10 + step)).
+
+    The warm-up of d keeps early averages from being dominated by the random initialisation.
+    `ema_params` and `params` are matching lists of tensors; `step` counts optimiser steps from 0.
+    """
+    decay = min(rate, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def lr_at(step, lr, warmup_steps, decay_steps, min_lr_ratio=0.1):
+    """Learning rate at optimiser step `step`: linear warm-up to `lr`, cosine decay to `lr * min_lr_ratio`
+    at `decay_steps`, constant after that (it never rises again)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return lr * min_lr_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(checkpoint, path):
+    """Write a plain dict with torch.save to `path` atomically: a temporary file in the same folder, fsynced,
+    then renamed over `path`, so an interruption leaves the previous checkpoint whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by save_checkpoint with weights_only=True (no pickled code runs).
+
+    Raises UsageError naming `path` if it is missing or not a loadable checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: not a loadable checkpoint ({first_line})") from None
+
+
+def load_state_dict_strict(module, state_dict, what):
+    """module.load_state_dict(strict=True), but a mismatch raises UsageError listing the missing and
+    unexpected keys of `what` (a checkpoint path and entry) instead of a long traceback."""
+    result = module.state_dict().keys()
+    missing = sorted(set(result) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(result))
+    if missing or unexpected:
+        raise UsageError(f"{what}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    module.load_state_dict(state_dict, strict=True)
+
+
+class MetricsWriter:
+    """Append-only JSON-lines log: one object per call to `write`, flushed at once."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, **metrics):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def masked_mean(values, mask):
+    """Mean of `values` over the positions where `mask` is True; 0 (not NaN) when there are none.
+    values and mask of one shape; returns a 0-dim tensor of values' dtype."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
