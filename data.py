@@ -159,6 +159,22 @@ def collate_rows(rows, seq_len, pad_id):
     return {"ids": ids, "segment_ids": segment_ids, "cond_mask": cond_mask}
 
 
+def prompt_rows(tokenizer, prompts, n, length):
+    """Rows to fill: each prompt (bos + its tokens, no eos) repeated n times and held, the rest free.
+    Returns ids (B, L) int64 and cond_mask (B, L) bool, B = n * len(prompts).
+    Raises UsageError if a prompt leaves no position to generate."""
+    ids = torch.full((n * len(prompts), length), tokenizer.pad_id, dtype=torch.long)
+    cond_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for p, prompt in enumerate(prompts):
+        prefix = tokenizer.encode(prompt, eos=False)
+        if len(prefix) >= length:
+            raise UsageError(f"--prompt {prompt!r}: {len(prefix)} tokens with bos leave nothing of --length {length}")
+        rows = slice(p * n, (p + 1) * n)
+        ids[rows, :len(prefix)] = torch.tensor(prefix)
+        cond_mask[rows, :len(prefix)] = True
+    return ids, cond_mask
+
+
 class PackedBatches:
     """Endless batches of `batch_size` packed rows of `seq_len` tokens, shuffled per epoch from `seed`.
 

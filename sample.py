@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from data import Tokenizer
+from data import Tokenizer, prompt_rows
 from diffusion import SAMPLERS, generate, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
 from utils import UsageError, die, load_checkpoint, load_state_dict_strict, resolve_device
@@ -38,22 +38,6 @@ def load_model(model_dir, ema=None, device="cpu"):
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != model's {model.cfg.vocab_size}")
     return model.to(device).eval(), tokenizer, checkpoint["sampling"]
-
-
-def prompt_rows(tokenizer, prompts, n, length):
-    """Rows to fill: each prompt (bos + its tokens, no eos) repeated n times and held, the rest free.
-    Returns ids (B, L) int64 and cond_mask (B, L) bool, B = n * len(prompts).
-    Raises UsageError if a prompt leaves no position to generate."""
-    ids = torch.full((n * len(prompts), length), tokenizer.pad_id, dtype=torch.long)
-    cond_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for p, prompt in enumerate(prompts):
-        prefix = tokenizer.encode(prompt, eos=False)
-        if len(prefix) >= length:
-            raise UsageError(f"--prompt {prompt!r}: {len(prefix)} tokens with bos leave nothing of --length {length}")
-        rows = slice(p * n, (p + 1) * n)
-        ids[rows, :len(prefix)] = torch.tensor(prefix)
-        cond_mask[rows, :len(prefix)] = True
-    return ids, cond_mask
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import LineDataset, PackedBatches, Tokenizer
+from data import LineDataset, PackedBatches, Tokenizer, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
 from utils import (MetricsWriter, UsageError, die, ema_update, load_checkpoint, load_state_dict_strict, lr_at,
@@ -26,7 +26,7 @@ from utils import (MetricsWriter, UsageError, die, ema_update, load_checkpoint, 
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
-    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=1e-3,
+    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
                  warmup_steps=100),
     "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=5e-4,
                   warmup_steps=500),
@@ -148,12 +148,7 @@ def train_step(model, batch, args, device):
 def print_samples(model, tokenizer, args, device, step):
     """Write a few samples from fixed prompts under the progress bar."""
     model.eval()
-    L = args.sequence_length
-    ids = torch.full((len(SAMPLE_PROMPTS), L), tokenizer.pad_id, dtype=torch.long)
-    cond_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for b, prompt in enumerate(SAMPLE_PROMPTS):
-        prefix = tokenizer.encode(prompt, eos=False)
-        ids[b, :len(prefix)], cond_mask[b, :len(prefix)] = torch.tensor(prefix), True
+    ids, cond_mask = prompt_rows(tokenizer, SAMPLE_PROMPTS, 1, args.sequence_length)
     grid = sigma_grid(args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
     out = generate(model, SAMPLERS["euler"], ids.to(device), cond_mask.to(device),
                    uniform_schedule(grid, cond_mask).to(device), seeds=range(len(SAMPLE_PROMPTS)))

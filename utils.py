@@ -99,9 +99,8 @@ def load_checkpoint(path, map_location="cpu"):
 def load_state_dict_strict(module, state_dict, what):
     """module.load_state_dict(strict=True), but a mismatch raises UsageError listing the missing and
     unexpected keys of `what` (a checkpoint path and entry) instead of a long traceback."""
-    result = module.state_dict().keys()
-    missing = sorted(set(result) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(result))
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
         raise UsageError(f"{what}: keys do not match the model (missing {missing}, unexpected {unexpected})")
     module.load_state_dict(state_dict, strict=True)
