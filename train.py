@@ -44,7 +44,7 @@ def parse_args(argv=None):
     io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos/eos/pad/unk ids (prepare.py makes one)")
     io.add_argument("-mdir", "--model_dir", help="folder for checkpoint, config and metrics; an existing run resumes")
     io.add_argument("--demo", action="store_true",
-                    help="build a demo corpus and tokenizer under demo/ if missing, then train the tiny preset briefly")
+                    help="build a demo corpus and tokenizer under demo/ if missing, then train the tiny preset for 1000 steps")
 
     arch = p.add_argument_group("model (defaults from --preset)")
     arch.add_argument("--preset", choices=PRESETS, default="base", help="architecture and batch defaults (default: base)")
@@ -101,7 +101,7 @@ def apply_demo_defaults(args, parser):
         print(f"building the demo corpus and tokenizer in {data_dir}/", file=sys.stderr)
         prepare.build_demo(data_dir)
     demo = dict(data_path=os.path.join(data_dir, "train.txt"), spm_model=os.path.join(data_dir, "bpe.model"),
-                model_dir=os.path.join("demo", "model"), preset="tiny", max_steps=400, sample_interval=0)
+                model_dir=os.path.join("demo", "model"), preset="tiny", max_steps=1000, sample_interval=0)
     for name, value in demo.items():
         if getattr(args, name) in (None, parser.get_default(name)):
             setattr(args, name, value)
