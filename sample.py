@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 
-import torch
 
 from data import Tokenizer, prompt_rows
 from diffusion import SAMPLERS, generate, sigma_grid, uniform_schedule

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -91,7 +92,36 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    problem = check_args(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+def check_args(args):
+    """The first flag whose value cannot work, as a message, or None."""
+    at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
+                "log_interval": 1, "save_interval": 1, "sample_interval": 0, "sample_steps": 1, "model_dim": 2,
+                "embedding_dim": 1, "num_layers": 1, "num_heads": 1}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            return f"--{name} {getattr(args, name)}: must be at least {low}"
+    for name in ("multilevel_prob", "expand_prob", "dropout_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            return f"--{name} {getattr(args, name)}: must be in [0, 1]"
+    if not 0 < args.sigma_min < args.sigma_max:
+        return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 0 < sigma_min < sigma_max"
+    if args.rho <= 0 or args.learning_rate <= 0 or args.weight_decay < 0 or args.gradient_clipping < 0:
+        return "-rho and -lr must be positive, -wd and -gc not negative"
+    if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
+        return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
+    try:
+        rates = [float(r) for r in args.ema_rate.split(",") if r.strip()]
+    except ValueError:
+        return f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999"
+    if any(not 0 < r < 1 for r in rates):
+        return f"-ema {args.ema_rate!r}: every rate must be in (0, 1)"
+    return None
 
 
 def apply_demo_defaults(args, parser):
@@ -122,10 +152,7 @@ def build_optimizer(model, args):
 
 
 def ema_rates(args):
-    try:
-        return [float(r) for r in args.ema_rate.split(",") if r.strip()]
-    except ValueError:
-        raise UsageError(f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999") from None
+    return [float(r) for r in args.ema_rate.split(",") if r.strip()]
 
 
 def sampling_config(args):
@@ -194,50 +221,59 @@ def prepare_model_dir(args, tokenizer_path):
         json.dump(vars(args), f, indent=2)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rates = ema_rates(args)
-    seed_all(args.seed)
-    device = resolve_device(args.device)
-    tokenizer = Tokenizer(args.spm_model)
-    loader = PackedBatches(LineDataset(args.data_path, tokenizer), args.batch_size, args.sequence_length,
-                           tokenizer.pad_id, seed=args.seed, expand_prob=args.expand_prob)
-    prepare_model_dir(args, args.spm_model)
-    model = build_model(args, tokenizer.vocab_size, device)
-    optimizer = build_optimizer(model, args)
-    emas = {r: {k: v.detach().clone() for k, v in model.state_dict().items()} for r in rates}
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+class StopOnSignal:
+    """Context in which SIGINT (Ctrl-C) or SIGTERM asks the training loop to stop at the next step boundary,
+    where it saves; a second signal interrupts at once. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.requested, self.previous = None, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"{self.requested}: stopping after this step and saving (again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def optimizer_step(model, optimizer, emas, loader, args, device, step):
+    """One optimiser step over args.accumulation_steps micro-batches, with clipping and EMA updates.
+    Returns (mean loss in nats as a device tensor, real tokens seen, learning rate)."""
+    lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = torch.zeros((), device=device), 0
+    for _ in range(args.accumulation_steps):
+        batch = next(loader)
+        tokens += int((batch["segment_ids"] > 0).sum())
+        loss += train_step(model, batch, args, device) / args.accumulation_steps
     params = [p for p in model.parameters() if p.requires_grad]
-    path = os.path.join(args.model_dir, CHECKPOINT)
-    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader) if os.path.exists(path) else 0
-    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
-        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
-    print(f"{sum(p.numel() for p in params):,} parameters on {device}; "
-          f"{len(loader.dataset):,} lines; {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+    if args.gradient_clipping > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for rate, ema in emas.items():
+        ema_update([ema[n] for n in names], params, rate, step)
+    return loss, tokens, lr
+
+
+def train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop):
+    """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals.
+    Returns the step reached (earlier than max_steps if `stop` was requested)."""
     metrics = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"))
-
-    def save():
-        save_checkpoint(checkpoint_dict(model, emas, optimizer, step, loader, args), path)
-
-    model.train()
     bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress, dynamic_ncols=True)
     loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
-    while step < args.max_steps:
-        lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(args.accumulation_steps):
-            batch = next(loader)
-            tokens += int((batch["segment_ids"] > 0).sum())
-            loss_sum += train_step(model, batch, args, device) / args.accumulation_steps
-        if args.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for rate in rates:
-            ema_update([emas[rate][n] for n in names], params, rate, step)
-        step += 1
-        steps_logged += 1
+    model.train()
+    while step < args.max_steps and not stop.requested:
+        loss, step_tokens, lr = optimizer_step(model, optimizer, emas, loader, args, device, step)
+        loss_sum, tokens, steps_logged, step = loss_sum + loss, tokens + step_tokens, steps_logged + 1, step + 1
         bar.update(1)
         if step % args.log_interval == 0 or step == args.max_steps:
             elapsed = time.perf_counter() - started
@@ -246,12 +282,40 @@ def main(argv=None):
             metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tokens / elapsed, time=time.time())
             loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
         if step % args.save_interval == 0:
-            save()
+            save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps:
             print_samples(model, tokenizer, args, device, step)
     bar.close()
-    save()
-    if args.demo or args.sample_interval:
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seed_all(args.seed)
+    device = resolve_device(args.device)
+    tokenizer = Tokenizer(args.spm_model)
+    loader = PackedBatches(LineDataset(args.data_path, tokenizer), args.batch_size, args.sequence_length,
+                           tokenizer.pad_id, seed=args.seed, expand_prob=args.expand_prob)
+    prepare_model_dir(args, args.spm_model)
+    model = build_model(args, tokenizer.vocab_size, device)
+    optimizer = build_optimizer(model, args)
+    emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
+    path = os.path.join(args.model_dir, CHECKPOINT)
+    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader) if os.path.exists(path) else 0
+    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
+    print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
+          f"{len(loader.dataset):,} lines; {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+
+    def save(at_step):
+        save_checkpoint(checkpoint_dict(model, emas, optimizer, at_step, loader, args), path)
+
+    with StopOnSignal() as stop:
+        step = train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop)
+        save(step)
+    if stop.requested:
+        print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
+    elif args.demo or args.sample_interval:
         print_samples(model, tokenizer, args, device, step)
     print(f"checkpoint: {path}", file=sys.stderr)
 

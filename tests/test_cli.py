@@ -141,3 +141,37 @@ def test_prepare_cleans_splits_and_trains_a_tokenizer(tmp_path, wordnet_lines):
     tokenizer = Tokenizer(str(out / "bpe.model"))
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id, tokenizer.vocab_size) == (0, 1, 2, 3, 400)
     assert [tokenizer.sp.id_to_piece(i) for i in range(4, 14)] == [str(d) for d in range(10)]
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, spm_path):
+    import signal
+    import time
+    model_dir = tmp_path / "run"
+    args = [sys.executable, "train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *TINY,
+            "--max_steps", "100000", "--log_interval", "1", "--save_interval", "100000"]
+    process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (model_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGINT" in stderr and "Traceback" not in stderr
+    step = torch.load(model_dir / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 1
+    resumed = run_train(corpus_file, spm_path, model_dir, "--max_steps", str(step + 2))
+    assert resumed["step"] == step + 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-smin", "5", "-smax", "2"], "need 0 < sigma_min < sigma_max"),
+    (["-bsz", "0"], "--batch_size 0: must be at least 1"),
+    (["-ema", "0.9,x"], "expected comma-separated numbers"),
+    (["-ema", "1.5"], "every rate must be in (0, 1)"),
+    (["-dim", "30", "-nh", "4"], "heads of even size"),
+    (["--expand_prob", "2"], "must be in [0, 1]"),
+])
+def test_bad_flag_values_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["-d", "x", "-spm", "y", "-mdir", "z", *flags])
+    assert message in capsys.readouterr().err
