@@ -52,10 +52,21 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
 
 
-def line_offsets(path):
-    """Byte offsets of the non-blank lines of a text file, found once by streaming it (memory O(lines)).
+BOM = "\ufeff"
 
-    Raises UsageError naming `path` if it is missing, a directory, or has no non-blank line.
+
+def decode_line(raw):
+    """Text of one corpus line (bytes): UTF-8, a byte-order mark dropped, surrounding whitespace (Unicode's,
+    non-breaking spaces included) stripped. Raises UnicodeDecodeError."""
+    return raw.decode("utf-8").replace(BOM, "").strip()
+
+
+def line_offsets(path):
+    """Byte offsets of the non-blank lines of a text file, found once by streaming it (memory O(lines));
+    every line is checked to be UTF-8 here, before training starts.
+
+    Raises UsageError naming `path` (and the line number) if it is missing, a directory, not UTF-8, uses bare
+    carriage returns as line ends, or has no non-blank line.
     """
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, expected a text file with one example a line")
@@ -63,10 +74,17 @@ def line_offsets(path):
         raise UsageError(f"{path}: no such file")
     offsets, position = [], 0
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = decode_line(raw)
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            if b"\r" in raw.rstrip(b"\r\n"):
+                raise UsageError(f"{path}:{number}: carriage return inside a line (old Mac line ends?); "
+                                 "prepare.py normalises them")
+            if text:
                 offsets.append(position)
-            position += len(line)
+            position += len(raw)
     if not offsets:
         raise UsageError(f"{path}: no non-blank line to train on")
     return offsets
@@ -88,13 +106,7 @@ class LineDataset:
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         self._file.seek(self.offsets[i])
-        raw = self._file.readline()
-        if i == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            raw = raw[3:]
-        try:
-            return raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{self.path}: example {i + 1} (byte {self.offsets[i]}) is not UTF-8 ({e.reason})") from None
+        return decode_line(self._file.readline())
 
     def __getitem__(self, i):
         return self.tokenizer.encode(self.text(i))
@@ -191,9 +203,14 @@ class PackedBatches:
         self._processed = {}  # (epoch, index) -> example, for the examples in the pool
 
     def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor, "pool": [list(p) for p in self.pool]}
+        return {"epoch": self.epoch, "cursor": self.cursor, "pool": [list(p) for p in self.pool],
+                "num_examples": len(self.dataset)}
 
     def load_state_dict(self, state):
+        """Continue the stream of a saved state. Raises UsageError if the corpus size has changed."""
+        if state["num_examples"] != len(self.dataset):
+            raise UsageError(f"{self.dataset.path}: has {len(self.dataset):,} examples, the run was started on "
+                             f"{state['num_examples']:,}; resuming needs the same corpus")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.pool = [tuple(int(v) for v in p) for p in state["pool"]]
 

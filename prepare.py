@@ -20,8 +20,9 @@ from utils import UsageError, die
 
 
 def clean_line(line, lowercase=False):
-    """One example: surrounding whitespace stripped, inner runs of whitespace (tabs, CR, ...) made one space."""
-    line = " ".join(line.split())
+    """One example: byte-order marks removed, surrounding whitespace stripped, inner runs of whitespace (tabs,
+    CR, non-breaking spaces, ...) made one space."""
+    line = " ".join(line.replace("\ufeff", "").split())
     return line.lower() if lowercase else line
 
 
@@ -58,15 +59,18 @@ def train_tokenizer(train_path, out_dir, vocab_size):
     return os.path.join(out_dir, "bpe.model")
 
 
-def read_raw(path, lowercase):
-    """Cleaned non-blank lines of a raw text file; undecodable bytes become U+FFFD. Yields str."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file")
+def read_raw(path, lowercase, counts):
+    """Cleaned non-blank lines of a raw text file; undecodable bytes become U+FFFD. Yields str and counts
+    the lines read, blank and undecodable ones in the dict `counts`."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # universal newlines; a BOM is dropped
         for line in f:
+            counts["read"] += 1
+            counts["undecodable"] += "\ufffd" in line
             line = clean_line(line, lowercase)
             if line:
                 yield line
+            else:
+                counts["blank"] += 1
 
 
 def docstring_sentences(root):
@@ -116,6 +120,10 @@ def main(argv=None):
     p.add_argument("--valid_fraction", type=float, default=0.01, help="share of lines held out for validation")
     p.add_argument("--demo", action="store_true", help="build the demo corpus instead of reading --input")
     args = p.parse_args(argv)
+    if args.vocab_size is not None and args.vocab_size < 16:
+        p.error(f"--vocab_size {args.vocab_size}: must be at least 16 (4 special ids and 10 digits come first)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"{args.output_dir}: exists and is not a folder")
     if args.demo:
         return build_demo(args.output_dir, args.vocab_size or 2000)
     if not args.input:
@@ -124,22 +132,13 @@ def main(argv=None):
         p.error(f"--valid_fraction {args.valid_fraction}: must be in [0, 1)")
     if not os.path.isfile(args.input):
         raise UsageError(f"{args.input}: no such file")
-    total, dropped = 0, 0
-
-    def cleaned():
-        nonlocal total, dropped
-        with open(args.input, "rb") as f:
-            total = sum(1 for _ in f)
-        kept = 0
-        for line in read_raw(args.input, args.lowercase):
-            kept += 1
-            yield line
-        dropped = total - kept
-
-    n_train, n_valid = write_splits(cleaned(), args.output_dir, args.valid_fraction)
-    train_tokenizer(os.path.join(args.output_dir, "train.txt"), args.output_dir, args.vocab_size or 8000)
-    print(f"{args.output_dir}: {n_train:,} train and {n_valid:,} valid lines; {dropped:,} blank lines dropped",
-          file=sys.stderr)
+    counts = {"read": 0, "blank": 0, "undecodable": 0}
+    n_train, n_valid = write_splits(read_raw(args.input, args.lowercase, counts), args.output_dir, args.valid_fraction)
+    vocab_size = 8000 if args.vocab_size is None else args.vocab_size
+    train_tokenizer(os.path.join(args.output_dir, "train.txt"), args.output_dir, vocab_size)
+    print(f"{args.output_dir}: {counts['read']:,} lines read; {n_train:,} train and {n_valid:,} valid; "
+          f"{counts['blank']:,} blank lines dropped; {counts['undecodable']:,} lines had invalid UTF-8 "
+          "(replaced by U+FFFD)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,13 @@ def load_model(model_dir, ema=None, device="cpu"):
         state, what = checkpoint["model"], f"{path} [model]"
     else:
         rates = {float(r): r for r in checkpoint["ema"]}
-        if float(ema) not in rates:
+        try:
+            ema = float(ema)
+        except ValueError:
+            raise UsageError(f"--ema {ema!r}: expected a rate such as 0.999") from None
+        if ema not in rates:
             raise UsageError(f"--ema {ema}: {path} has EMA rates {sorted(rates) or 'none'}")
-        state, what = checkpoint["ema"][rates[float(ema)]], f"{path} [ema {ema}]"
+        state, what = checkpoint["ema"][rates[ema]], f"{path} [ema {ema}]"
     load_state_dict_strict(model, state, what)
     tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
     if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -55,11 +59,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.num_samples < 1 or args.batch_size < 1:
         p.error("--steps, -n and --batch_size must be at least 1")
+    if args.length is not None and args.length < 2:
+        p.error(f"--length {args.length}: must be at least 2")
+    if args.rho is not None and not args.rho > 0:
+        p.error(f"--rho {args.rho}: must be positive")
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    length = args.length or sampling["sequence_length"]
+    length = sampling["sequence_length"] if args.length is None else args.length
+    if length > sampling["sequence_length"]:
+        print(f"warning: --length {length} is longer than the training rows ({sampling['sequence_length']}); "
+              "positions past them were never trained", file=sys.stderr)
     ids, cond_mask = prompt_rows(tokenizer, args.prompt, args.num_samples, length)
-    grid = sigma_grid(args.steps, sampling["sigma_min"], sampling["sigma_max"], args.rho or sampling["rho"])
+    grid = sigma_grid(args.steps, sampling["sigma_min"], sampling["sigma_max"], sampling["rho"] if args.rho is None else args.rho)
     print(f"{len(ids)} samples of {length} tokens, {args.sampler}, {args.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
     for start in range(0, len(ids), args.batch_size):

@@ -48,7 +48,7 @@ def parse_args(argv=None):
                     help="build a demo corpus and tokenizer under demo/ if missing, then train the tiny preset for 1000 steps")
 
     arch = p.add_argument_group("model (defaults from --preset)")
-    arch.add_argument("--preset", choices=PRESETS, default="base", help="architecture and batch defaults (default: base)")
+    arch.add_argument("--preset", choices=PRESETS, help="architecture and batch defaults (default: base; tiny with --demo)")
     arch.add_argument("-dim", "--model_dim", type=int, help="transformer width D")
     arch.add_argument("-emb", "--embedding_dim", type=int, help="token embedding size E, the space diffused in")
     arch.add_argument("-nl", "--num_layers", type=int, help="transformer blocks")
@@ -89,6 +89,7 @@ def parse_args(argv=None):
     for name in ("data_path", "spm_model", "model_dir"):
         if getattr(args, name) is None:
             p.error(f"--{name} is required (or use --demo)")
+    args.preset = args.preset or "base"
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -109,10 +110,10 @@ def check_args(args):
     for name in ("multilevel_prob", "expand_prob", "dropout_prob"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
-    if not 0 < args.sigma_min < args.sigma_max:
+    if not 0 < args.sigma_min < args.sigma_max < float("inf"):
         return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 0 < sigma_min < sigma_max"
-    if args.rho <= 0 or args.learning_rate <= 0 or args.weight_decay < 0 or args.gradient_clipping < 0:
-        return "-rho and -lr must be positive, -wd and -gc not negative"
+    if not (args.rho > 0 and args.learning_rate > 0 and args.weight_decay >= 0 and args.gradient_clipping >= 0):
+        return "-rho and -lr must be positive, -wd and -gc not negative (and none NaN)"
     if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
         return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
     try:
@@ -175,37 +176,68 @@ def train_step(model, batch, args, device):
 def print_samples(model, tokenizer, args, device, step):
     """Write a few samples from fixed prompts under the progress bar."""
     model.eval()
-    ids, cond_mask = prompt_rows(tokenizer, SAMPLE_PROMPTS, 1, args.sequence_length)
+    prompts = [p for p in SAMPLE_PROMPTS if len(tokenizer.encode(p, eos=False)) < args.sequence_length]
+    ids, cond_mask = prompt_rows(tokenizer, prompts, 1, args.sequence_length)
     grid = sigma_grid(args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
     out = generate(model, SAMPLERS["euler"], ids.to(device), cond_mask.to(device),
-                   uniform_schedule(grid, cond_mask).to(device), seeds=range(len(SAMPLE_PROMPTS)))
+                   uniform_schedule(grid, cond_mask).to(device), seeds=range(len(prompts)))
     for row in out.tolist():
         tqdm.write(f"[step {step}] {tokenizer.decode(row)}")
     model.train()
+
+
+# Flags that may change between a run and its resumption without changing what it is
+RUN_FLAGS = {"max_steps", "log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
+             "demo", "data_path", "spm_model", "model_dir"}
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_dict(model, emas, optimizer, step, loader, args):
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
             "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(model.cfg),
             "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}}
+            "rng": rng_state()}
 
 
-def restore(checkpoint, path, model, emas, optimizer, loader):
-    """Load a checkpoint's state into the run; returns the step to continue from."""
-    if checkpoint["config"] != dataclasses.asdict(model.cfg):
-        changed = {k: (v, dataclasses.asdict(model.cfg)[k]) for k, v in checkpoint["config"].items()
-                   if dataclasses.asdict(model.cfg).get(k) != v}
+def restore(checkpoint, path, model, emas, optimizer, loader, args):
+    """Load a checkpoint's state into the run; returns the step to continue from. Raises UsageError if the
+    model flags differ; warns about other changed flags and EMA rates."""
+    config = dataclasses.asdict(model.cfg)
+    if checkpoint["config"] != config:
+        changed = {k: (v, config.get(k)) for k, v in checkpoint["config"].items() if config.get(k) != v}
         raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
-    for rate, sd in emas.items():
-        if str(rate) in checkpoint["ema"]:
-            for name, tensor in checkpoint["ema"][str(rate)].items():
-                sd[name].copy_(tensor)
+    changed = {k: (v, vars(args).get(k)) for k, v in checkpoint["args"].items()
+               if k not in RUN_FLAGS and vars(args).get(k) != v}
+    if changed:
+        print(f"warning: resuming with changed flags (checkpoint, now): {changed}", file=sys.stderr)
+    for rate, ema in emas.items():
+        source = checkpoint["ema"].get(str(rate))
+        if source is None:
+            print(f"warning: EMA {rate} is new in this run and starts from the step-{checkpoint['step']} weights",
+                  file=sys.stderr)
+        for name, tensor in (source or checkpoint["model"]).items():
+            ema[name].copy_(tensor)
+    dropped = sorted(set(checkpoint["ema"]) - {str(r) for r in emas})
+    if dropped:
+        print(f"warning: EMA rates {dropped} are not continued and will not be in the next checkpoint",
+              file=sys.stderr)
     optimizer.load_state_dict(checkpoint["optimizer"])
     loader.load_state_dict(checkpoint["data_state"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    random.setstate((3, tuple(checkpoint["rng"]["python"]), None))
+    set_rng_state(checkpoint["rng"])
     return checkpoint["step"]
 
 
@@ -217,8 +249,14 @@ def prepare_model_dir(args, tokenizer_path):
         raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {args.model_dir} was started with")
     if not os.path.exists(copy):
         shutil.copyfile(tokenizer_path, copy)
+
+
+def write_run_files(args, model):
+    """args.json (the exact arguments) and config.json (what sample.py needs) beside the checkpoint."""
     with open(os.path.join(args.model_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
+    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
 
 
 class StopOnSignal:
@@ -301,9 +339,8 @@ def main(argv=None):
     optimizer = build_optimizer(model, args)
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     path = os.path.join(args.model_dir, CHECKPOINT)
-    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader) if os.path.exists(path) else 0
-    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
-        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
+    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader, args) if os.path.exists(path) else 0
+    write_run_files(args, model)
     print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
           f"{len(loader.dataset):,} lines; {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
 

@@ -27,17 +27,19 @@ def seed_all(seed):
 def resolve_device(name):
     """'auto' picks cuda, then mps, then cpu; any other name is passed to torch.device.
 
-    Raises UsageError for a device that is not available here.
+    Raises UsageError for a name torch does not know or a device that is not available here.
     """
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps_ok) \
+            or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: not available on this machine")
     return device
 
 

@@ -175,3 +175,22 @@ def test_bad_flag_values_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["-d", "x", "-spm", "y", "-mdir", "z", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_an_ema_rate_added_on_resume_starts_from_the_resumed_weights(tmp_path, corpus_file, spm_path, capsys):
+    model_dir = tmp_path / "run"
+    first = run_train(corpus_file, spm_path, model_dir, "--max_steps", "3", "-ema", "0.999")
+    second = run_train(corpus_file, spm_path, model_dir, "--max_steps", "4", "-ema", "0.999,0.5")
+    assert "EMA 0.5 is new in this run" in capsys.readouterr().err
+    name = "blocks.0.attn.qkv.weight"
+    # one EMA step from the step-3 weights, decay min(0.5, (1 + 3) / (10 + 3)) with the warm-up
+    decay = min(0.5, 4 / 13)
+    expected = decay * first["model"][name] + (1 - decay) * second["model"][name]
+    torch.testing.assert_close(second["ema"]["0.5"][name], expected)
+
+
+def test_unknown_or_unavailable_devices_are_refused():
+    from utils import UsageError, resolve_device
+    for name in ("foo", "cuda:0" if not torch.cuda.is_available() else "foo"):
+        with pytest.raises(UsageError, match=f"--device {name}"):
+            resolve_device(name)

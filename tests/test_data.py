@@ -103,3 +103,28 @@ def test_packed_batches_are_dense_and_resume_exactly(corpus_file, tokenizer):
     for expected in batches[3:]:
         got = next(resumed)
         assert all((got[k] == expected[k]).all() for k in expected)
+
+
+def test_corpus_problems_are_found_before_training_with_their_line(tmp_path, tokenizer):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\n\nanother\nbroken \xff byte\n")
+    with pytest.raises(UsageError, match=r"bad.txt:4: not UTF-8"):
+        line_offsets(str(bad))
+    old_mac = tmp_path / "cr.txt"
+    old_mac.write_bytes(b"one\rtwo\rthree\r")
+    with pytest.raises(UsageError, match=r"cr.txt:1: carriage return inside a line"):
+        line_offsets(str(old_mac))
+    invisible = tmp_path / "invisible.txt"
+    invisible.write_text("\ufeff\nreal line\n\u00a0\u00a0\n \t\nlast\n", encoding="utf-8")
+    dataset = LineDataset(str(invisible), tokenizer)
+    assert [dataset.text(i) for i in range(len(dataset))] == ["real line", "last"]
+
+
+def test_resuming_the_data_stream_on_another_corpus_is_refused(tmp_path, corpus_file, tokenizer):
+    loader = PackedBatches(LineDataset(corpus_file, tokenizer), 4, 32, tokenizer.pad_id)
+    next(loader)
+    smaller = tmp_path / "smaller.txt"
+    smaller.write_text("one line\nanother line\n")
+    other = PackedBatches(LineDataset(str(smaller), tokenizer), 4, 32, tokenizer.pad_id)
+    with pytest.raises(UsageError, match="has 2 examples, the run was started on 400"):
+        other.load_state_dict(loader.state_dict())
