@@ -8,6 +8,7 @@ and the ten digits as user-defined symbols (the recipe of the original project).
 """
 import argparse
 import ast
+import codecs
 import hashlib
 import os
 import re
@@ -33,17 +34,24 @@ def is_valid_line(line, valid_fraction):
 
 
 def write_splits(lines, out_dir, valid_fraction):
-    """Write the cleaned lines to out_dir/train.txt and out_dir/valid.txt; returns (train, valid) counts."""
+    """Write the cleaned lines to out_dir/train.txt and out_dir/valid.txt; returns (train, valid) counts.
+    Both are written to temporary files and renamed at the end, so an input that is one of them (re-running
+    prepare.py on its own output) is read whole before it is replaced."""
     os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in ("train.txt", "valid.txt")]
     counts = [0, 0]
-    with open(os.path.join(out_dir, "train.txt"), "w", encoding="utf-8", newline="\n") as train, \
-            open(os.path.join(out_dir, "valid.txt"), "w", encoding="utf-8", newline="\n") as valid:
+    with open(paths[0] + ".tmp", "w", encoding="utf-8", newline="\n") as train, \
+            open(paths[1] + ".tmp", "w", encoding="utf-8", newline="\n") as valid:
         for line in lines:
             is_valid = is_valid_line(line, valid_fraction)
             (valid if is_valid else train).write(line + "\n")
             counts[is_valid] += 1
     if counts[0] == 0:
+        for path in paths:
+            os.remove(path + ".tmp")
         raise UsageError(f"{out_dir}/train.txt: no training line left after cleaning")
+    for path in paths:
+        os.replace(path + ".tmp", path)
     return counts
 
 
@@ -62,10 +70,18 @@ def train_tokenizer(train_path, out_dir, vocab_size):
 def read_raw(path, lowercase, counts):
     """Cleaned non-blank lines of a raw text file; undecodable bytes become U+FFFD. Yields str and counts
     the lines read, blank and undecodable ones in the dict `counts`."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # universal newlines; a BOM is dropped
+    errors = [0]
+
+    def replace_and_count(error):
+        errors[0] += 1
+        return "\ufffd", error.end
+
+    codecs.register_error("prepare.count", replace_and_count)
+    with open(path, encoding="utf-8-sig", errors="prepare.count") as f:  # universal newlines; a BOM is dropped
         for line in f:
             counts["read"] += 1
-            counts["undecodable"] += "\ufffd" in line
+            counts["undecodable"] += errors[0] > 0
+            errors[0] = 0
             line = clean_line(line, lowercase)
             if line:
                 yield line

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     opt.add_argument("-wd", "--weight_decay", type=float, default=0.01, help="AdamW weight decay on matrices only")
     opt.add_argument("-gc", "--gradient_clipping", type=float, default=1.0, help="max global gradient norm (0: off)")
     opt.add_argument("-ema", "--ema_rate", default="0.999,0.9999", help="comma-separated EMA decay rates ('' for none)")
-    opt.add_argument("--max_steps", type=int, default=100_000, help="optimiser steps; the cosine decay ends here")
+    opt.add_argument("--max_steps", type=int, help="optimiser steps; the cosine decay ends here (default 100000)")
 
     diff = p.add_argument_group("diffusion")
     diff.add_argument("-slen", "--sequence_length", type=int, default=64, help="row length L in tokens")
@@ -80,16 +80,18 @@ def parse_args(argv=None):
     run.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
     run.add_argument("--log_interval", type=int, default=50, help="steps between metrics.jsonl lines")
     run.add_argument("--save_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
-    run.add_argument("--sample_interval", type=int, default=1000, help="steps between printed samples (0: never)")
+    run.add_argument("--sample_interval", type=int, help="steps between printed samples (default 1000; 0: never)")
     run.add_argument("--sample_steps", type=int, default=100, help="Euler steps for the printed samples")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show the progress bar")
     args = p.parse_args(argv)
     if args.demo:
-        apply_demo_defaults(args, p)
+        apply_demo_defaults(args)
     for name in ("data_path", "spm_model", "model_dir"):
         if getattr(args, name) is None:
             p.error(f"--{name} is required (or use --demo)")
     args.preset = args.preset or "base"
+    args.max_steps = 100_000 if args.max_steps is None else args.max_steps
+    args.sample_interval = 1000 if args.sample_interval is None else args.sample_interval
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -125,7 +127,7 @@ def check_args(args):
     return None
 
 
-def apply_demo_defaults(args, parser):
+def apply_demo_defaults(args):
     import prepare  # only the demo needs it
     data_dir = os.path.join("demo", "data")
     if not os.path.isfile(os.path.join(data_dir, "bpe.model")):
@@ -134,7 +136,7 @@ def apply_demo_defaults(args, parser):
     demo = dict(data_path=os.path.join(data_dir, "train.txt"), spm_model=os.path.join(data_dir, "bpe.model"),
                 model_dir=os.path.join("demo", "model"), preset="tiny", max_steps=1000, sample_interval=0)
     for name, value in demo.items():
-        if getattr(args, name) in (None, parser.get_default(name)):
+        if getattr(args, name) is None:
             setattr(args, name, value)
 
 
@@ -187,7 +189,7 @@ def print_samples(model, tokenizer, args, device, step):
 
 
 # Flags that may change between a run and its resumption without changing what it is
-RUN_FLAGS = {"max_steps", "log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
+RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "demo", "data_path", "spm_model", "model_dir"}
 
 
@@ -222,6 +224,12 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
     changed = {k: (v, vars(args).get(k)) for k, v in checkpoint["args"].items()
                if k not in RUN_FLAGS and vars(args).get(k) != v}
+    if "seed" in changed:
+        raise UsageError(f"--seed {args.seed}: the run was started with --seed {checkpoint['args']['seed']}, "
+                         "which fixes its data order; resume with the same seed")
+    if "max_steps" in changed:
+        print(f"warning: the cosine decay now ends at step {args.max_steps}, not {checkpoint['args']['max_steps']}; "
+              "the learning rate follows the new schedule from here", file=sys.stderr)
     if changed:
         print(f"warning: resuming with changed flags (checkpoint, now): {changed}", file=sys.stderr)
     for rate, ema in emas.items():
@@ -243,6 +251,8 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
 
 def prepare_model_dir(args, tokenizer_path):
     """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume."""
+    if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
+        raise UsageError(f"-mdir {args.model_dir}: exists and is not a folder")
     os.makedirs(args.model_dir, exist_ok=True)
     copy = os.path.join(args.model_dir, "tokenizer.model")
     if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
@@ -362,3 +372,6 @@ if __name__ == "__main__":
         main()
     except UsageError as e:
         die(str(e))
+    except KeyboardInterrupt:
+        print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        raise SystemExit(130)

@@ -37,7 +37,8 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps_ok) \
+    cuda_ok = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if (device.type == "cuda" and not cuda_ok) or (device.type == "mps" and not mps_ok) \
             or device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name}: not available on this machine")
     return device
@@ -94,8 +95,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: not a loadable checkpoint ({first_line})") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first_line})") from None
 
 
 def load_state_dict_strict(module, state_dict, what):

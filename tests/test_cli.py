@@ -194,3 +194,34 @@ def test_unknown_or_unavailable_devices_are_refused():
     for name in ("foo", "cuda:0" if not torch.cuda.is_available() else "foo"):
         with pytest.raises(UsageError, match=f"--device {name}"):
             resolve_device(name)
+
+
+def test_prepare_rerun_on_its_own_output_keeps_the_lines_and_counts_bad_bytes(tmp_path, wordnet_lines):
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = wordnet_lines[:300]
+    raw = "\n".join(lines).encode("utf-8") + b"\nbad \xff byte\nkept \xef\xbf\xbd as written\n\n"
+    (out / "train.txt").write_bytes(raw)
+    prepare.main(["-i", str(out / "train.txt"), "-o", str(out), "--vocab_size", "300", "--valid_fraction", "0"])
+    assert (out / "train.txt").read_text().splitlines() == lines + ["bad \ufffd byte", "kept \ufffd as written"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_prepare_reports_the_lines_it_dropped_and_replaced(tmp_path, wordnet_lines, capsys):
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"\n".join(line.encode() for line in wordnet_lines[:300]) + b"\n\n  \nbad \xff\xfe\n")
+    prepare.main(["-i", str(raw), "-o", str(tmp_path / "out"), "--vocab_size", "300"])
+    err = capsys.readouterr().err
+    assert "303 lines read" in err and "2 blank lines dropped" in err and "1 lines had invalid UTF-8" in err
+
+
+def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, corpus_file, spm_path, monkeypatch):
+    monkeypatch.setattr(prepare, "build_demo", lambda out_dir: None)  # parse only; build nothing
+    args = train.parse_args(["--demo", "--max_steps", "100000", "--sample_interval", "1000", "--preset", "base"])
+    assert (args.max_steps, args.sample_interval, args.preset) == (100000, 1000, "base")
+    args = train.parse_args(["--demo"])
+    assert (args.max_steps, args.sample_interval, args.preset) == (1000, 0, "tiny")
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    with pytest.raises(Exception, match="--seed 5: the run was started with --seed 1"):
+        run_train(corpus_file, spm_path, model_dir, "--max_steps", "3", "--seed", "5")
