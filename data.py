@@ -103,6 +103,7 @@ class LineDataset:
         return len(self.offsets)
 
     def text(self, i):
+        """The i-th non-blank line, decoded and stripped (str)."""
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         self._file.seek(self.offsets[i])
@@ -203,6 +204,7 @@ class PackedBatches:
         self._processed = {}  # (epoch, index) -> example, for the examples in the pool
 
     def state_dict(self):
+        """Position in the stream as plain ints: epoch, cursor, the (epoch, index) pairs waiting in the pool."""
         return {"epoch": self.epoch, "cursor": self.cursor, "pool": [list(p) for p in self.pool],
                 "num_examples": len(self.dataset)}
 

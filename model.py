@@ -14,6 +14,8 @@ from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 
 @dataclass
 class ModelConfig:
+    """Architecture of ScoreLM; stored as a plain dict in every checkpoint. Raises ValueError if model_dim does
+    not split into num_heads heads of even size (rotary embeddings rotate pairs)."""
     vocab_size: int = 8000
     embedding_dim: int = 64   # E: the space the diffusion runs in
     model_dim: int = 256      # D
@@ -59,6 +61,9 @@ class FourierFeatures(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention, rotary on queries and keys.
+    x (B, L, D), freqs (B, 1, L, D/H) fp32 rotary phases, mask (B, 1, L, L) bool or None -> (B, L, D)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.num_heads = cfg.num_heads

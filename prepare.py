@@ -113,6 +113,7 @@ def docstring_sentences(root):
 
 
 def looks_like_prose(sentence):
+    """Whether a docstring sentence reads as English prose rather than code, a signature or a list."""
     words = sentence.split()
     letters = sum(c.isalpha() or c in " ,.'-" for c in sentence)
     return (5 <= len(words) <= 40 and sentence[0].isupper() and sentence.endswith(".")
@@ -128,6 +129,7 @@ def build_demo(out_dir, vocab_size=2000):
 
 
 def main(argv=None):
+    """Clean, split and train a tokenizer as `argv` asks; raises UsageError on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", help="raw text file, one example a line")
     p.add_argument("-o", "--output_dir", required=True, help="folder for train.txt, valid.txt and bpe.model")

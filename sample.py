@@ -44,6 +44,7 @@ def load_model(model_dir, ema=None, device="cpu"):
 
 
 def main(argv=None):
+    """Print samples of the run folder given in `argv`, one a line; raises UsageError on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples (per prompt, when prompts are given)")

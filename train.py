@@ -39,6 +39,7 @@ CHECKPOINT = "ckpt.pt"
 
 
 def parse_args(argv=None):
+    """The run's arguments with presets and demo defaults resolved; exits with a usage error on bad values."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("data and output")
     io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line (blank lines skipped)")
@@ -128,6 +129,7 @@ def check_args(args):
 
 
 def apply_demo_defaults(args):
+    """Fill the flags not given explicitly with the demo's, building the demo corpus first if missing."""
     import prepare  # only the demo needs it
     data_dir = os.path.join("demo", "data")
     if not os.path.isfile(os.path.join(data_dir, "bpe.model")):
@@ -141,6 +143,7 @@ def apply_demo_defaults(args):
 
 
 def build_model(args, vocab_size, device):
+    """ScoreLM of the run's architecture flags, on `device`."""
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob)
     return ScoreLM(cfg).to(device)
@@ -155,10 +158,12 @@ def build_optimizer(model, args):
 
 
 def ema_rates(args):
+    """The -ema rates as floats (validated by check_args)."""
     return [float(r) for r in args.ema_rate.split(",") if r.strip()]
 
 
 def sampling_config(args):
+    """What sample.py needs besides the model: the noise range, rho and the row length."""
     return {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
             "sequence_length": args.sequence_length}
 
@@ -194,6 +199,7 @@ RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps",
 
 
 def rng_state():
+    """Torch (CPU and, where present, CUDA) and Python generator states, as tensors and lists."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -201,6 +207,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore what rng_state saved."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
@@ -208,6 +215,7 @@ def set_rng_state(state):
 
 
 def checkpoint_dict(model, emas, optimizer, step, loader, args):
+    """Everything to resume or sample, as a plain dict of tensors, numbers, strings and lists."""
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
             "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(model.cfg),
             "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
@@ -338,6 +346,7 @@ def train(model, optimizer, emas, loader, tokenizer, args, device, step, save, s
 
 
 def main(argv=None):
+    """Train (or resume) the run described by `argv`; raises UsageError on bad input."""
     args = parse_args(argv)
     seed_all(args.seed)
     device = resolve_device(args.device)
