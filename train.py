@@ -120,7 +120,7 @@ def check_args(args):
     if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
         return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
     try:
-        rates = [float(r) for r in args.ema_rate.split(",") if r.strip()]
+        rates = ema_rates(args)
     except ValueError:
         return f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999"
     if any(not 0 < r < 1 for r in rates):
@@ -158,7 +158,7 @@ def build_optimizer(model, args):
 
 
 def ema_rates(args):
-    """The -ema rates as floats (validated by check_args)."""
+    """The -ema rates as floats; raises ValueError for a non-number (check_args turns it into a usage error)."""
     return [float(r) for r in args.ema_rate.split(",") if r.strip()]
 
 
