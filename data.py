@@ -1,10 +1,18 @@
-"""Text to batches: tokenizer, lazy line-per-example corpus, crops, length expansion, conditioning masks,
-and packing of several examples into one row with segment ids. Knows nothing of models or noise."""
+"""Text to batches: tokenizer, a pre-tokenised on-disk cache of the corpus, crops, length expansion,
+conditioning masks, and dense packing of several examples into one row with segment ids, served by
+DataLoader worker processes. Knows nothing of models or noise."""
+import hashlib
+import json
+import math
+import multiprocessing
 import os
 import random
+import signal
 
+import numpy as np
 import sentencepiece as spm
 import torch
+from tqdm import tqdm
 
 from utils import UsageError
 
@@ -36,6 +44,11 @@ class Tokenizer:
         if len(set(ids.values())) < len(ids):
             raise UsageError(f"{path}: special ids clash ({ids}); bos, eos, pad and unk must be distinct")
 
+    @property
+    def model_proto(self):
+        """The serialised model (bytes): what worker processes load, and part of the corpus cache key."""
+        return self.sp.serialized_model_proto()
+
     def encode(self, text, bos=True, eos=True):
         """Token ids of `text` (a list of int), with bos and eos added as asked."""
         ids = self.sp.encode(text)
@@ -53,77 +66,219 @@ class Tokenizer:
 
 
 BOM = "\ufeff"
+ENCODING_ERRORS = ("strict", "replace")
+CACHE_VERSION = 1
+SPAN_BYTES = 4 << 20  # text per tokenisation task: a worker holds about this much at a time
+ENCODE_LINES = 8192  # lines per SentencePiece call inside a task (bounds the Python lists it returns)
+KEY_BYTES = 1 << 20  # bytes of the corpus's head and of its tail hashed into the cache key
 
 
-def decode_line(raw):
-    """Text of one corpus line (bytes): UTF-8, a byte-order mark dropped, surrounding whitespace (Unicode's,
-    non-breaking spaces included) stripped. Raises UnicodeDecodeError."""
-    return raw.decode("utf-8").replace(BOM, "").strip()
+def default_cache_dir():
+    """$XDG_CACHE_HOME/score-diffusion-lm, else ~/.cache/score-diffusion-lm."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "score-diffusion-lm")
 
 
-def line_offsets(path):
-    """Byte offsets of the non-blank lines of a text file, found once by streaming it (memory O(lines));
-    every line is checked to be UTF-8 here, before training starts.
+def decode_line(raw, errors="strict"):
+    """Text of one corpus line (bytes): UTF-8, byte-order marks dropped, surrounding whitespace (Unicode's,
+    non-breaking spaces included) stripped. With errors="replace", invalid bytes become U+FFFD and a carriage
+    return inside the line a space; with "strict" both raise (UnicodeDecodeError, ValueError)."""
+    text = raw.decode("utf-8", errors).replace(BOM, "").strip()
+    if "\r" in text:
+        if errors == "strict":
+            raise ValueError("carriage return inside a line (old Mac line ends?)")
+        text = text.replace("\r", " ")
+    return text
 
-    Raises UsageError naming `path` (and the line number) if it is missing, a directory, not UTF-8, uses bare
-    carriage returns as line ends, or has no non-blank line.
+
+def lines_starting_in(f, start, end):
+    """The lines (bytes) of an open binary file that start in the byte range [start, end)."""
+    f.seek(max(start - 1, 0))
+    if start > 0:
+        f.readline()  # the rest of a line that began before `start` belongs to the previous range
+    position = f.tell()
+    while position < end:
+        raw = f.readline()
+        if not raw:
+            return
+        yield raw
+        position += len(raw)
+
+
+def tokenize_span(task):
+    """Tokenise the lines starting in one byte range of a corpus; runs in a worker process.
+
+    task: (path, serialised SentencePiece model, start, end, encoding errors, numpy dtype name).
+    Returns (lines in the range, lengths int64 (N,) of its N non-blank lines, their ids concatenated
+    (sum of lengths,) in the dtype, the first problem as (line number within the range, reason) or None).
     """
+    path, model_proto, start, end, errors, dtype = task
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    lengths, ids, texts, problem, number = [], [], [], None, 0
+
+    def encode_waiting():
+        for pieces in sp.encode(texts):
+            lengths.append(len(pieces))
+            ids.append(np.asarray(pieces, dtype=dtype))
+        texts.clear()
+
+    with open(path, "rb") as f:
+        for number, raw in enumerate(lines_starting_in(f, start, end), start=1):
+            try:
+                text = decode_line(raw, errors)
+            except UnicodeDecodeError as e:
+                problem = problem or (number, f"not UTF-8 ({e.reason} at byte {e.start} of the line)")
+                continue
+            except ValueError as e:
+                problem = problem or (number, str(e))
+                continue
+            if text:
+                texts.append(text)
+            if len(texts) == ENCODE_LINES:
+                encode_waiting()
+    encode_waiting()
+    return number, np.asarray(lengths, dtype=np.int64), np.concatenate(ids or [np.zeros(0, dtype)]), problem
+
+
+def cache_prefix(path, tokenizer, cache_dir, errors):
+    """Where the cache of `path` lives: cache_dir/<file name>.<key>, the key hashing the corpus's size,
+    modification time, first and last MiB, the tokenizer model and the encoding-error mode."""
+    stat = os.stat(path)
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{stat.st_size}|{stat.st_mtime_ns}|{errors}|".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(KEY_BYTES))
+        f.seek(max(stat.st_size - KEY_BYTES, 0))
+        digest.update(f.read())
+    digest.update(tokenizer.model_proto)
+    return os.path.join(cache_dir, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}")
+
+
+def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progress=True):
+    """Tokenise `path` once into prefix.ids (flat, uint16 if the vocabulary fits, else uint32),
+    prefix.offsets (int64, N + 1) and prefix.json (written last: its presence marks a finished cache).
+
+    Streams the corpus in SPAN_BYTES ranges over `num_proc` processes (default: every core), so memory does not
+    grow with the corpus. Raises UsageError naming file and line for invalid UTF-8 or a carriage return inside
+    a line (unless errors="replace"), and naming the file if it has no non-blank line.
+    """
+    size = os.path.getsize(path)
+    spans = [(start, min(start + SPAN_BYTES, size)) for start in range(0, size, SPAN_BYTES)]
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    tasks = [(path, tokenizer.model_proto, start, end, errors, dtype) for start, end in spans]
+    num_proc = min(num_proc or os.cpu_count() or 1, len(tasks))
+    temporary = f"{prefix}.{os.getpid()}.tmp"
+    lines = examples = tokens = 0
+    pool = multiprocessing.Pool(num_proc) if num_proc > 1 else None
+    try:
+        with open(temporary + ".ids", "wb") as ids_file, open(temporary + ".offsets", "wb") as offsets_file, \
+                tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenising {os.path.basename(path)}",
+                     disable=not progress, leave=False, delay=1.0) as bar:
+            offsets_file.write(np.zeros(1, np.int64).tobytes())
+            results = pool.imap(tokenize_span, tasks) if pool else map(tokenize_span, tasks)
+            for (start, end), (span_lines, lengths, ids, problem) in zip(spans, results):
+                if problem:
+                    raise UsageError(f"{path}:{lines + problem[0]}: {problem[1]}; fix the file (prepare.py "
+                                     "cleans it) or pass --encoding_errors replace")
+                ids_file.write(ids.tobytes())
+                offsets_file.write((tokens + np.cumsum(lengths)).tobytes())
+                lines, examples, tokens = lines + span_lines, examples + len(lengths), tokens + len(ids)
+                bar.update(end - start)
+        if examples == 0:
+            raise UsageError(f"{path}: no non-blank line to train on")
+        os.replace(temporary + ".ids", prefix + ".ids")
+        os.replace(temporary + ".offsets", prefix + ".offsets")
+        meta = {"version": CACHE_VERSION, "corpus": os.path.abspath(path), "tokenizer": tokenizer.path,
+                "dtype": dtype, "lines": lines, "examples": examples, "tokens": tokens, "encoding_errors": errors}
+        with open(temporary + ".json", "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(temporary + ".json", prefix + ".json")
+    finally:
+        if pool:
+            pool.terminate()
+        for suffix in (".ids", ".offsets", ".json"):
+            if os.path.exists(temporary + suffix):
+                os.remove(temporary + suffix)
+
+
+def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None, progress=True):
+    """The TokenCache of a line-per-example corpus, built on first use and reused while neither the corpus nor
+    the tokenizer changes. Raises UsageError naming the path for a missing, unreadable or empty corpus, a
+    directory, an unwritable cache folder, and (with errors="strict") invalid UTF-8 with its line."""
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, expected a text file with one example a line")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
-    offsets, position = [], 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = decode_line(raw)
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if b"\r" in raw.rstrip(b"\r\n"):
-                raise UsageError(f"{path}:{number}: carriage return inside a line (old Mac line ends?); "
-                                 "prepare.py normalises them")
-            if text:
-                offsets.append(position)
-            position += len(raw)
-    if not offsets:
-        raise UsageError(f"{path}: no non-blank line to train on")
-    return offsets
+    if errors not in ENCODING_ERRORS:
+        raise UsageError(f"--encoding_errors {errors}: expected one of {', '.join(ENCODING_ERRORS)}")
+    cache_dir = cache_dir or default_cache_dir()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        prefix = cache_prefix(path, tokenizer, cache_dir, errors)
+    except OSError as e:
+        raise UsageError(f"{e.filename or path}: {e.strerror}") from None
+    if not os.path.isfile(prefix + ".json"):
+        try:
+            build_cache(path, tokenizer, prefix, errors, num_proc, progress)
+        except OSError as e:
+            raise UsageError(f"{e.filename or path}: {e.strerror} (while building the token cache)") from None
+    return TokenCache(prefix)
 
 
-class LineDataset:
-    """Examples of a line-per-example text file, read lazily: `dataset[i]` is the i-th non-blank line as
-    token ids with bos and eos. Each process opens its own file handle."""
+class TokenCache:
+    """A tokenised corpus on disk: example i holds the token ids of the i-th non-blank line (no bos, eos).
 
-    def __init__(self, path, tokenizer):
-        self.path, self.tokenizer = path, tokenizer
-        self.offsets = line_offsets(path)
-        self._file, self._pid = None, None
+    The ids are a flat memory map; each process maps the files itself on first use, so DataLoader workers
+    share no file handle. `meta` holds the counts of lines, examples and tokens.
+    """
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        with open(prefix + ".json") as f:
+            self.meta = json.load(f)
+        self._pid, self._ids, self._offsets = None, None, None
+
+    def __getstate__(self):
+        return {"prefix": self.prefix, "meta": self.meta, "_pid": None, "_ids": None, "_offsets": None}
+
+    def _map(self):
+        if self._pid != os.getpid():
+            empty = self.meta["tokens"] == 0  # numpy cannot map an empty file
+            self._ids = (np.zeros(0, self.meta["dtype"]) if empty else
+                         np.memmap(self.prefix + ".ids", dtype=self.meta["dtype"], mode="r"))
+            self._offsets = np.memmap(self.prefix + ".offsets", dtype=np.int64, mode="r")
+            self._pid = os.getpid()
+        return self._ids, self._offsets
 
     def __len__(self):
-        return len(self.offsets)
+        return self.meta["examples"]
 
-    def text(self, i):
-        """The i-th non-blank line, decoded and stripped (str)."""
-        if self._pid != os.getpid():
-            self._file, self._pid = open(self.path, "rb"), os.getpid()
-        self._file.seek(self.offsets[i])
-        return decode_line(self._file.readline())
+    def lengths(self):
+        """Tokens of every example, int64 (N,)."""
+        return np.diff(self._map()[1])
 
-    def __getitem__(self, i):
-        return self.tokenizer.encode(self.text(i))
+    def length(self, i):
+        """Tokens of example i (int)."""
+        offsets = self._map()[1]
+        return int(offsets[i + 1] - offsets[i])
+
+    def ids(self, i, start=0, stop=None):
+        """Token ids [start, stop) of example i, int64 (stop - start,); only that window is read."""
+        ids, offsets = self._map()
+        begin = int(offsets[i])
+        stop = self.length(i) if stop is None else stop
+        return ids[begin + start:begin + stop].astype(np.int64)
 
 
-def crop_or_expand(ids, seq_len, pad_id, expand_prob, rng):
-    """Fit one example to a row of `seq_len`: a random window if longer; otherwise, with probability
-    `expand_prob`, pad ids appended after eos up to a random length in [len(ids), seq_len] (so that the model
-    learns where text ends). Returns (ids, number of ids before the appended padding)."""
-    if len(ids) > seq_len:
-        start = rng.randint(0, len(ids) - seq_len)
-        return ids[start:start + seq_len], seq_len
-    real = len(ids)
+def example_window(length, seq_len, expand_prob, rng):
+    """Where an example of `length` tokens (bos and eos included) goes in a row of `seq_len`: a random window
+    if longer; else all of it, padded with probability `expand_prob` after eos to a random total in
+    [length, seq_len] (so that the model learns where text ends). Returns (start, stop, padded length)."""
+    if length > seq_len:
+        start = rng.randint(0, length - seq_len)
+        return start, start + seq_len, seq_len
     if rng.random() < expand_prob:
-        ids = ids + [pad_id] * rng.randint(0, seq_len - len(ids))
-    return ids, real
+        return 0, length, rng.randint(length, seq_len)
+    return 0, length, length
 
 
 def conditioning_mask(length, real, rng):
@@ -140,36 +295,66 @@ def conditioning_mask(length, real, rng):
     return mask
 
 
-def first_fit_decreasing(lengths, num_rows, seq_len):
-    """Place items of the given lengths into `num_rows` rows of capacity `seq_len`, longest first, each into
-    the first row with room. Returns (rows, leftover): lists of item indices; every item is in one of them."""
-    rows, room, leftover = [[] for _ in range(num_rows)], [seq_len] * num_rows, []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r in range(num_rows) if room[r] >= lengths[i]), None)
-        if row is None:
-            leftover.append(i)
-        else:
-            rows[row].append(i)
-            room[row] -= lengths[i]
-    return rows, leftover
+def fullest_subset(room, counts):
+    """Lengths, at most counts[v] of each length v, whose sum is the largest that fits in `room`: a bounded
+    subset sum over a bitset (bit s set: sum s is reachable). Returns a list of lengths, longest first."""
+    reach, rounds = 1, []  # rounds: (length added, reach before), to trace the chosen sum back
+    for v in sorted(counts, reverse=True):
+        for _ in range(min(counts[v], room // v)):
+            grown = (reach | reach << v) & ((2 << room) - 1)
+            if grown == reach or reach >> room:
+                break
+            rounds.append((v, reach))
+            reach = grown
+    total, chosen = reach.bit_length() - 1, []
+    for v, before in reversed(rounds):
+        if not before >> total & 1:  # `total` first became reachable by adding this v
+            total -= v
+            chosen.append(v)
+    return chosen[::-1]
+
+
+def minimum_bin_slack(lengths, capacity):
+    """Pack items of the given lengths (each at most `capacity`) into few rows, each row as full as the items
+    left allow (after Gupta & Ho 1999, "Minimum Bin Slack"). Items longer than half a row cannot share one, so
+    each starts a row, longest first; each of those rows then takes the fullest subset of the short items left,
+    and the short items still left fill new rows the same way. Returns rows as lists of item indices, every
+    item in exactly one; deterministic."""
+    short = {}  # length -> indices of the short items of that length not yet placed
+    for i, n in enumerate(lengths):
+        if 2 * n <= capacity:
+            short.setdefault(n, []).append(i)
+    rows = [[i] for i in sorted((i for i, n in enumerate(lengths) if 2 * n > capacity), key=lambda i: -lengths[i])]
+
+    def fill(row, room):
+        for v in fullest_subset(room, {v: len(items) for v, items in short.items() if items}):
+            row.append(short[v].pop())
+
+    for row in rows:
+        fill(row, capacity - lengths[row[0]])
+    while any(short.values()):
+        rows.append([])
+        fill(rows[-1], capacity)
+    return rows
 
 
 def collate_rows(rows, seq_len, pad_id):
-    """Rows of examples (each a list of (ids, cond_mask) pairs) to tensors, all (B, L):
+    """Rows of examples (each a list of (ids, cond_mask) array pairs) to tensors, all (R, L):
     ids int64 (pad where no example), segment_ids int64 (1, 2, ... per example; 0 where no example),
     cond_mask bool (True where the example is conditioned)."""
-    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    segment_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
-    cond_mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
-    for b, row in enumerate(rows):
+    ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    segment_ids = np.zeros((len(rows), seq_len), dtype=np.int64)
+    cond_mask = np.zeros((len(rows), seq_len), dtype=bool)
+    for r, row in enumerate(rows):
         start = 0
         for segment, (example_ids, example_mask) in enumerate(row, start=1):
             end = start + len(example_ids)
-            ids[b, start:end] = torch.tensor(example_ids)
-            segment_ids[b, start:end] = segment
-            cond_mask[b, start:end] = torch.tensor(example_mask)
+            ids[r, start:end] = example_ids
+            segment_ids[r, start:end] = segment
+            cond_mask[r, start:end] = example_mask
             start = end
-    return {"ids": ids, "segment_ids": segment_ids, "cond_mask": cond_mask}
+    return {"ids": torch.from_numpy(ids), "segment_ids": torch.from_numpy(segment_ids),
+            "cond_mask": torch.from_numpy(cond_mask)}
 
 
 def prompt_rows(tokenizer, prompts, n, length):
@@ -188,70 +373,137 @@ def prompt_rows(tokenizer, prompts, n, length):
     return ids, cond_mask
 
 
-class PackedBatches:
-    """Endless batches of `batch_size` packed rows of `seq_len` tokens, shuffled per epoch from `seed`.
+class PackedRows(torch.utils.data.IterableDataset):
+    """The endless stream of packed rows, one chunk at a time.
 
-    Each example is processed (crop, expansion, conditioning mask) with a generator keyed by
-    (seed, epoch, index), and the state (epoch, cursor, examples waiting in the pool) is a dict of ints, so
-    a resumed run continues the data stream exactly. Batches are dicts as returned by collate_rows.
+    Each epoch's examples, shuffled from `seed`, are cut into chunks of `buffer_size`. A chunk's examples are
+    cropped or expanded and given conditioning masks (with a generator keyed by (seed, epoch, index)), packed
+    into as few rows of `seq_len` as minimum_bin_slack finds, and the rows shuffled. Chunk g is a
+    function of (seed, g) alone, so DataLoader workers take chunks round-robin (worker w of W makes
+    first_chunk + w, + w + W, ...) and the stream does not depend on their number. Yields (g, batch of (R, L)
+    tensors as collate_rows returns).
     """
 
-    def __init__(self, dataset, batch_size, seq_len, pad_id, seed=0, expand_prob=0.5, pool_factor=1.5):
-        self.dataset, self.batch_size, self.seq_len, self.pad_id = dataset, batch_size, seq_len, pad_id
-        self.seed, self.expand_prob, self.pool_factor = seed, expand_prob, pool_factor
-        self.epoch, self.cursor, self.pool = 0, 0, []  # pool: [(epoch, index)]
+    def __init__(self, cache, seq_len, bos_id, eos_id, pad_id, seed=0, expand_prob=0.5, buffer_size=8192,
+                 first_chunk=0):
+        self.cache, self.seq_len, self.bos_id, self.eos_id, self.pad_id = cache, seq_len, bos_id, eos_id, pad_id
+        self.seed, self.expand_prob, self.buffer_size, self.first_chunk = seed, expand_prob, buffer_size, first_chunk
+        self.chunks_per_epoch = math.ceil(len(cache) / buffer_size)
         self._order_epoch, self._order = None, None
-        self._processed = {}  # (epoch, index) -> example, for the examples in the pool
 
-    def state_dict(self):
-        """Position in the stream as plain ints: epoch, cursor, the (epoch, index) pairs waiting in the pool."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "pool": [list(p) for p in self.pool],
-                "num_examples": len(self.dataset)}
-
-    def load_state_dict(self, state):
-        """Continue the stream of a saved state. Raises UsageError if the corpus size has changed."""
-        if state["num_examples"] != len(self.dataset):
-            raise UsageError(f"{self.dataset.path}: has {len(self.dataset):,} examples, the run was started on "
-                             f"{state['num_examples']:,}; resuming needs the same corpus")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.pool = [tuple(int(v) for v in p) for p in state["pool"]]
-
-    def _order_for(self, epoch):
+    def order(self, epoch):
+        """The examples of `epoch` in their shuffled order, int32 (N,) (int64 past 2**31 lines)."""
         if self._order_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            n = len(self.cache)  # int32 halves the order's memory for corpora of up to 2**31 lines
+            indices = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(indices)
             self._order_epoch = epoch
         return self._order
 
-    def _example(self, epoch, index):
-        if (epoch, index) not in self._processed:
-            rng = random.Random(f"{self.seed}/{epoch}/{index}")
-            ids, real = crop_or_expand(self.dataset[index], self.seq_len, self.pad_id, self.expand_prob, rng)
-            self._processed[epoch, index] = ids, conditioning_mask(len(ids), real, rng)
-        return self._processed[epoch, index]
+    def example(self, epoch, index):
+        """Example `index` as it appears in `epoch`: (ids int64 (n,), cond_mask bool (n,)), n <= seq_len."""
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+        length = self.cache.length(index) + 2  # with bos and eos
+        start, stop, padded = example_window(length, self.seq_len, self.expand_prob, rng)
+        ids = np.full(padded, self.pad_id, dtype=np.int64)
+        first, last = max(start, 1), min(stop, length - 1)  # the window's text: position k holds text token k - 1
+        ids[first - start:last - start] = self.cache.ids(index, first - 1, last - 1)
+        if start == 0:
+            ids[0] = self.bos_id
+        if stop == length:
+            ids[stop - start - 1] = self.eos_id
+        return ids, np.array(conditioning_mask(padded, stop - start, rng))
 
-    def _fill_pool(self):
-        examples = [self._example(*p) for p in self.pool]
-        target = self.pool_factor * self.batch_size * self.seq_len
-        total = sum(len(ids) for ids, _ in examples)
-        while total < target:
-            order = self._order_for(self.epoch)
-            key = (self.epoch, order[self.cursor])
-            self.cursor += 1
-            if self.cursor == len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-            self.pool.append(key)
-            examples.append(self._example(*key))
-            total += len(examples[-1][0])
-        return examples
+    def chunk_rows(self, g):
+        """Chunk g packed: rows as lists of (example index, ids, cond_mask), in the order they are served."""
+        epoch, chunk = divmod(g, self.chunks_per_epoch)
+        indices = self.order(epoch)[chunk * self.buffer_size:(chunk + 1) * self.buffer_size].tolist()
+        examples = [(i, *self.example(epoch, i)) for i in indices]
+        packed = minimum_bin_slack([len(ids) for _, ids, _ in examples], self.seq_len)
+        rows = [[examples[k] for k in row] for row in packed]
+        random.Random(f"{self.seed}/{epoch}/chunk {chunk}").shuffle(rows)
+        return rows
+
+    def chunk_batch(self, g):
+        """Chunk g as tensors: ids, segment_ids, cond_mask, each (R, L)."""
+        return collate_rows([[(ids, mask) for _, ids, mask in row] for row in self.chunk_rows(g)],
+                            self.seq_len, self.pad_id)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        w, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for g in range(self.first_chunk + w, 1 << 62, workers):
+            yield g, self.chunk_batch(g)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C (sent to the whole process group) and SIGTERM to the main process,
+    which stops at a step boundary and saves; the workers end when it does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class PackedBatches:
+    """Batches of `batch_size` packed rows from a PackedRows stream, made by `num_workers` DataLoader worker
+    processes (0: in this process). Each batch is a dict of (B, L) tensors: ids, segment_ids, cond_mask.
+
+    state_dict() is the position of the next row (chunk, row within it), so a resumed run continues the epoch
+    where it stopped instead of replaying it.
+    """
+
+    def __init__(self, rows, batch_size, num_workers=0):
+        self.rows, self.batch_size, self.num_workers = rows, batch_size, num_workers
+        self.chunk, self.row = rows.first_chunk, 0
+        self._stream, self._current = None, None
+
+    @property
+    def epoch(self):
+        """The epoch the next row belongs to (int)."""
+        return self.chunk // self.rows.chunks_per_epoch
+
+    def state_dict(self):
+        """Position in the stream and what it depends on, as plain ints."""
+        rows = self.rows
+        return {"chunk": self.chunk, "row": self.row, "num_examples": len(rows.cache),
+                "buffer_size": rows.buffer_size, "sequence_length": rows.seq_len}
+
+    def load_state_dict(self, state):
+        """Continue from a saved position. Raises UsageError if the corpus size or the packing has changed."""
+        now = self.state_dict()
+        if "chunk" not in state:
+            raise UsageError("the checkpoint's data position is from an older version of data.py; start a new run")
+        if state["num_examples"] != now["num_examples"]:
+            raise UsageError(f"{self.rows.cache.meta['corpus']}: has {now['num_examples']:,} examples, the run was "
+                             f"started on {state['num_examples']:,}; resuming needs the same corpus")
+        for key in ("buffer_size", "sequence_length"):
+            if state[key] != now[key]:
+                raise UsageError(f"{key} {now[key]}: the run was started with {state[key]}; resuming needs the same")
+        self.chunk, self.row = int(state["chunk"]), int(state["row"])
+        self._stream, self._current = None, None
+
+    def _next_chunk(self):
+        if self._stream is None:
+            self.rows.first_chunk = self.chunk
+            self._stream = iter(torch.utils.data.DataLoader(
+                self.rows, batch_size=None, num_workers=self.num_workers,
+                prefetch_factor=2 if self.num_workers else None, worker_init_fn=ignore_stop_signals,
+                generator=torch.Generator()))  # its own: drawing worker seeds must not move the global RNG
+        g, batch = next(self._stream)
+        assert g == self.chunk, (g, self.chunk)
+        return batch
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        examples = self._fill_pool()
-        rows, leftover = first_fit_decreasing([len(ids) for ids, _ in examples], self.batch_size, self.seq_len)
-        batch = collate_rows([[examples[i] for i in row] for row in rows], self.seq_len, self.pad_id)
-        self.pool = [self.pool[i] for i in sorted(leftover)]
-        self._processed = {key: self._processed[key] for key in self.pool}
-        return batch
+        parts, needed = [], self.batch_size
+        while needed:
+            if self._current is None:
+                self._current = self._next_chunk()
+            available = len(self._current["ids"]) - self.row
+            take = min(needed, available)
+            parts.append({k: v[self.row:self.row + take] for k, v in self._current.items()})
+            self.row, needed = self.row + take, needed - take
+            if self.row == len(self._current["ids"]):
+                self.chunk, self.row, self._current = self.chunk + 1, 0, None
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

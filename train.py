@@ -19,7 +19,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import LineDataset, PackedBatches, Tokenizer, prompt_rows
+from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
 from utils import (MetricsWriter, UsageError, die, ema_update, load_checkpoint, load_state_dict_strict, lr_at,
@@ -45,6 +45,10 @@ def parse_args(argv=None):
     io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line (blank lines skipped)")
     io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos/eos/pad/unk ids (prepare.py makes one)")
     io.add_argument("-mdir", "--model_dir", help="folder for checkpoint, config and metrics; an existing run resumes")
+    io.add_argument("--cache_dir", help="folder for the tokenised corpus cache (default ~/.cache/score-diffusion-lm)")
+    io.add_argument("--encoding_errors", choices=ENCODING_ERRORS, default="strict",
+                    help="invalid UTF-8 in the corpus: strict stops with its line number, replace uses U+FFFD")
+    io.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes packing rows (0: none)")
     io.add_argument("--demo", action="store_true",
                     help="build a demo corpus and tokenizer under demo/ if missing, then train the tiny preset for 1000 steps")
 
@@ -73,7 +77,7 @@ def parse_args(argv=None):
     diff.add_argument("-rho", "--rho", type=float, default=1.0, help="spacing of sigma between the ends (1: linear)")
     diff.add_argument("--multilevel_prob", type=float, default=0.5,
                       help="share of batches with an independent sigma per token instead of per sequence")
-    diff.add_argument("--expand_prob", type=float, default=0.5,
+    diff.add_argument("--expand_prob", type=float, default=0.1,
                       help="share of lines padded after eos to a random length (teaches where text ends)")
 
     run = p.add_argument_group("run")
@@ -105,8 +109,8 @@ def parse_args(argv=None):
 def check_args(args):
     """The first flag whose value cannot work, as a message, or None."""
     at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
-                "log_interval": 1, "save_interval": 1, "sample_interval": 0, "sample_steps": 1, "model_dim": 2,
-                "embedding_dim": 1, "num_layers": 1, "num_heads": 1}
+                "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
+                "model_dim": 2, "embedding_dim": 1, "num_layers": 1, "num_heads": 1}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
@@ -140,6 +144,14 @@ def apply_demo_defaults(args):
     for name, value in demo.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def build_loader(args, tokenizer):
+    """Batches of packed rows from the corpus's token cache (built here on the first run over it)."""
+    cache = load_corpus(args.data_path, tokenizer, args.cache_dir, args.encoding_errors, progress=args.progress)
+    rows = PackedRows(cache, args.sequence_length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                      seed=args.seed, expand_prob=args.expand_prob)
+    return PackedBatches(rows, args.batch_size, args.num_workers)
 
 
 def build_model(args, vocab_size, device):
@@ -195,7 +207,7 @@ def print_samples(model, tokenizer, args, device, step):
 
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
-             "demo", "data_path", "spm_model", "model_dir"}
+             "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers"}
 
 
 def rng_state():
@@ -351,8 +363,7 @@ def main(argv=None):
     seed_all(args.seed)
     device = resolve_device(args.device)
     tokenizer = Tokenizer(args.spm_model)
-    loader = PackedBatches(LineDataset(args.data_path, tokenizer), args.batch_size, args.sequence_length,
-                           tokenizer.pad_id, seed=args.seed, expand_prob=args.expand_prob)
+    loader = build_loader(args, tokenizer)
     prepare_model_dir(args, args.spm_model)
     model = build_model(args, tokenizer.vocab_size, device)
     optimizer = build_optimizer(model, args)
@@ -361,7 +372,8 @@ def main(argv=None):
     step = restore(load_checkpoint(path), path, model, emas, optimizer, loader, args) if os.path.exists(path) else 0
     write_run_files(args, model)
     print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
-          f"{len(loader.dataset):,} lines; {'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+          f"{len(loader.rows.cache):,} lines, {loader.rows.cache.meta['tokens']:,} tokens; "
+          f"{'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
 
     def save(at_step):
         save_checkpoint(checkpoint_dict(model, emas, optimizer, at_step, loader, args), path)

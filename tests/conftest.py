@@ -14,6 +14,12 @@ from model import ModelConfig, ScoreLM  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_home(tmp_path_factory):
+    """Corpus caches go to a temporary folder, never to the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
 @pytest.fixture(scope="session")
 def spm_path():
     path = os.path.join(WORDNET, "bpe.model")

@@ -58,6 +58,7 @@ def test_tiny_model_overfits_a_handful_of_lines(tmp_path, wordnet_lines, spm_pat
     corpus.write_text("\n".join(lines) + "\n")
     model_dir = tmp_path / "run"
     run_train(str(corpus), spm_path, model_dir, "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
+              "--expand_prob", "0.5",
               "--log_interval", "20", "-ema", "")
     losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl")]
     assert losses[0] > 7 and sum(losses[-3:]) / 3 < 1.0, (losses[0], losses[-3:])
@@ -102,8 +103,11 @@ def cli(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_bad_inputs_end_with_one_line_errors(tmp_path, corpus_file, wordnet_lines):
+def test_bad_inputs_end_with_one_line_errors(tmp_path, corpus_file, wordnet_lines, spm_path):
     import sentencepiece as spm
+    bad_corpus = str(tmp_path / "bad.txt")
+    with open(bad_corpus, "wb") as f:
+        f.write(b"good line\n\nbroken \xc3( line\n")
     spm.SentencePieceTrainer.train(input=corpus_file, model_prefix=str(tmp_path / "default"), vocab_size=300,
                                    minloglevel=2)
     cases = [
@@ -111,6 +115,10 @@ def test_bad_inputs_end_with_one_line_errors(tmp_path, corpus_file, wordnet_line
          "default.model: the tokenizer has no pad id"),
         (["train.py", "-d", str(tmp_path / "nope.txt"), "-spm", str(tmp_path / "default.model"), "-mdir",
           str(tmp_path / "o")], "default.model"),
+        (["train.py", "-d", str(tmp_path), "-spm", spm_path, "-mdir", str(tmp_path / "o")], "is a directory"),
+        (["train.py", "-d", bad_corpus, "-spm", spm_path, "-mdir", str(tmp_path / "o")], "bad.txt:3: not UTF-8"),
+        (["train.py", "-d", corpus_file, "-spm", corpus_file, "-mdir", str(tmp_path / "o")],
+         "corpus.txt: not a readable SentencePiece model"),
         (["sample.py", "-mdir", str(tmp_path / "empty")], "ckpt.pt: no checkpoint there"),
         (["prepare.py", "-i", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "p")], "nope.txt: no such file"),
     ]
@@ -118,6 +126,7 @@ def test_bad_inputs_end_with_one_line_errors(tmp_path, corpus_file, wordnet_line
         result = cli(*args)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_boolean_switches_cannot_be_misread():
@@ -143,17 +152,17 @@ def test_prepare_cleans_splits_and_trains_a_tokenizer(tmp_path, wordnet_lines):
     assert [tokenizer.sp.id_to_piece(i) for i in range(4, 14)] == [str(d) for d in range(10)]
 
 
-def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, spm_path):
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, spm_path):
     import signal
     import time
     model_dir = tmp_path / "run"
     args = [sys.executable, "train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *TINY,
-            "--max_steps", "100000", "--log_interval", "1", "--save_interval", "100000"]
-    process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            "--max_steps", "100000", "--log_interval", "1", "--save_interval", "100000", "--num_workers", "2"]
+    process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
     while not (model_dir / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C does: the main process and its data workers
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "stopped by SIGINT" in stderr and "Traceback" not in stderr

@@ -1,11 +1,26 @@
+import os
 import random
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data import (LineDataset, PackedBatches, Tokenizer, collate_rows, conditioning_mask, crop_or_expand,
-                  first_fit_decreasing, line_offsets)
+import data
+from conftest import WORDNET
+from data import (PackedBatches, PackedRows, Tokenizer, collate_rows, conditioning_mask, example_window,
+                  fullest_subset, load_corpus, minimum_bin_slack)
 from utils import UsageError
+
+KJV = os.path.join(WORDNET, "..", "kjv")
+
+
+def packed_rows(cache, tokenizer, seq_len=64, **kwargs):
+    return PackedRows(cache, seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, **kwargs)
+
+
+def write(path, raw):
+    path.write_bytes(raw)
+    return str(path)
 
 
 def test_tokenizer_reads_special_ids_and_decodes_up_to_eos(tokenizer):
@@ -17,41 +32,154 @@ def test_tokenizer_reads_special_ids_and_decodes_up_to_eos(tokenizer):
         tokenizer.decode([0, 8000])
 
 
-def test_tokenizer_trained_with_default_ids_is_refused(tmp_path, wordnet_lines):
+def test_tokenizer_trained_with_default_ids_or_unreadable_is_refused(tmp_path, wordnet_lines):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(wordnet_lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "default"), vocab_size=300,
                                    minloglevel=2)
     with pytest.raises(UsageError, match=r"default\.model: the tokenizer has no pad id"):
         Tokenizer(str(tmp_path / "default.model"))
-    with pytest.raises(UsageError, match="no SentencePiece model"):
+    with pytest.raises(UsageError, match="missing.model: no SentencePiece model"):
         Tokenizer(str(tmp_path / "missing.model"))
+    with pytest.raises(UsageError, match="garbage.model: not a readable SentencePiece model"):
+        Tokenizer(write(tmp_path / "garbage.model", b"\x00 not a model \xff" * 10))
 
 
-def test_line_offsets_skip_blank_lines_and_keep_a_last_line_without_newline(tmp_path, tokenizer):
-    path = tmp_path / "c.txt"
-    path.write_bytes(b"\xef\xbb\xbfone thing\r\n\r\n   \nanother thing\n\nlast thing")
-    assert len(line_offsets(str(path))) == 3
-    dataset = LineDataset(str(path), tokenizer)
-    assert [dataset.text(i) for i in range(3)] == ["one thing", "another thing", "last thing"]
-    (tmp_path / "blank.txt").write_text("\n  \n")
-    with pytest.raises(UsageError, match="blank.txt: no non-blank line"):
-        line_offsets(str(tmp_path / "blank.txt"))
-    with pytest.raises(UsageError, match="is a directory"):
-        line_offsets(str(tmp_path))
+# Corpus cache
+
+def test_cache_holds_exactly_what_direct_tokenisation_gives(tmp_path, corpus_file, wordnet_lines, tokenizer):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    assert len(cache) == len(wordnet_lines) == cache.meta["lines"]
+    assert cache.meta["dtype"] == "uint16"
+    for i, line in enumerate(wordnet_lines):
+        assert cache.ids(i).tolist() == tokenizer.encode(line, bos=False, eos=False)
+    assert cache.lengths().sum() == cache.meta["tokens"]
 
 
-def test_crop_and_expand():
+def test_cache_built_over_processes_equals_one_built_in_one(tmp_path, corpus_file, tokenizer, monkeypatch):
+    one = load_corpus(corpus_file, tokenizer, str(tmp_path / "one"), progress=False, num_proc=1)
+    monkeypatch.setattr(data, "SPAN_BYTES", 997)  # many ranges, most starting inside a line
+    many = load_corpus(corpus_file, tokenizer, str(tmp_path / "many"), progress=False, num_proc=2)
+    assert len(many) == len(one)
+    assert (many.lengths() == one.lengths()).all()
+    assert all((many.ids(i) == one.ids(i)).all() for i in range(len(one)))
+
+
+def test_cache_is_reused_when_unchanged_and_rebuilt_when_corpus_or_tokenizer_change(tmp_path, corpus_file,
+                                                                                   tokenizer, monkeypatch):
+    cache_dir = str(tmp_path / "cache")
+    first = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
+    builds = []
+    real_build = data.build_cache
+    monkeypatch.setattr(data, "build_cache", lambda *a, **k: builds.append(a[0]) or real_build(*a, **k))
+    assert load_corpus(corpus_file, tokenizer, cache_dir, progress=False).prefix == first.prefix
+    assert builds == []
+    kjv_path = os.path.join(KJV, "bpe.model")
+    if os.path.isfile(kjv_path):
+        other = load_corpus(corpus_file, Tokenizer(kjv_path), cache_dir, progress=False)
+        assert other.prefix != first.prefix and len(builds) == 1
+        assert other.ids(0).tolist() == Tokenizer(kjv_path).encode(open(corpus_file).readline().strip(), False, False)
+    with open(corpus_file, "a") as f:
+        f.write("one more line\n")
+    changed = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
+    assert changed.prefix != first.prefix and len(changed) == len(first) + 1
+    assert changed.ids(len(first)).tolist() == tokenizer.encode("one more line", False, False)
+
+
+def test_blank_lines_crlf_bom_and_a_last_line_without_newline(tmp_path, tokenizer):
+    path = write(tmp_path / "c.txt", b"\xef\xbb\xbfone thing\r\n\r\n   \nanother thing\n\t\n\xc2\xa0\xc2\xa0\n"
+                                     b"\xef\xbb\xbf\nlast thing")
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    assert cache.meta["lines"] == 8 and len(cache) == 3
+    expected = [tokenizer.encode(t, False, False) for t in ("one thing", "another thing", "last thing")]
+    assert [cache.ids(i).tolist() for i in range(3)] == expected
+    trailing = write(tmp_path / "t.txt", b"only line\n\n \n")
+    assert len(load_corpus(trailing, tokenizer, str(tmp_path / "cache"), progress=False)) == 1
+
+
+def test_invalid_utf8_is_reported_with_its_line_or_replaced(tmp_path, tokenizer, monkeypatch):
+    lines = [f"line number {i}".encode() for i in range(40)]
+    lines[29] = b"broken \xff byte"
+    path = write(tmp_path / "bad.txt", b"\n".join(lines) + b"\n")
+    monkeypatch.setattr(data, "SPAN_BYTES", 64)  # the bad line is in a later range: numbering must carry over
+    with pytest.raises(UsageError, match=r"bad.txt:30: not UTF-8 \(invalid start byte at byte 7 of the line\)"):
+        load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False, num_proc=2)
+    assert os.listdir(tmp_path / "cache") == []  # nothing half-built is left
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), "replace", progress=False)
+    assert len(cache) == 40 and cache.ids(29).tolist() == tokenizer.encode("broken \ufffd byte", False, False)
+
+
+def test_carriage_return_inside_a_line_is_an_error_unless_replacing(tmp_path, tokenizer):
+    path = write(tmp_path / "cr.txt", b"first\nold\rmac\rends\n")
+    with pytest.raises(UsageError, match=r"cr.txt:2: carriage return inside a line"):
+        load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), "replace", progress=False)
+    assert cache.ids(1).tolist() == tokenizer.encode("old mac ends", False, False)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("blank.txt", b"\n  \n\xc2\xa0\n", "blank.txt: no non-blank line"),
+    ("empty.txt", b"", "empty.txt: no non-blank line"),
+    ("missing.txt", None, "missing.txt: no such file"),
+    ("folder", "dir", "folder: is a directory"),
+])
+def test_unusable_corpora_are_refused_naming_the_path(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)
+
+
+def test_unwritable_cache_folder_is_named(tmp_path, corpus_file, tokenizer):
+    blocker = write(tmp_path / "file", b"x")
+    with pytest.raises(UsageError, match="file"):
+        load_corpus(corpus_file, tokenizer, os.path.join(blocker, "cache"), progress=False)
+
+
+# Examples: crops, expansion, conditioning
+
+def test_example_windows_crop_and_expand():
     rng = random.Random(0)
-    ids, real = crop_or_expand(list(range(100)), 10, -1, 1.0, rng)
-    assert len(ids) == 10 and real == 10 and ids == list(range(ids[0], ids[0] + 10))
-    lengths = set()
-    for _ in range(200):
-        ids, real = crop_or_expand([5, 6, 7], 10, -1, 1.0, rng)
-        assert ids[:3] == [5, 6, 7] and set(ids[3:]) <= {-1} and real == 3 and len(ids) <= 10
-        lengths.add(len(ids))
-    assert lengths == set(range(3, 11))
-    assert crop_or_expand([5, 6, 7], 10, -1, 0.0, rng) == ([5, 6, 7], 3)
+    starts, lengths = set(), set()
+    for _ in range(300):
+        start, stop, padded = example_window(100, 10, 1.0, rng)
+        assert stop - start == padded == 10 and 0 <= start <= 90
+        starts.add(start)
+        start, stop, padded = example_window(3, 10, 1.0, rng)
+        assert (start, stop) == (0, 3) and 3 <= padded <= 10
+        lengths.add(padded)
+    assert len(starts) > 50 and lengths == set(range(3, 11))
+    assert example_window(3, 10, 0.0, rng) == (0, 3, 3)
+
+
+def test_a_giant_line_is_cropped_to_a_window_of_its_tokens(tmp_path, tokenizer):
+    words = " ".join(f"word{i}" for i in range(20_000))  # about 130,000 characters
+    path = write(tmp_path / "giant.txt", f"short line\n{words}\n".encode())
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    full = [tokenizer.bos_id] + tokenizer.encode(words, False, False) + [tokenizer.eos_id]
+    rows = packed_rows(cache, tokenizer, 64, expand_prob=0.0)
+    for epoch in range(20):
+        ids, mask = rows.example(epoch, 1)
+        assert len(ids) == len(mask) == 64
+        start = next(s for s in range(len(full) - 63) if full[s:s + 64] == ids.tolist())
+        assert (ids[0] == tokenizer.bos_id) == (start == 0)
+    assert rows.example(0, 0)[0].tolist() == tokenizer.encode("short line")
+
+
+def test_expanded_examples_pad_after_eos(corpus_file, tokenizer, tmp_path):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    rows = packed_rows(cache, tokenizer, 64, expand_prob=1.0)
+    expanded = 0
+    for i in range(50):
+        ids, mask = rows.example(0, i)
+        text = [tokenizer.bos_id] + cache.ids(i).tolist() + [tokenizer.eos_id]
+        assert ids[:len(text)].tolist() == text and set(ids[len(text):].tolist()) <= {tokenizer.pad_id}
+        assert not mask[:len(text)].all()
+        expanded += len(ids) > len(text)
+    assert expanded > 30
 
 
 def test_conditioning_masks_never_cover_every_real_token():
@@ -70,61 +198,132 @@ def test_conditioning_masks_never_cover_every_real_token():
     assert spans > 100 and scattered > 100  # both shapes are drawn
 
 
-def test_first_fit_decreasing_places_every_item_once():
-    lengths = [9, 3, 7, 2, 5, 5, 1, 8, 4]
-    rows, leftover = first_fit_decreasing(lengths, 3, 10)
-    placed = sorted(i for row in rows for i in row) + leftover
-    assert sorted(placed) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
-    assert rows[0] == [0, 6]  # 9, then the 1 that fits beside it
+# Packing
+
+def test_fullest_subset_finds_the_best_sum_within_the_counts():
+    assert sorted(fullest_subset(10, {6: 1, 3: 2, 2: 2})) == [2, 2, 6]  # greedy 6 + 3 = 9 misses 10
+    assert fullest_subset(10, {4: 3, 3: 1}) == [4, 4]  # 8: no subset makes 9 or 10
+    assert fullest_subset(5, {6: 3}) == []
+    assert sum(fullest_subset(64, {7: 9})) == 63
+
+
+def test_minimum_bin_slack_places_every_item_once_in_fewer_rows_than_best_fit():
+    lengths = [6, 3, 3, 2, 2, 2, 2]  # best-fit decreasing needs 3 rows: 6+3, 3+2+2+2, 2
+    rows = minimum_bin_slack(lengths, 10)
+    assert sorted(sorted(lengths[i] for i in row) for row in rows) == [[2, 2, 3, 3], [2, 2, 6]]
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert len(rows) == 2 and all(sum(lengths[i] for i in row) == 10 for row in rows)
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 200))]
+        rows = minimum_bin_slack(lengths, 64)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+        assert len(rows) >= max(-(-sum(lengths) // 64), sum(n > 32 for n in lengths))  # no packer beats this bound
+    assert minimum_bin_slack(lengths, 64) == rows  # deterministic
 
 
 def test_collate_rows_segments_and_fill():
-    batch = collate_rows([[([0, 5, 1], [True, False, False]), ([0, 6, 1], [False, False, True])], []], 8, 2)
+    batch = collate_rows([[(np.array([0, 5, 1]), np.array([True, False, False])),
+                           (np.array([0, 6, 1]), np.array([False, False, True]))], []], 8, 2)
     assert batch["ids"].tolist() == [[0, 5, 1, 0, 6, 1, 2, 2], [2] * 8]
     assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2, 0, 0], [0] * 8]
     assert batch["cond_mask"][0].tolist() == [True, False, False, False, False, True, False, False]
 
 
-def test_packed_batches_are_dense_and_resume_exactly(corpus_file, tokenizer):
-    dataset = LineDataset(corpus_file, tokenizer)
-    loader = PackedBatches(dataset, 8, 64, tokenizer.pad_id, seed=3, expand_prob=0.0)
-    batches = [next(loader) for _ in range(6)]
-    for batch in batches:
-        assert batch["ids"].shape == (8, 64)
-        assert (batch["segment_ids"] > 0).float().mean() > 0.9
-        starts = batch["ids"][batch["segment_ids"] > 0]
-        assert (starts == tokenizer.bos_id).sum() == batch["segment_ids"].max(dim=1).values.sum()
-    loader = PackedBatches(dataset, 8, 64, tokenizer.pad_id, seed=3, expand_prob=0.0)
-    for _ in range(3):
-        next(loader)
-    resumed = PackedBatches(dataset, 8, 64, tokenizer.pad_id, seed=3, expand_prob=0.0)
-    resumed.load_state_dict(loader.state_dict())
-    for expected in batches[3:]:
-        got = next(resumed)
-        assert all((got[k] == expected[k]).all() for k in expected)
+def test_every_example_is_placed_once_per_epoch_in_rows_that_fit(corpus_file, tokenizer, tmp_path):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    rows = packed_rows(cache, tokenizer, 32, seed=5, expand_prob=0.5, buffer_size=64)
+    assert rows.chunks_per_epoch == 7  # 400 examples in chunks of 64
+    for epoch in range(2):
+        placed = []
+        for g in range(epoch * 7, (epoch + 1) * 7):
+            chunk = rows.chunk_rows(g)
+            assert all(sum(len(ids) for _, ids, _ in row) <= 32 for row in chunk)
+            placed += [i for row in chunk for i, _, _ in row]
+            batch = rows.chunk_batch(g)
+            segments = batch["segment_ids"]
+            fill = segments == 0
+            assert (batch["ids"][fill] == tokenizer.pad_id).all() and not batch["cond_mask"][fill].any()
+            assert segments.max(dim=1).values.tolist() == [len(row) for row in chunk]
+            for r, row in enumerate(chunk):  # segment k of row r holds exactly the k-th example, in order
+                flat = np.concatenate([ids for _, ids, _ in row])
+                assert batch["ids"][r, :len(flat)].tolist() == flat.tolist()
+                assert (segments[r, :len(flat)] > 0).all() and (segments[r, len(flat):] == 0).all()
+        assert sorted(placed) == list(range(400))
+    assert rows.chunk_rows(0) != rows.chunk_rows(7)  # another epoch, another order
 
 
-def test_corpus_problems_are_found_before_training_with_their_line(tmp_path, tokenizer):
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine line\n\nanother\nbroken \xff byte\n")
-    with pytest.raises(UsageError, match=r"bad.txt:4: not UTF-8"):
-        line_offsets(str(bad))
-    old_mac = tmp_path / "cr.txt"
-    old_mac.write_bytes(b"one\rtwo\rthree\r")
-    with pytest.raises(UsageError, match=r"cr.txt:1: carriage return inside a line"):
-        line_offsets(str(old_mac))
-    invisible = tmp_path / "invisible.txt"
-    invisible.write_text("\ufeff\nreal line\n\u00a0\u00a0\n \t\nlast\n", encoding="utf-8")
-    dataset = LineDataset(str(invisible), tokenizer)
-    assert [dataset.text(i) for i in range(len(dataset))] == ["real line", "last"]
+@pytest.mark.parametrize("corpus, target", [("wordnet", 0.98), ("kjv", 0.97)])
+def test_packing_efficiency_on_shared_corpora(tmp_path, corpus, target):
+    folder = os.path.join(WORDNET, "..", corpus)
+    if not os.path.isfile(os.path.join(folder, "bpe.model")):
+        pytest.skip(f"shared corpus missing: {folder}")
+    with open(os.path.join(folder, "train.txt"), "rb") as f:  # every third line: the whole corpus's mix of lengths
+        path = write(tmp_path / "slice.txt", b"".join(line for i, line in enumerate(f) if i % 3 == 0 and i < 30_000))
+    tokenizer = Tokenizer(os.path.join(folder, "bpe.model"))
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    batches = PackedBatches(packed_rows(cache, tokenizer, 64, expand_prob=0.0), 128)
+    real = slots = 0
+    for _ in range(20):
+        batch = next(batches)
+        real += int(((batch["segment_ids"] > 0) & (batch["ids"] != tokenizer.pad_id)).sum())
+        slots += batch["ids"].numel()
+    assert real / slots >= target
 
 
-def test_resuming_the_data_stream_on_another_corpus_is_refused(tmp_path, corpus_file, tokenizer):
-    loader = PackedBatches(LineDataset(corpus_file, tokenizer), 4, 32, tokenizer.pad_id)
-    next(loader)
-    smaller = tmp_path / "smaller.txt"
-    smaller.write_text("one line\nanother line\n")
-    other = PackedBatches(LineDataset(str(smaller), tokenizer), 4, 32, tokenizer.pad_id)
+# Loader
+
+def take(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+def same(a, b):
+    return all(x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x) for x, y in zip(a, b))
+
+
+def test_workers_give_the_same_batches_as_the_main_process(corpus_file, tokenizer, tmp_path):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    streams = [PackedBatches(packed_rows(cache, tokenizer, 32, seed=2, buffer_size=64), 8, workers)
+               for workers in (0, 2)]
+    main, workers = take(streams[0], 40), take(streams[1], 40)  # 40 batches cross several chunks and an epoch
+    assert streams[0].chunk > 7 and same(main, workers)
+
+
+def test_resuming_mid_epoch_continues_instead_of_replaying(corpus_file, tokenizer, tmp_path):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    make = lambda: PackedBatches(packed_rows(cache, tokenizer, 32, seed=2, expand_prob=0.0, buffer_size=64), 8, 1)
+    straight = take(make(), 30)
+    first = make()
+    take(first, 13)
+    state = first.state_dict()
+    assert state["row"] > 0 and state["chunk"] < 7  # stopped inside a chunk, inside epoch 0
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert same(take(resumed, 17), straight[13:])  # a replay would start again at chunk 0, row 0
+
+
+def test_resuming_on_another_corpus_or_row_length_is_refused(tmp_path, corpus_file, tokenizer):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    batches = PackedBatches(packed_rows(cache, tokenizer, 32), 4)
+    next(batches)
+    smaller = load_corpus(write(tmp_path / "smaller.txt", b"one line\nanother line\n"), tokenizer,
+                          str(tmp_path / "cache"), progress=False)
     with pytest.raises(UsageError, match="has 2 examples, the run was started on 400"):
-        other.load_state_dict(loader.state_dict())
+        PackedBatches(packed_rows(smaller, tokenizer, 32), 4).load_state_dict(batches.state_dict())
+    with pytest.raises(UsageError, match="sequence_length 64: the run was started with 32"):
+        PackedBatches(packed_rows(cache, tokenizer, 64), 4).load_state_dict(batches.state_dict())
+
+
+def test_workers_leave_ctrl_c_to_the_main_process(corpus_file, tokenizer, tmp_path):
+    import multiprocessing
+    import signal
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    batches = PackedBatches(packed_rows(cache, tokenizer, 32, buffer_size=16), 8, 2)
+    take(batches, 6)  # both workers have started and served chunks
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:  # Ctrl-C in a terminal reaches every process of the group
+        os.kill(worker.pid, signal.SIGINT)
+    take(batches, 60)  # many chunks later: the workers are still serving
+    assert all(worker.is_alive() for worker in workers)
