@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from data import PackedBatches, PackedRows, Tokenizer, load_corpus
+from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus
 from utils import UsageError, die
 
 
@@ -21,25 +21,28 @@ def bench_data(args):
     tokenizer = Tokenizer(args.spm_model)
     with tempfile.TemporaryDirectory() as cold:
         started = time.perf_counter()
-        cache = load_corpus(args.data_path, tokenizer, args.cache_dir or cold, progress=False)
+        cache = load_corpus(args.data_path, tokenizer, args.cache_dir or cold, args.encoding_errors, progress=False)
         build_s = time.perf_counter() - started
         peak_mb = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
         rows = PackedRows(cache, args.sequence_length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
                           seed=args.seed, expand_prob=args.expand_prob)
         batches = PackedBatches(rows, args.batch_size, args.num_workers)
-        started = time.perf_counter()
-        next(batches)  # worker start-up and the first chunk
-        first_s = time.perf_counter() - started
-        examples = real = used = slots = 0
-        started = time.perf_counter()
-        for _ in range(args.batches):
-            batch = next(batches)
-            segment_ids, ids = batch["segment_ids"], batch["ids"]
-            examples += int(segment_ids.max(dim=1).values.sum())
-            real += int(((segment_ids > 0) & (ids != tokenizer.pad_id)).sum())
-            used += int((segment_ids > 0).sum())
-            slots += ids.numel()
-        elapsed = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            next(batches)  # worker start-up and the first chunk
+            first_s = time.perf_counter() - started
+            examples = real = used = slots = 0
+            started = time.perf_counter()
+            for _ in range(args.batches):
+                batch = next(batches)
+                segment_ids, ids = batch["segment_ids"], batch["ids"]
+                examples += int(segment_ids.max(dim=1).values.sum())
+                real += int(((segment_ids > 0) & (ids != tokenizer.pad_id)).sum())
+                used += int((segment_ids > 0).sum())
+                slots += ids.numel()
+            elapsed = time.perf_counter() - started
+        finally:
+            batches.close()
     return {"corpus": args.data_path, "examples_in_corpus": len(cache), "tokens_in_corpus": cache.meta["tokens"],
             "sequence_length": args.sequence_length, "batch_size": args.batch_size, "expand_prob": args.expand_prob,
             "num_workers": args.num_workers, "batches": args.batches, "cache_build_s": round(build_s, 3),
@@ -63,6 +66,8 @@ def parse_args(argv=None):
     d.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (0: none), as train.py")
     d.add_argument("--batches", type=int, default=200, help="batches timed after the first")
     d.add_argument("--cache_dir", help="an existing cache folder (default: a new temporary one, so the build is timed)")
+    d.add_argument("--encoding_errors", choices=ENCODING_ERRORS, default="strict",
+                   help="invalid UTF-8 in the corpus: strict stops with its line number, replace uses U+FFFD")
     d.add_argument("--seed", type=int, default=0, help="data order")
     for sub_parser in (d,):
         sub_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

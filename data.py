@@ -109,7 +109,7 @@ def tokenize_span(task):
     """Tokenise the lines starting in one byte range of a corpus; runs in a worker process.
 
     task: (path, serialised SentencePiece model, start, end, encoding errors, numpy dtype name).
-    Returns (lines in the range, lengths int64 (N,) of its N non-blank lines, their ids concatenated
+    Returns (lines in the range, lengths int64 (N,) of its N lines with tokens, their ids concatenated
     (sum of lengths,) in the dtype, the first problem as (line number within the range, reason) or None).
     """
     path, model_proto, start, end, errors, dtype = task
@@ -118,8 +118,9 @@ def tokenize_span(task):
 
     def encode_waiting():
         for pieces in sp.encode(texts):
-            lengths.append(len(pieces))
-            ids.append(np.asarray(pieces, dtype=dtype))
+            if pieces:  # a line of characters the tokenizer drops (zero-width spaces, controls) has no text
+                lengths.append(len(pieces))
+                ids.append(np.asarray(pieces, dtype=dtype))
         texts.clear()
 
     with open(path, "rb") as f:
@@ -168,7 +169,8 @@ def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progres
     num_proc = min(num_proc or os.cpu_count() or 1, len(tasks))
     temporary = f"{prefix}.{os.getpid()}.tmp"
     lines = examples = tokens = 0
-    pool = multiprocessing.Pool(num_proc) if num_proc > 1 else None
+    # Ctrl-C reaches the whole process group: the tokenising processes leave it to this one, which cleans up
+    pool = multiprocessing.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if num_proc > 1 else None
     try:
         with open(temporary + ".ids", "wb") as ids_file, open(temporary + ".offsets", "wb") as offsets_file, \
                 tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenising {os.path.basename(path)}",
@@ -184,7 +186,8 @@ def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progres
                 lines, examples, tokens = lines + span_lines, examples + len(lengths), tokens + len(ids)
                 bar.update(end - start)
         if examples == 0:
-            raise UsageError(f"{path}: no non-blank line to train on")
+            raise UsageError(f"{path}: no line with text to train on ({lines:,} lines, all blank or made only of "
+                             "characters the tokenizer drops)")
         os.replace(temporary + ".ids", prefix + ".ids")
         os.replace(temporary + ".offsets", prefix + ".offsets")
         meta = {"version": CACHE_VERSION, "corpus": os.path.abspath(path), "tokenizer": tokenizer.path,
@@ -203,25 +206,59 @@ def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progres
 def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None, progress=True):
     """The TokenCache of a line-per-example corpus, built on first use and reused while neither the corpus nor
     the tokenizer changes. Raises UsageError naming the path for a missing, unreadable or empty corpus, a
-    directory, an unwritable cache folder, and (with errors="strict") invalid UTF-8 with its line."""
+    directory or other non-file, an unwritable cache folder, and (with errors="strict") invalid UTF-8 with its
+    line. A cache whose files are damaged or incomplete is rebuilt."""
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, expected a text file with one example a line")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: not a regular file (a pipe or a device?); the corpus must be a file on disk")
     if errors not in ENCODING_ERRORS:
         raise UsageError(f"--encoding_errors {errors}: expected one of {', '.join(ENCODING_ERRORS)}")
     cache_dir = cache_dir or default_cache_dir()
     try:
         os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--cache_dir {cache_dir}: {e.strerror}") from None
+    try:
         prefix = cache_prefix(path, tokenizer, cache_dir, errors)
     except OSError as e:
-        raise UsageError(f"{e.filename or path}: {e.strerror}") from None
-    if not os.path.isfile(prefix + ".json"):
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if not cache_is_whole(prefix):
+        remove_abandoned_builds(prefix)
         try:
             build_cache(path, tokenizer, prefix, errors, num_proc, progress)
         except OSError as e:
-            raise UsageError(f"{e.filename or path}: {e.strerror} (while building the token cache)") from None
+            where = f"--cache_dir {cache_dir}" if e.filename and e.filename.startswith(prefix) else e.filename or path
+            raise UsageError(f"{where}: {e.strerror} (while building the token cache)") from None
     return TokenCache(prefix)
+
+
+def cache_is_whole(prefix):
+    """Whether prefix.json exists and the .ids and .offsets files have the sizes its counts give (a cache
+    damaged or cut short is rebuilt, not read)."""
+    try:
+        with open(prefix + ".json") as f:
+            meta = json.load(f)
+        return (os.path.getsize(prefix + ".ids") == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+                and os.path.getsize(prefix + ".offsets") == (meta["examples"] + 1) * 8)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_abandoned_builds(prefix):
+    """Delete the temporary files of builds of this cache whose process no longer runs (killed mid-build)."""
+    folder, name = os.path.split(prefix)
+    for entry in os.listdir(folder):
+        parts = entry[len(name) + 1:].split(".")  # <name>.<pid>.tmp.<suffix>
+        if entry.startswith(name + ".") and len(parts) == 3 and parts[0].isdigit() and parts[1] == "tmp":
+            try:
+                os.kill(int(parts[0]), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, entry))
+            except PermissionError:
+                pass  # alive, another user's
 
 
 class TokenCache:
@@ -462,24 +499,40 @@ class PackedBatches:
         return self.chunk // self.rows.chunks_per_epoch
 
     def state_dict(self):
-        """Position in the stream and what it depends on, as plain ints."""
+        """Position in the stream and what the chunks depend on, as plain numbers."""
         rows = self.rows
         return {"chunk": self.chunk, "row": self.row, "num_examples": len(rows.cache),
-                "buffer_size": rows.buffer_size, "sequence_length": rows.seq_len}
+                "num_tokens": rows.cache.meta["tokens"], "buffer_size": rows.buffer_size,
+                "sequence_length": rows.seq_len, "expand_prob": rows.expand_prob}
 
     def load_state_dict(self, state):
-        """Continue from a saved position. Raises UsageError if the corpus size or the packing has changed."""
+        """Continue from a saved position. If --expand_prob has changed, the current chunk was packed otherwise,
+        so the stream continues at the start of the next one. Raises UsageError for another corpus (counts of
+        examples and tokens), row length or chunk size."""
         now = self.state_dict()
-        if "chunk" not in state:
+        if "num_tokens" not in state:
             raise UsageError("the checkpoint's data position is from an older version of data.py; start a new run")
-        if state["num_examples"] != now["num_examples"]:
-            raise UsageError(f"{self.rows.cache.meta['corpus']}: has {now['num_examples']:,} examples, the run was "
-                             f"started on {state['num_examples']:,}; resuming needs the same corpus")
-        for key in ("buffer_size", "sequence_length"):
-            if state[key] != now[key]:
-                raise UsageError(f"{key} {now[key]}: the run was started with {state[key]}; resuming needs the same")
+        if (state["num_examples"], state["num_tokens"]) != (now["num_examples"], now["num_tokens"]):
+            raise UsageError(f"{self.rows.cache.meta['corpus']}: has {now['num_examples']:,} examples and "
+                             f"{now['num_tokens']:,} tokens, the run was started on {state['num_examples']:,} and "
+                             f"{state['num_tokens']:,}; resuming needs the same corpus and tokenizer")
+        if state["sequence_length"] != now["sequence_length"]:
+            raise UsageError(f"-slen/--sequence_length {now['sequence_length']}: the run was started with "
+                             f"{state['sequence_length']}; resuming needs the same row length")
+        if state["buffer_size"] != now["buffer_size"]:
+            raise UsageError(f"chunks of {now['buffer_size']} examples: the run was started with "
+                             f"{state['buffer_size']}")
         self.chunk, self.row = int(state["chunk"]), int(state["row"])
-        self._stream, self._current = None, None
+        if state["expand_prob"] != now["expand_prob"] and self.row:
+            self.chunk, self.row = self.chunk + 1, 0
+        self.close()
+
+    def close(self):
+        """Stop the worker processes now (they ignore SIGTERM, so the interpreter's exit cannot); the next
+        batch starts them again from the current position."""
+        stream, self._stream, self._current = self._stream, None, None
+        if hasattr(stream, "_shutdown_workers"):  # DataLoader's multi-process iterator
+            stream._shutdown_workers()
 
     def _next_chunk(self):
         if self._stream is None:

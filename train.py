@@ -242,6 +242,7 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
         changed = {k: (v, config.get(k)) for k, v in checkpoint["config"].items() if config.get(k) != v}
         raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
+    loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before any warning
     changed = {k: (v, vars(args).get(k)) for k, v in checkpoint["args"].items()
                if k not in RUN_FLAGS and vars(args).get(k) != v}
     if "seed" in changed:
@@ -250,6 +251,9 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
     if "max_steps" in changed:
         print(f"warning: the cosine decay now ends at step {args.max_steps}, not {checkpoint['args']['max_steps']}; "
               "the learning rate follows the new schedule from here", file=sys.stderr)
+    if "expand_prob" in changed:
+        print("warning: --expand_prob changed: the data stream continues at the start of the next chunk of "
+              "examples (the rest of the current one was packed with the old value)", file=sys.stderr)
     if changed:
         print(f"warning: resuming with changed flags (checkpoint, now): {changed}", file=sys.stderr)
     for rate, ema in emas.items():
@@ -264,7 +268,6 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
         print(f"warning: EMA rates {dropped} are not continued and will not be in the next checkpoint",
               file=sys.stderr)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    loader.load_state_dict(checkpoint["data_state"])
     set_rng_state(checkpoint["rng"])
     return checkpoint["step"]
 
@@ -273,12 +276,16 @@ def prepare_model_dir(args, tokenizer_path):
     """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume."""
     if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
         raise UsageError(f"-mdir {args.model_dir}: exists and is not a folder")
-    os.makedirs(args.model_dir, exist_ok=True)
     copy = os.path.join(args.model_dir, "tokenizer.model")
-    if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
-        raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {args.model_dir} was started with")
-    if not os.path.exists(copy):
-        shutil.copyfile(tokenizer_path, copy)
+    try:
+        os.makedirs(args.model_dir, exist_ok=True)
+        if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
+            raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {args.model_dir} "
+                             "was started with")
+        if not os.path.exists(copy):
+            shutil.copyfile(tokenizer_path, copy)
+    except OSError as e:
+        raise UsageError(f"-mdir {args.model_dir}: {e.strerror}") from None
 
 
 def write_run_files(args, model):
@@ -371,16 +378,20 @@ def main(argv=None):
     path = os.path.join(args.model_dir, CHECKPOINT)
     step = restore(load_checkpoint(path), path, model, emas, optimizer, loader, args) if os.path.exists(path) else 0
     write_run_files(args, model)
+    corpus = loader.rows.cache.meta
     print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
-          f"{len(loader.rows.cache):,} lines, {loader.rows.cache.meta['tokens']:,} tokens; "
+          f"{corpus['examples']:,} examples, {corpus['tokens']:,} tokens; "
           f"{'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
 
     def save(at_step):
         save_checkpoint(checkpoint_dict(model, emas, optimizer, at_step, loader, args), path)
 
-    with StopOnSignal() as stop:
-        step = train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop)
-        save(step)
+    try:
+        with StopOnSignal() as stop:
+            step = train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop)
+            save(step)
+    finally:
+        loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
     if stop.requested:
         print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
     elif args.demo or args.sample_interval:

@@ -172,6 +172,23 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, sp
     assert resumed["step"] == step + 2
 
 
+def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path, corpus_file, spm_path):
+    # the workers ignore SIGTERM (the training process saves on it), so only an explicit close lets Python exit
+    script = ("import sys, train\n"
+              "def boom(*args): raise RuntimeError('disk full')\n"
+              "train.save_checkpoint = boom\n"
+              "train.main(sys.argv[1:])\n")
+    args = [sys.executable, "-c", script, "-d", corpus_file, "-spm", spm_path, "-mdir", str(tmp_path / "run"),
+            *TINY, "--max_steps", "4", "--save_interval", "2", "--num_workers", "2"]
+    process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert process.returncode == 1 and "RuntimeError: disk full" in stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["-smin", "5", "-smax", "2"], "need 0 < sigma_min < sigma_max"),
     (["-bsz", "0"], "--batch_size 0: must be at least 1"),

@@ -118,25 +118,65 @@ def test_carriage_return_inside_a_line_is_an_error_unless_replacing(tmp_path, to
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("blank.txt", b"\n  \n\xc2\xa0\n", "blank.txt: no non-blank line"),
-    ("empty.txt", b"", "empty.txt: no non-blank line"),
+    ("blank.txt", b"\n  \n\xc2\xa0\n", r"blank.txt: no line with text to train on \(3 lines"),
+    ("empty.txt", b"", r"empty.txt: no line with text to train on \(0 lines"),
+    ("dropped.txt", "\u200b\n\x01\n".encode(), "dropped.txt: no line with text"),  # the tokenizer drops both
     ("missing.txt", None, "missing.txt: no such file"),
     ("folder", "dir", "folder: is a directory"),
+    ("pipe", "fifo", "pipe: not a regular file"),
 ])
 def test_unusable_corpora_are_refused_naming_the_path(tmp_path, tokenizer, name, content, message):
     path = tmp_path / name
     if content == "dir":
         path.mkdir()
+    elif content == "fifo":
+        os.mkfifo(path)
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
         load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)
 
 
+def test_lines_the_tokenizer_drops_are_not_examples(tmp_path, tokenizer):
+    path = write(tmp_path / "c.txt", "first line\n\u200b\nsecond line\n".encode())
+    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    assert cache.meta["lines"] == 3 and len(cache) == 2
+    assert cache.ids(1).tolist() == tokenizer.encode("second line", False, False)
+
+
 def test_unwritable_cache_folder_is_named(tmp_path, corpus_file, tokenizer):
     blocker = write(tmp_path / "file", b"x")
-    with pytest.raises(UsageError, match="file"):
+    with pytest.raises(UsageError, match=r"--cache_dir .*file/cache: Not a directory"):
         load_corpus(corpus_file, tokenizer, os.path.join(blocker, "cache"), progress=False)
+
+
+@pytest.mark.parametrize("damage", ["delete ids", "cut ids", "cut offsets", "bad json"])
+def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, wordnet_lines, tokenizer, damage):
+    cache_dir = str(tmp_path / "cache")
+    prefix = load_corpus(corpus_file, tokenizer, cache_dir, progress=False).prefix
+    target = prefix + (".offsets" if "offsets" in damage else ".json" if "json" in damage else ".ids")
+    if damage == "delete ids":
+        os.remove(target)
+    elif damage == "bad json":
+        write(tmp_path / target, b"{not json")
+    else:
+        os.truncate(target, os.path.getsize(target) - 3)
+    cache = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
+    assert cache.prefix == prefix and len(cache) == 400
+    assert cache.ids(399).tolist() == tokenizer.encode(wordnet_lines[399], False, False)
+
+
+def test_files_of_a_killed_build_are_removed_at_the_next_build(tmp_path, corpus_file, tokenizer):
+    cache_dir = tmp_path / "cache"
+    prefix = load_corpus(corpus_file, tokenizer, str(cache_dir), progress=False).prefix
+    for suffix in (".json", ".ids", ".offsets"):
+        os.remove(prefix + suffix)
+    dead, alive = 2 ** 22 + 1, os.getppid()  # above the default pid_max, so no such process; and our parent
+    for pid in (dead, alive):
+        write(cache_dir / f"{os.path.basename(prefix)}.{pid}.tmp.ids", b"half")
+    load_corpus(corpus_file, tokenizer, str(cache_dir), progress=False)
+    left = sorted(name.rsplit(".", 3)[-3] for name in os.listdir(cache_dir) if ".tmp." in name)
+    assert left == [str(alive)]
 
 
 # Examples: crops, expansion, conditioning
@@ -309,10 +349,28 @@ def test_resuming_on_another_corpus_or_row_length_is_refused(tmp_path, corpus_fi
     next(batches)
     smaller = load_corpus(write(tmp_path / "smaller.txt", b"one line\nanother line\n"), tokenizer,
                           str(tmp_path / "cache"), progress=False)
-    with pytest.raises(UsageError, match="has 2 examples, the run was started on 400"):
+    with pytest.raises(UsageError, match="has 2 examples and 4 tokens, the run was started on 400 and 4,282"):
         PackedBatches(packed_rows(smaller, tokenizer, 32), 4).load_state_dict(batches.state_dict())
-    with pytest.raises(UsageError, match="sequence_length 64: the run was started with 32"):
+    with pytest.raises(UsageError, match="-slen/--sequence_length 64: the run was started with 32"):
         PackedBatches(packed_rows(cache, tokenizer, 64), 4).load_state_dict(batches.state_dict())
+    lines = open(corpus_file).read().splitlines()
+    lines[0], lines[1] = lines[0] + " more", "the"
+    same_count = load_corpus(write(tmp_path / "other.txt", "\n".join(lines).encode()), tokenizer,
+                             str(tmp_path / "cache"), progress=False)
+    with pytest.raises(UsageError, match="resuming needs the same corpus"):
+        PackedBatches(packed_rows(same_count, tokenizer, 32), 4).load_state_dict(batches.state_dict())
+
+
+def test_a_changed_expand_prob_resumes_at_the_next_chunk(tmp_path, corpus_file, tokenizer):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    batches = PackedBatches(packed_rows(cache, tokenizer, 32, expand_prob=0.5, buffer_size=64), 4)
+    take(batches, 3)
+    assert batches.state_dict()["row"] > 0
+    resumed = PackedBatches(packed_rows(cache, tokenizer, 32, expand_prob=0.0, buffer_size=64), 4)
+    resumed.load_state_dict(batches.state_dict())
+    assert (resumed.chunk, resumed.row) == (batches.chunk + 1, 0)
+    first = next(resumed)["ids"]
+    assert (first == resumed.rows.chunk_batch(batches.chunk + 1)["ids"][:4]).all()
 
 
 def test_workers_leave_ctrl_c_to_the_main_process(corpus_file, tokenizer, tmp_path):
@@ -327,3 +385,5 @@ def test_workers_leave_ctrl_c_to_the_main_process(corpus_file, tokenizer, tmp_pa
         os.kill(worker.pid, signal.SIGINT)
     take(batches, 60)  # many chunks later: the workers are still serving
     assert all(worker.is_alive() for worker in workers)
+    batches.close()  # and stop when told, though they ignore SIGTERM
+    assert not any(worker.is_alive() for worker in workers)
