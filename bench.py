@@ -64,7 +64,8 @@ def parse_args(argv=None):
     d.add_argument("--expand_prob", type=float, default=0.0,
                    help="share of lines padded after eos (default 0: packing alone; expansion pads are not text)")
     d.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (0: none), as train.py")
-    d.add_argument("--batches", type=int, default=200, help="batches timed after the first")
+    d.add_argument("--batches", type=int, default=1000,
+                   help="batches timed after the first (enough that chunks prefetched meanwhile hardly count)")
     d.add_argument("--cache_dir", help="an existing cache folder (default: a new temporary one, so the build is timed)")
     d.add_argument("--encoding_errors", choices=ENCODING_ERRORS, default="strict",
                    help="invalid UTF-8 in the corpus: strict stops with its line number, replace uses U+FFFD")

@@ -7,7 +7,9 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
+import socket
 
 import numpy as np
 import sentencepiece as spm
@@ -160,14 +162,14 @@ def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progres
 
     Streams the corpus in SPAN_BYTES ranges over `num_proc` processes (default: every core), so memory does not
     grow with the corpus. Raises UsageError naming file and line for invalid UTF-8 or a carriage return inside
-    a line (unless errors="replace"), and naming the file if it has no non-blank line.
+    a line (unless errors="replace"), and naming the file if no line gives any token.
     """
     size = os.path.getsize(path)
     spans = [(start, min(start + SPAN_BYTES, size)) for start in range(0, size, SPAN_BYTES)]
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     tasks = [(path, tokenizer.model_proto, start, end, errors, dtype) for start, end in spans]
     num_proc = min(num_proc or os.cpu_count() or 1, len(tasks))
-    temporary = f"{prefix}.{os.getpid()}.tmp"
+    temporary = f"{prefix}.{os.getpid()}@{socket.gethostname()}.tmp"  # a cache folder may be shared by hosts
     lines = examples = tokens = 0
     # Ctrl-C reaches the whole process group: the tokenising processes leave it to this one, which cleans up
     pool = multiprocessing.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if num_proc > 1 else None
@@ -207,7 +209,7 @@ def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None,
     """The TokenCache of a line-per-example corpus, built on first use and reused while neither the corpus nor
     the tokenizer changes. Raises UsageError naming the path for a missing, unreadable or empty corpus, a
     directory or other non-file, an unwritable cache folder, and (with errors="strict") invalid UTF-8 with its
-    line. A cache whose files are damaged or incomplete is rebuilt."""
+    line. A cache whose files are cut short or half written is rebuilt."""
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, expected a text file with one example a line")
     if not os.path.exists(path):
@@ -217,6 +219,8 @@ def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None,
     if errors not in ENCODING_ERRORS:
         raise UsageError(f"--encoding_errors {errors}: expected one of {', '.join(ENCODING_ERRORS)}")
     cache_dir = cache_dir or default_cache_dir()
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UsageError(f"--cache_dir {cache_dir}: exists and is not a folder")
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
@@ -226,7 +230,7 @@ def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None,
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror}") from None
     if not cache_is_whole(prefix):
-        remove_abandoned_builds(prefix)
+        remove_abandoned_builds(cache_dir)
         try:
             build_cache(path, tokenizer, prefix, errors, num_proc, progress)
         except OSError as e:
@@ -236,29 +240,31 @@ def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None,
 
 
 def cache_is_whole(prefix):
-    """Whether prefix.json exists and the .ids and .offsets files have the sizes its counts give (a cache
-    damaged or cut short is rebuilt, not read)."""
+    """Whether prefix.json exists and the .ids and .offsets files have the sizes and end offsets its counts give
+    (a cache cut short or half written is rebuilt, not read; contents are not checked further)."""
     try:
         with open(prefix + ".json") as f:
             meta = json.load(f)
+        offsets = np.memmap(prefix + ".offsets", dtype=np.int64, mode="r")
         return (os.path.getsize(prefix + ".ids") == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-                and os.path.getsize(prefix + ".offsets") == (meta["examples"] + 1) * 8)
+                and len(offsets) == meta["examples"] + 1 and offsets[0] == 0 and offsets[-1] == meta["tokens"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def remove_abandoned_builds(prefix):
-    """Delete the temporary files of builds of this cache whose process no longer runs (killed mid-build)."""
-    folder, name = os.path.split(prefix)
-    for entry in os.listdir(folder):
-        parts = entry[len(name) + 1:].split(".")  # <name>.<pid>.tmp.<suffix>
-        if entry.startswith(name + ".") and len(parts) == 3 and parts[0].isdigit() and parts[1] == "tmp":
-            try:
-                os.kill(int(parts[0]), 0)
-            except ProcessLookupError:
-                os.remove(os.path.join(folder, entry))
-            except PermissionError:
-                pass  # alive, another user's
+def remove_abandoned_builds(cache_dir):
+    """Delete the temporary files of cache builds on this host whose process no longer runs (killed mid-build),
+    whatever corpus version they were building."""
+    for entry in os.listdir(cache_dir):
+        match = re.search(r"\.(\d+)@(.+)\.tmp\.(ids|offsets|json)$", entry)
+        if not match or match[2] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(cache_dir, entry))
+        except PermissionError:
+            pass  # alive, another user's
 
 
 class TokenCache:

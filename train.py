@@ -251,7 +251,7 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
     if "max_steps" in changed:
         print(f"warning: the cosine decay now ends at step {args.max_steps}, not {checkpoint['args']['max_steps']}; "
               "the learning rate follows the new schedule from here", file=sys.stderr)
-    if "expand_prob" in changed:
+    if "expand_prob" in changed and checkpoint["data_state"]["row"]:
         print("warning: --expand_prob changed: the data stream continues at the start of the next chunk of "
               "examples (the rest of the current one was packed with the old value)", file=sys.stderr)
     if changed:
@@ -273,12 +273,20 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
 
 
 def prepare_model_dir(args, tokenizer_path):
-    """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume."""
+    """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume, and a
+    folder that cannot take a checkpoint (read-only, or a directory where a file goes) before step 1."""
     if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
         raise UsageError(f"-mdir {args.model_dir}: exists and is not a folder")
     copy = os.path.join(args.model_dir, "tokenizer.model")
+    for name in (CHECKPOINT, "tokenizer.model", "args.json", "config.json", "metrics.jsonl"):
+        path = os.path.join(args.model_dir, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UsageError(f"-mdir {args.model_dir}: {name} there is not a file")
     try:
         os.makedirs(args.model_dir, exist_ok=True)
+        with open(os.path.join(args.model_dir, CHECKPOINT + ".tmp"), "wb"):  # found now, not at the first save
+            pass
+        os.remove(os.path.join(args.model_dir, CHECKPOINT + ".tmp"))
         if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
             raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {args.model_dir} "
                              "was started with")

@@ -14,6 +14,7 @@ import train
 from conftest import ROOT
 from data import Tokenizer
 from diffusion import network_logits
+from utils import UsageError
 
 TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
         "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1"]
@@ -239,6 +240,14 @@ def test_prepare_reports_the_lines_it_dropped_and_replaced(tmp_path, wordnet_lin
     prepare.main(["-i", str(raw), "-o", str(tmp_path / "out"), "--vocab_size", "300"])
     err = capsys.readouterr().err
     assert "303 lines read" in err and "2 blank lines dropped" in err and "1 lines had invalid UTF-8" in err
+
+
+def test_a_model_folder_that_cannot_take_a_checkpoint_is_refused_before_training(tmp_path, corpus_file, spm_path):
+    model_dir = tmp_path / "run"
+    (model_dir / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(UsageError, match="metrics.jsonl there is not a file"):
+        run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    assert not (model_dir / "ckpt.pt").exists()
 
 
 def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, corpus_file, spm_path, monkeypatch):

@@ -1,5 +1,6 @@
 import os
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_unwritable_cache_folder_is_named(tmp_path, corpus_file, tokenizer):
         load_corpus(corpus_file, tokenizer, os.path.join(blocker, "cache"), progress=False)
 
 
-@pytest.mark.parametrize("damage", ["delete ids", "cut ids", "cut offsets", "bad json"])
+@pytest.mark.parametrize("damage", ["delete ids", "cut ids", "cut offsets", "bad json", "wrong end offset"])
 def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, wordnet_lines, tokenizer, damage):
     cache_dir = str(tmp_path / "cache")
     prefix = load_corpus(corpus_file, tokenizer, cache_dir, progress=False).prefix
@@ -159,6 +160,11 @@ def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, wordnet_line
         os.remove(target)
     elif damage == "bad json":
         write(tmp_path / target, b"{not json")
+    elif damage == "wrong end offset":
+        target = prefix + ".offsets"
+        offsets = np.fromfile(target, dtype=np.int64)
+        offsets[-1] -= 1
+        offsets.tofile(target)
     else:
         os.truncate(target, os.path.getsize(target) - 3)
     cache = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
@@ -171,12 +177,14 @@ def test_files_of_a_killed_build_are_removed_at_the_next_build(tmp_path, corpus_
     prefix = load_corpus(corpus_file, tokenizer, str(cache_dir), progress=False).prefix
     for suffix in (".json", ".ids", ".offsets"):
         os.remove(prefix + suffix)
-    dead, alive = 2 ** 22 + 1, os.getppid()  # above the default pid_max, so no such process; and our parent
-    for pid in (dead, alive):
-        write(cache_dir / f"{os.path.basename(prefix)}.{pid}.tmp.ids", b"half")
+    dead, alive, host = 2 ** 22 + 1, os.getppid(), socket.gethostname()  # pid_max is at most 2**22; our parent
+    name, old = os.path.basename(prefix), "corpus.txt.0123456789abcdef"
+    stale = [f"{name}.{dead}@{host}.tmp.ids", f"{old}.{dead}@{host}.tmp.offsets"]
+    kept = [f"{name}.{alive}@{host}.tmp.ids", f"{old}.{dead}@other-host.tmp.ids"]
+    for name in stale + kept:  # an older version of the corpus (another key) counts too; another host's do not
+        write(cache_dir / name, b"half")
     load_corpus(corpus_file, tokenizer, str(cache_dir), progress=False)
-    left = sorted(name.rsplit(".", 3)[-3] for name in os.listdir(cache_dir) if ".tmp." in name)
-    assert left == [str(alive)]
+    assert sorted(name for name in os.listdir(cache_dir) if ".tmp." in name) == sorted(kept)
 
 
 # Examples: crops, expansion, conditioning
