@@ -84,8 +84,10 @@ def denoise(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
     return score_interpolation(logits, x, sigma, model.embedding_table())
 
 
-def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA):
-    """Per-token cross-entropy in nats, (B, L) float32, unreduced (CDCD's loss).
+def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
+                             return_logits=False):
+    """Per-token cross-entropy in nats, (B, L) float32, unreduced (CDCD's loss); with return_logits, also the
+    logits (B, L, V) float32 it was computed from.
 
     ids (B, L) int64 clean tokens; sigma (B,) or (B, L) float noise levels (a per-sequence level is
     broadcast over the row); noise (B, L, E) standard normal; cond_mask (B, L) bool positions held clean
@@ -97,7 +99,8 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
         sigma = sigma.masked_fill(cond_mask, 0.0)
     x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
     logits = network_logits(model, x, sigma, segment_ids, sigma_data)  # (B, L, V)
-    return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    return (ce, logits) if return_logits else ce
 
 
 def ode_derivative(x, denoised, sigma):

@@ -171,4 +171,5 @@ class ScoreLM(nn.Module):
         h = self.input_proj(x)  # (B, L, D)
         for block in self.blocks:
             h = block(h, time, freqs, mask)
-        return self.head(self.norm(h)) @ self.embedding_table().to(h.dtype).T + self.logit_bias  # (B, L, V)
+        h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)
+        return h @ self.embedding_table().to(h.dtype).T + self.logit_bias  # (B, L, V)

@@ -11,6 +11,7 @@ import filecmp
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -22,8 +23,8 @@ from tqdm import tqdm
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
-from utils import (MetricsWriter, UsageError, die, ema_update, load_checkpoint, load_state_dict_strict, lr_at,
-                   masked_mean, resolve_device, save_checkpoint, seed_all)
+from utils import (PRECISIONS, MetricsWriter, UsageError, autocast, die, ema_update, load_checkpoint,
+                   load_state_dict_strict, lr_at, masked_mean, resolve_device, save_checkpoint, seed_all)
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
@@ -69,6 +70,10 @@ def parse_args(argv=None):
     opt.add_argument("-gc", "--gradient_clipping", type=float, default=1.0, help="max global gradient norm (0: off)")
     opt.add_argument("-ema", "--ema_rate", default="0.999,0.9999", help="comma-separated EMA decay rates ('' for none)")
     opt.add_argument("--max_steps", type=int, help="optimiser steps; the cosine decay ends here (default 100000)")
+    opt.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="autocast precision of the network (fp16 adds a gradient scaler); process maths stay fp32")
+    opt.add_argument("--max_bad_steps", type=int, default=10,
+                     help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
     diff = p.add_argument_group("diffusion")
     diff.add_argument("-slen", "--sequence_length", type=int, default=64, help="row length L in tokens")
@@ -85,6 +90,8 @@ def parse_args(argv=None):
     run.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
     run.add_argument("--log_interval", type=int, default=50, help="steps between metrics.jsonl lines")
     run.add_argument("--save_interval", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    run.add_argument("--keep", type=int, default=0,
+                     help="also keep the last K checkpoints as ckpt-<step>.pt (ckpt.pt is always the latest)")
     run.add_argument("--sample_interval", type=int, help="steps between printed samples (default 1000; 0: never)")
     run.add_argument("--sample_steps", type=int, default=100, help="Euler steps for the printed samples")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show the progress bar")
@@ -110,7 +117,7 @@ def check_args(args):
     """The first flag whose value cannot work, as a message, or None."""
     at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
                 "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
-                "model_dim": 2, "embedding_dim": 1, "num_layers": 1, "num_heads": 1}
+                "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
@@ -180,16 +187,25 @@ def sampling_config(args):
             "sequence_length": args.sequence_length}
 
 
-def train_step(model, batch, args, device):
-    """Forward and backward of one micro-batch; returns the mean masked cross-entropy (nats, on device)."""
+class Diverged(Exception):
+    """Too many optimiser steps in a row had a non-finite loss or gradient; the last checkpoint is intact."""
+
+
+def train_step(model, batch, args, device, scaler):
+    """Forward (under the run's autocast) and backward of one micro-batch. Returns device tensors: the mean
+    masked cross-entropy (nats), the number of loss positions whose argmax is right, and of loss positions."""
     ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
     per_token = bool(torch.rand(()) < args.multilevel_prob)
     sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
-    ce = score_interpolation_loss(model, ids, sigma, noise, segment_ids, cond_mask)  # (B, L)
-    loss = masked_mean(ce, (segment_ids > 0) & ~cond_mask)
-    (loss / args.accumulation_steps).backward()
-    return loss.detach()
+    with autocast(device, args.precision):
+        ce, logits = score_interpolation_loss(model, ids, sigma, noise, segment_ids, cond_mask,
+                                              return_logits=True)  # (B, L), (B, L, V) float32
+    targets = (segment_ids > 0) & ~cond_mask
+    loss = masked_mean(ce, targets)
+    scaler.scale(loss / args.accumulation_steps).backward()
+    correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
+    return loss.detach(), correct, targets.sum()
 
 
 def print_samples(model, tokenizer, args, device, step):
@@ -207,7 +223,7 @@ def print_samples(model, tokenizer, args, device, step):
 
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
-             "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers"}
+             "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep", "max_bad_steps"}
 
 
 def rng_state():
@@ -226,15 +242,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dict(model, emas, optimizer, step, loader, args):
+def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args):
     """Everything to resume or sample, as a plain dict of tensors, numbers, strings and lists."""
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
-            "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(model.cfg),
-            "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
             "rng": rng_state()}
 
 
-def restore(checkpoint, path, model, emas, optimizer, loader, args):
+def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     """Load a checkpoint's state into the run; returns the step to continue from. Raises UsageError if the
     model flags differ; warns about other changed flags and EMA rates."""
     config = dataclasses.asdict(model.cfg)
@@ -268,6 +284,8 @@ def restore(checkpoint, path, model, emas, optimizer, loader, args):
         print(f"warning: EMA rates {dropped} are not continued and will not be in the next checkpoint",
               file=sys.stderr)
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
+        scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
     return checkpoint["step"]
 
@@ -325,51 +343,123 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def optimizer_step(model, optimizer, emas, loader, args, device, step):
-    """One optimiser step over args.accumulation_steps micro-batches, with clipping and EMA updates.
-    Returns (mean loss in nats as a device tensor, real tokens seen, learning rate)."""
+def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step):
+    """One optimiser step over args.accumulation_steps micro-batches: gradients unscaled (fp16), clipped, checked,
+    then the AdamW update and the EMAs. A step whose loss or gradient is not finite changes neither weights, EMA,
+    optimizer state nor (the caller's) schedule. Returns (status, stats): status "applied", "overflow" (fp16:
+    finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of device tensors (loss,
+    correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, tokens = torch.zeros((), device=device), 0
+    stats = {"loss": torch.zeros((), device=device), "correct": 0, "targets": 0, "lr": lr, "tokens": 0, "text": 0,
+             "slots": 0}
     for _ in range(args.accumulation_steps):
         batch = next(loader)
-        tokens += int((batch["segment_ids"] > 0).sum())
-        loss += train_step(model, batch, args, device) / args.accumulation_steps
+        real = batch["segment_ids"] > 0  # on the host: counting it needs no device sync
+        stats["tokens"] += int(real.sum())
+        stats["text"] += int((real & (batch["ids"] != loader.rows.pad_id)).sum())
+        stats["slots"] += batch["ids"].numel()
+        loss, correct, targets = train_step(model, batch, args, device, scaler)
+        stats["loss"] += loss / args.accumulation_steps
+        stats["correct"] += correct
+        stats["targets"] += targets
+    scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.gradient_clipping > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping)
-    optimizer.step()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))
+    finite_loss = bool(torch.isfinite(stats["loss"]))  # the host syncs of a step: whether to apply it
+    status = "applied" if finite_loss and bool(torch.isfinite(stats["grad_norm"])) else \
+        "overflow" if finite_loss and args.precision == "fp16" else "bad"
+    if status == "applied":
+        scaler.step(optimizer)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for rate, ema in emas.items():
+            ema_update([ema[n] for n in names], params, rate, step)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for rate, ema in emas.items():
-        ema_update([ema[n] for n in names], params, rate, step)
-    return loss, tokens, lr
+    return status, stats
 
 
-def train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop):
+class IntervalMetrics:
+    """Sums over the steps of one log interval, kept on the device until written (one host sync per line)."""
+
+    def __init__(self, device):
+        self.device, self.started, self.run_started = device, time.perf_counter(), time.perf_counter()
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(4, device=self.device)  # loss, correct, targets, grad_norm
+        self.steps = self.tokens = self.text = self.slots = self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, stats):
+        self.sums += torch.stack([stats["loss"], torch.as_tensor(stats["correct"], device=self.device).float(),
+                                  torch.as_tensor(stats["targets"], device=self.device).float(),
+                                  stats["grad_norm"].float()])
+        self.steps, self.tokens = self.steps + 1, self.tokens + stats["tokens"]
+        self.text, self.slots = self.text + stats["text"], self.slots + stats["slots"]
+
+    def line(self, step, lr, epoch):
+        """The metrics of the interval as a dict, and a fresh interval."""
+        loss, correct, targets, grad_norm = self.sums.tolist()  # the one host sync per log interval
+        elapsed = time.perf_counter() - self.started
+        line = {"step": step, "epoch": epoch, "loss": loss / self.steps, "accuracy": correct / max(targets, 1),
+                "lr": lr, "grad_norm": grad_norm / self.steps, "tokens_per_s": self.tokens / elapsed,
+                "packing_efficiency": self.text / max(self.slots, 1), "skipped_steps": self.skipped,
+                "seconds": time.perf_counter() - self.run_started, "time": time.time()}
+        self.reset()
+        return line
+
+
+def train(model, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop):
     """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals.
-    Returns the step reached (earlier than max_steps if `stop` was requested)."""
-    metrics = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"))
+    Returns the step reached (earlier than max_steps if `stop` was requested). Raises Diverged after
+    args.max_bad_steps steps in a row with a non-finite loss or gradient (nothing is saved then)."""
+    metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"))
     bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress, dynamic_ncols=True)
-    loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
+    interval, bad_in_a_row = IntervalMetrics(device), 0
     model.train()
     while step < args.max_steps and not stop.requested:
-        loss, step_tokens, lr = optimizer_step(model, optimizer, emas, loader, args, device, step)
-        loss_sum, tokens, steps_logged, step = loss_sum + loss, tokens + step_tokens, steps_logged + 1, step + 1
+        status, stats = optimizer_step(model, optimizer, scaler, emas, loader, args, device, step)
+        if status != "applied":
+            interval.skipped += 1
+            bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
+            if status == "bad":
+                tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, step skipped "
+                           f"({bad_in_a_row} in a row of at most {args.max_bad_steps})", file=sys.stderr)
+            if bad_in_a_row >= args.max_bad_steps:
+                raise Diverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient at step {step}; "
+                               "the last checkpoint is intact (try a lower -lr, or --precision fp32)")
+            continue
+        bad_in_a_row, step = 0, step + 1
+        interval.add(stats)
         bar.update(1)
         if step % args.log_interval == 0 or step == args.max_steps:
-            elapsed = time.perf_counter() - started
-            loss = loss_sum.item() / steps_logged  # the one host sync per log interval
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-            metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tokens / elapsed, time=time.time())
-            loss_sum, tokens, steps_logged, started = torch.zeros((), device=device), 0, 0, time.perf_counter()
+            line = interval.line(step, stats["lr"], loader.epoch)
+            bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+            metrics_file.write(**line)
         if step % args.save_interval == 0:
             save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps:
             print_samples(model, tokenizer, args, device, step)
     bar.close()
     return step
+
+
+def keep_recent(path, step, keep):
+    """Keep the checkpoint just written to `path` also as ckpt-<step>.pt beside it (a hard link where the file
+    system allows, else a copy), and delete all but the `keep` most recent of those."""
+    folder = os.path.dirname(path)
+    kept = os.path.join(folder, f"ckpt-{step:08d}.pt")
+    try:
+        if os.path.exists(kept + ".tmp"):
+            os.remove(kept + ".tmp")
+        os.link(path, kept + ".tmp")
+    except OSError:
+        shutil.copyfile(path, kept + ".tmp")
+    os.replace(kept + ".tmp", kept)
+    for old in sorted(f for f in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.pt", f))[:-keep]:
+        os.remove(os.path.join(folder, old))
 
 
 def main(argv=None):
@@ -382,9 +472,11 @@ def main(argv=None):
     prepare_model_dir(args, args.spm_model)
     model = build_model(args, tokenizer.vocab_size, device)
     optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     path = os.path.join(args.model_dir, CHECKPOINT)
-    step = restore(load_checkpoint(path), path, model, emas, optimizer, loader, args) if os.path.exists(path) else 0
+    step = restore(load_checkpoint(path), path, model, emas, optimizer, scaler, loader, args) \
+        if os.path.exists(path) else 0
     write_run_files(args, model)
     corpus = loader.rows.cache.meta
     print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
@@ -392,11 +484,13 @@ def main(argv=None):
           f"{'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
 
     def save(at_step):
-        save_checkpoint(checkpoint_dict(model, emas, optimizer, at_step, loader, args), path)
+        save_checkpoint(checkpoint_dict(model, emas, optimizer, scaler, at_step, loader, args), path)
+        if args.keep:
+            keep_recent(path, at_step, args.keep)
 
     try:
         with StopOnSignal() as stop:
-            step = train(model, optimizer, emas, loader, tokenizer, args, device, step, save, stop)
+            step = train(model, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop)
             save(step)
     finally:
         loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
@@ -412,6 +506,9 @@ if __name__ == "__main__":
         main()
     except UsageError as e:
         die(str(e))
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)
     except KeyboardInterrupt:
         print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         raise SystemExit(130)

@@ -44,6 +44,15 @@ def resolve_device(name):
     return device
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, precision):
+    """The one autocast context for every forward pass: `precision` "fp32" (off), "bf16" or "fp16" on
+    device.type. Code that must stay in fp32 inside it (noise levels, rotary phases) disables it locally."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
 def append_dims(x, ndim):
     """Append trailing singleton dimensions to `x` until it has `ndim` dimensions (k-diffusion's helper)."""
     missing = ndim - x.ndim

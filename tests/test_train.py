@@ -1,0 +1,125 @@
+"""The training engine: precision, skipped steps, checkpoint safety, metrics."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from conftest import small_model
+from data import PackedBatches, PackedRows, load_corpus
+from test_cli import run_train
+from utils import UsageError, load_checkpoint, load_state_dict_strict, save_checkpoint
+
+
+def test_bf16_training_on_cpu_gives_finite_losses_and_every_metric(tmp_path, corpus_file, spm_path):
+    run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "4", "--precision", "bf16")
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
+        assert {"step", "epoch", "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "packing_efficiency",
+                "skipped_steps", "seconds"} <= set(line)
+        assert all(torch.isfinite(torch.tensor(float(line[k]))) for k in ("loss", "grad_norm", "accuracy"))
+        assert 0 <= line["accuracy"] <= 1 and 0.5 < line["packing_efficiency"] <= 1
+
+
+def engine(tmp_path, corpus_file, tokenizer, precision):
+    args = train.parse_args(["-d", corpus_file, "-spm", "x", "-mdir", "y", "-bsz", "4", "-slen", "32",
+                             "--precision", precision, "-ema", "0.9"])
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    loader = PackedBatches(PackedRows(cache, 32, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id), 4)
+    model = small_model()
+    optimizer = train.build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    emas = {0.9: {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return args, loader, model, optimizer, scaler, emas
+
+
+def snapshot(model, optimizer, emas):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in emas[0.9].items()},
+            len(optimizer.state))
+
+
+@pytest.mark.parametrize("precision, poison, status", [("fp16", float("inf"), "overflow"),
+                                                        ("fp32", float("nan"), "bad")])
+def test_a_step_with_a_non_finite_gradient_changes_nothing(tmp_path, corpus_file, tokenizer, precision, poison,
+                                                          status):
+    args, loader, model, optimizer, scaler, emas = engine(tmp_path, corpus_file, tokenizer, precision)
+    device = torch.device("cpu")
+    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 0)[0] == "applied"
+    before, scale = snapshot(model, optimizer, emas), scaler.get_scale()
+    step_before = {k: v["step"].clone() for k, v in optimizer.state.items()}
+    handle = model.input_proj.weight.register_hook(lambda grad: grad * poison)
+    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 1)[0] == status
+    handle.remove()
+    after = snapshot(model, optimizer, emas)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # weights
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # EMA
+    assert all(torch.equal(step_before[k], v["step"]) for k, v in optimizer.state.items())  # Adam's step count
+    if precision == "fp16":
+        assert scaler.get_scale() == scale / 2  # the scaler backs off
+    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 1)[0] == "applied"
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path, corpus_file, spm_path,
+                                                                             monkeypatch):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    saved = load_checkpoint(str(model_dir / "ckpt.pt"))
+    real_step = train.train_step
+
+    def nan_step(model, batch, args, device, scaler):
+        loss, correct, targets = real_step(model, batch, args, device, scaler)
+        return loss * float("nan"), correct, targets
+    monkeypatch.setattr(train, "train_step", nan_step)
+    with pytest.raises(train.Diverged, match="3 steps in a row had a non-finite loss or gradient at step 2"):
+        run_train(corpus_file, spm_path, model_dir, "--max_steps", "6", "--max_bad_steps", "3")
+    kept = load_checkpoint(str(model_dir / "ckpt.pt"))
+    assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in saved["model"].items())
+
+
+def test_keep_leaves_the_last_k_checkpoints(tmp_path, corpus_file, spm_path):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "5", "--save_interval", "1", "--keep", "2")
+    assert sorted(f for f in os.listdir(model_dir) if f.startswith("ckpt")) == \
+        ["ckpt-00000004.pt", "ckpt-00000005.pt", "ckpt.pt"]
+    assert load_checkpoint(str(model_dir / "ckpt-00000004.pt"))["step"] == 4
+    assert load_checkpoint(str(model_dir / "ckpt.pt"))["step"] == 5
+
+
+class CreatesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # what a malicious checkpoint would carry: unpickling calls open(path, "w")
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    target = tmp_path / "pwned"
+    torch.save({"model": {}, "payload": CreatesAFile(str(target))}, tmp_path / "evil.pt")
+    with pytest.raises(UsageError, match="evil.pt: not a loadable checkpoint"):
+        load_checkpoint(str(tmp_path / "evil.pt"))
+    assert not target.exists()
+
+
+def test_missing_or_unexpected_tensors_are_refused_by_name():
+    model = small_model()
+    state = model.state_dict()
+    state.pop("logit_bias")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(UsageError, match=r"missing \['logit_bias'\], unexpected \['extra.weight'\]"):
+        load_state_dict_strict(model, state, "ckpt.pt [model]")
+
+
+def test_a_write_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"step": 1, "weights": torch.ones(3)}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"\x80\x02half a checkpoint")
+        raise KeyboardInterrupt  # as a kill or Ctrl-C in the middle of torch.save
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
+    assert load_checkpoint(path)["step"] == 1
