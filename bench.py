@@ -1,6 +1,7 @@
 """Measure the project's speed on this machine; the README's figures come from here.
 
     python bench.py data -d corpus.txt -spm bpe.model [-slen 64] [-bsz 128] [--json]
+    python bench.py train -d corpus.txt -spm bpe.model [--preset small] [--precision bf16] [--compile] [--json]
 """
 import argparse
 import json
@@ -10,8 +11,11 @@ import sys
 import tempfile
 import time
 
+import torch
+
+import train
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus
-from utils import UsageError, die
+from utils import UsageError, die, resolve_device, seed_all
 
 
 def bench_data(args):
@@ -52,6 +56,75 @@ def bench_data(args):
             "slot_use": round(used / slots, 4)}
 
 
+# Dense bf16 peak of known accelerators (FLOP/s), for MFU; from the vendors' data sheets
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def matmul_params(model):
+    """Parameters that multiply every token's activations: every linear layer (attention, SwiGLU, the per-token
+    FiLM and noise-level MLPs, input projection, head) and the tied output projection (V x E)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear + model.embedding.weight.numel()
+
+
+def attended_keys(segment_ids):
+    """Mean number of keys a real query may attend to: each segment's length, weighted by its tokens."""
+    counts = torch.stack([torch.bincount(row, minlength=int(segment_ids.max()) + 1)[1:] for row in segment_ids])
+    return float((counts.float() ** 2).sum() / counts.sum())
+
+
+def bench_train(args):
+    """Training throughput in real (non-fill) tokens/s over --steps after --warmup steps, model FLOP/s at
+    6 N_mm + 12 layers D T_att per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's
+    peak where known, and peak memory (MB; CUDA: allocated, else the process's resident set)."""
+    targs = train.parse_args(args.train_flags + ["-d", args.data_path, "-spm", args.spm_model, "-mdir", "unused",
+                                                 "--no-progress", "--sample_interval", "0", "-ema", ""])
+    seed_all(targs.seed)
+    device = resolve_device(targs.device)
+    tokenizer = Tokenizer(targs.spm_model)
+    loader = train.build_loader(targs, tokenizer)
+    model = train.build_model(targs, tokenizer.vocab_size, device)
+    runner = train.training_runner(model, targs)
+    optimizer = train.build_optimizer(model, targs)
+    scaler = torch.amp.GradScaler(device.type, enabled=targs.precision == "fp16")
+    keys = []
+    try:
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                sync(device)
+                started, tokens = time.perf_counter(), 0
+            status, stats = train.optimizer_step(model, optimizer, scaler, {}, loader, targs, device, step, runner)
+            if step >= args.warmup:
+                tokens += stats["tokens"]
+        sync(device)
+        elapsed = time.perf_counter() - started
+        for _ in range(8):
+            keys.append(attended_keys(next(loader)["segment_ids"]))
+    finally:
+        loader.close()
+    n_mm = matmul_params(model)
+    flops_per_token = 6 * n_mm + 12 * targs.num_layers * targs.model_dim * sum(keys) / len(keys)
+    tokens_per_s = tokens / elapsed
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"device": name, "preset": targs.preset, "precision": targs.precision, "compile": targs.compile,
+            "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
+            "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
+            "mean_attended_keys": round(sum(keys) / len(keys), 1), "steps": args.steps,
+            "tokens_per_s": round(tokens_per_s), "flops_per_token": round(flops_per_token),
+            "flops_per_s": round(flops_per_token * tokens_per_s),
+            "mfu": peak and round(flops_per_token * tokens_per_s / peak, 4),
+            "peak_memory_mb": round(memory)}
+
+
+def sync(device):
+    """Wait for the device's queued work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def parse_args(argv=None):
     """Subcommand and its flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +143,23 @@ def parse_args(argv=None):
     d.add_argument("--encoding_errors", choices=ENCODING_ERRORS, default="strict",
                    help="invalid UTF-8 in the corpus: strict stops with its line number, replace uses U+FFFD")
     d.add_argument("--seed", type=int, default=0, help="data order")
-    for sub_parser in (d,):
+    t = sub.add_parser("train", help="training tokens/s, FLOP/s, MFU and peak memory; other flags go to train.py",
+                       epilog="Any train.py flag (--preset, -bsz, -slen, --precision, --compile, --device, ...) "
+                              "may follow; they are passed on.")
+    t.add_argument("-d", "--data_path", required=True, help="corpus, one example a line")
+    t.add_argument("-spm", "--spm_model", required=True, help="SentencePiece model")
+    t.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
+    t.add_argument("--steps", type=int, default=30, help="steps timed")
+    for sub_parser in (d, t):
         sub_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.command == "train":
+        args.train_flags = rest
+        if args.steps < 1 or args.warmup < 0:
+            p.error("--steps must be at least 1 and --warmup at least 0")
+        return args
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.sequence_length < 2 or args.batch_size < 1 or args.batches < 1 or args.num_workers < 0:
         p.error("-slen must be at least 2, -bsz and --batches at least 1, --num_workers at least 0")
     if not 0 <= args.expand_prob <= 1:
@@ -83,13 +170,14 @@ def parse_args(argv=None):
 def main(argv=None):
     """Run the benchmark `argv` names and print its figures."""
     args = parse_args(argv)
-    result = {"data": bench_data}[args.command](args)
+    result = {"data": bench_data, "train": bench_train}[args.command](args)
     if args.json:
         print(json.dumps(result))
     else:
         width = max(map(len, result))
         for key, value in result.items():
-            print(f"{key:<{width}}  {value:,}" if isinstance(value, (int, float)) else f"{key:<{width}}  {value}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            print(f"{key:<{width}}  {value:,}" if number else f"{key:<{width}}  {value}")
 
 
 if __name__ == "__main__":

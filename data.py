@@ -490,12 +490,15 @@ class PackedBatches:
     """Batches of `batch_size` packed rows from a PackedRows stream, made by `num_workers` DataLoader worker
     processes (0: in this process). Each batch is a dict of (B, L) tensors: ids, segment_ids, cond_mask.
 
+    With several processes, every rank walks the same stream and takes its own `batch_size` rows of each
+    global batch of batch_size * world_size rows, so the position is the same on every rank.
     state_dict() is the position of the next row (chunk, row within it), so a resumed run continues the epoch
     where it stopped instead of replaying it.
     """
 
-    def __init__(self, rows, batch_size, num_workers=0):
+    def __init__(self, rows, batch_size, num_workers=0, rank=0, world_size=1):
         self.rows, self.batch_size, self.num_workers = rows, batch_size, num_workers
+        self.rank, self.world_size = rank, world_size
         self.chunk, self.row = rows.first_chunk, 0
         self._stream, self._current = None, None
 
@@ -555,7 +558,7 @@ class PackedBatches:
         return self
 
     def __next__(self):
-        parts, needed = [], self.batch_size
+        parts, needed = [], self.batch_size * self.world_size
         while needed:
             if self._current is None:
                 self._current = self._next_chunk()
@@ -565,4 +568,5 @@ class PackedBatches:
             self.row, needed = self.row + take, needed - take
             if self.row == len(self._current["ids"]):
                 self.chunk, self.row, self._current = self.chunk + 1, 0, None
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return {k: torch.cat([p[k] for p in parts])[mine] for k in parts[0]}

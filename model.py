@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -47,6 +48,32 @@ def segment_mask(segment_ids):
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
+def segment_block_mask(segment_ids):
+    """The same rule as segment_mask as a FlexAttention BlockMask, so that blocks of keys no query of a block may
+    see are skipped rather than computed and masked. segment_ids (B, L) int -> BlockMask for (B, H, L, L)."""
+    B, L = segment_ids.shape
+
+    def same_segment(b, h, q, k):
+        return segment_ids[b, q] == segment_ids[b, k]
+    return create_block_mask(same_segment, B, None, L, L, device=segment_ids.device)
+
+
+_compiled_flex_attention = None
+
+
+def packed_attention(q, k, v, mask):
+    """Attention of (B, H, L, D/H) queries, keys and values under a segment mask: FlexAttention (compiled, on
+    CUDA) for a BlockMask, scaled_dot_product_attention for a boolean (B, 1, L, L) mask or None."""
+    global _compiled_flex_attention
+    if not isinstance(mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.is_cuda:
+        if _compiled_flex_attention is None:  # compiled on first use: FlexAttention is slow uncompiled
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex_attention(q, k, v, block_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask)  # CPU: forward only in torch 2.13, for tests
+
+
 class FourierFeatures(nn.Module):
     """Fourier features of a scalar per token with learned frequencies, initialised N(0, 1) (Tancik et al.
     2020; learned as in the original project's noise embedding): (B, L) float -> (B, L, fourier_dim)."""
@@ -62,7 +89,8 @@ class FourierFeatures(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention, rotary on queries and keys.
-    x (B, L, D), freqs (B, 1, L, D/H) fp32 rotary phases, mask (B, 1, L, L) bool or None -> (B, L, D)."""
+    x (B, L, D), freqs (B, 1, L, D/H) fp32 rotary phases, mask (B, 1, L, L) bool, a BlockMask or None
+    -> (B, L, D)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -74,7 +102,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, D/H)
         q, k = apply_rotary_emb(freqs, q), apply_rotary_emb(freqs, k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = packed_attention(q, k, v, mask)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -118,8 +146,11 @@ class ScoreLM(nn.Module):
     forward(x, c_noise, segment_ids): x (B, L, E) float, the noisy embeddings already scaled by c_in;
     c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
     segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
-    restart in each). Returns logits (B, L, V) in the compute dtype.
+    restart in each). Returns logits (B, L, V) in the compute dtype. `attention` picks the kernel for packed
+    rows: "auto" (FlexAttention on CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
     """
+
+    attention = "auto"
 
     def __init__(self, cfg):
         super().__init__()
@@ -164,7 +195,9 @@ class ScoreLM(nn.Module):
         if segment_ids is None:
             positions, mask = torch.arange(L, device=x.device).expand(B, L), None
         else:
-            positions, mask = segment_positions(segment_ids), segment_mask(segment_ids)
+            flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda)
+            positions = segment_positions(segment_ids)
+            mask = segment_block_mask(segment_ids) if flex else segment_mask(segment_ids)
         with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32
             freqs = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)

@@ -6,6 +6,7 @@
 A run started again with the same -mdir resumes from its checkpoint.
 """
 import argparse
+import contextlib
 import dataclasses
 import filecmp
 import json
@@ -23,8 +24,8 @@ from tqdm import tqdm
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
-from utils import (PRECISIONS, MetricsWriter, UsageError, autocast, die, ema_update, load_checkpoint,
-                   load_state_dict_strict, lr_at, masked_mean, resolve_device, save_checkpoint, seed_all)
+from utils import (PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast, die, distributed_setup,
+                   ema_update, load_checkpoint, load_state_dict_strict, lr_at, save_checkpoint, seed_all)
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     opt.add_argument("--max_steps", type=int, help="optimiser steps; the cosine decay ends here (default 100000)")
     opt.add_argument("--precision", choices=PRECISIONS, default="fp32",
                      help="autocast precision of the network (fp16 adds a gradient scaler); process maths stay fp32")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the network for training")
     opt.add_argument("--max_bad_steps", type=int, default=10,
                      help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
@@ -95,6 +97,8 @@ def parse_args(argv=None):
     run.add_argument("--sample_interval", type=int, help="steps between printed samples (default 1000; 0: never)")
     run.add_argument("--sample_steps", type=int, default=100, help="Euler steps for the printed samples")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show the progress bar")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write the metrics to MODEL_DIR/tensorboard (needs the tensorboard package)")
     args = p.parse_args(argv)
     if args.demo:
         apply_demo_defaults(args)
@@ -153,12 +157,13 @@ def apply_demo_defaults(args):
             setattr(args, name, value)
 
 
-def build_loader(args, tokenizer):
-    """Batches of packed rows from the corpus's token cache (built here on the first run over it)."""
+def build_loader(args, tokenizer, rank=0, world_size=1):
+    """Batches of packed rows from the corpus's token cache (built here on the first run over it); with
+    several processes, this rank's rows of each global batch."""
     cache = load_corpus(args.data_path, tokenizer, args.cache_dir, args.encoding_errors, progress=args.progress)
     rows = PackedRows(cache, args.sequence_length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
                       seed=args.seed, expand_prob=args.expand_prob)
-    return PackedBatches(rows, args.batch_size, args.num_workers)
+    return PackedBatches(rows, args.batch_size, args.num_workers, rank, world_size)
 
 
 def build_model(args, vocab_size, device):
@@ -166,6 +171,28 @@ def build_model(args, vocab_size, device):
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob)
     return ScoreLM(cfg).to(device)
+
+
+class TrainingForward(torch.nn.Module):
+    """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
+    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask) -> (ce (B, L), logits)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, sigma, noise, segment_ids, cond_mask):
+        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True)
+
+
+def training_runner(model, args, world_size=1):
+    """What the training steps call: TrainingForward(model), in DistributedDataParallel with several processes,
+    compiled with --compile (rows have one fixed shape, so it compiles once). Weights, EMA and checkpoints
+    always come from `model` itself."""
+    runner = TrainingForward(model)
+    if world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    return torch.compile(runner, dynamic=False) if args.compile else runner
 
 
 def build_optimizer(model, args):
@@ -191,21 +218,26 @@ class Diverged(Exception):
     """Too many optimiser steps in a row had a non-finite loss or gradient; the last checkpoint is intact."""
 
 
-def train_step(model, batch, args, device, scaler):
-    """Forward (under the run's autocast) and backward of one micro-batch. Returns device tensors: the mean
-    masked cross-entropy (nats), the number of loss positions whose argmax is right, and of loss positions."""
+def loss_targets(batch):
+    """Positions whose cross-entropy is trained: in a packed sequence and not conditioned. (B, L) bool."""
+    return (batch["segment_ids"] > 0) & ~batch["cond_mask"]
+
+
+def train_step(model, runner, batch, args, device, scaler, weight):
+    """Forward (under the run's autocast) and backward of one micro-batch, the summed masked cross-entropy
+    multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss position of the
+    step). Returns device tensors: summed cross-entropy (nats), right argmax predictions, loss positions."""
     ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
     per_token = bool(torch.rand(()) < args.multilevel_prob)
     sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
     with autocast(device, args.precision):
-        ce, logits = score_interpolation_loss(model, ids, sigma, noise, segment_ids, cond_mask,
-                                              return_logits=True)  # (B, L), (B, L, V) float32
+        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask)  # (B, L), (B, L, V) float32
     targets = (segment_ids > 0) & ~cond_mask
-    loss = masked_mean(ce, targets)
-    scaler.scale(loss / args.accumulation_steps).backward()
+    ce_sum = (ce * targets).sum()
+    scaler.scale(ce_sum * weight).backward()
     correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
-    return loss.detach(), correct, targets.sum()
+    return ce_sum.detach(), correct, targets.sum()
 
 
 def print_samples(model, tokenizer, args, device, step):
@@ -223,7 +255,7 @@ def print_samples(model, tokenizer, args, device, step):
 
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
-             "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep", "max_bad_steps"}
+             "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep", "max_bad_steps"}
 
 
 def rng_state():
@@ -242,12 +274,21 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args):
+def gathered_rng_states(world_size):
+    """Every rank's rng_state(), in rank order (a list of one in a single process)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args, rng_states):
     """Everything to resume or sample, as a plain dict of tensors, numbers, strings and lists."""
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args), "data_state": loader.state_dict(),
-            "rng": rng_state()}
+            "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args),
+            "data_state": loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states}
 
 
 def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
@@ -286,7 +327,11 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
+    ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
+    if len(ranks) != loader.world_size:
+        print(f"warning: the run had {len(ranks)} processes, now {loader.world_size}: the data position continues, "
+              "the noise is drawn afresh", file=sys.stderr)
+    set_rng_state(ranks[loader.rank] if len(ranks) == loader.world_size else ranks[0])
     return checkpoint["step"]
 
 
@@ -343,32 +388,41 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step):
+def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner=None):
     """One optimiser step over args.accumulation_steps micro-batches: gradients unscaled (fp16), clipped, checked,
-    then the AdamW update and the EMAs. A step whose loss or gradient is not finite changes neither weights, EMA,
+    then the AdamW update and the EMAs; `runner` (default: training_runner(model, args)) is what the forward
+    calls. A step whose loss or gradient is not finite changes neither weights, EMA,
     optimizer state nor (the caller's) schedule. Returns (status, stats): status "applied", "overflow" (fp16:
     finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of device tensors (loss,
     correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    stats = {"loss": torch.zeros((), device=device), "correct": 0, "targets": 0, "lr": lr, "tokens": 0, "text": 0,
-             "slots": 0}
-    for _ in range(args.accumulation_steps):
-        batch = next(loader)
-        real = batch["segment_ids"] > 0  # on the host: counting it needs no device sync
+    runner = training_runner(model, args) if runner is None else runner
+    batches = [next(loader) for _ in range(args.accumulation_steps)]
+    stats = {"lr": lr, "tokens": 0, "text": 0, "slots": 0}
+    for batch in batches:  # counted on the host: no device sync
+        real = batch["segment_ids"] > 0
         stats["tokens"] += int(real.sum())
         stats["text"] += int((real & (batch["ids"] != loader.rows.pad_id)).sum())
         stats["slots"] += batch["ids"].numel()
-        loss, correct, targets = train_step(model, batch, args, device, scaler)
-        stats["loss"] += loss / args.accumulation_steps
-        stats["correct"] += correct
-        stats["targets"] += targets
+    # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
+    targets = all_reduce_sum(torch.tensor(float(sum(int(loss_targets(b).sum()) for b in batches)), device=device))
+    weight = loader.world_size / targets.clamp_min(1.0)
+    sums = torch.zeros(2, device=device)  # summed cross-entropy, right predictions
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or loader.world_size == 1 else runner.no_sync():
+            ce_sum, correct, _ = train_step(model, runner, batch, args, device, scaler, weight)
+        sums += torch.stack([ce_sum, correct.float()])
+    all_reduce_sum(sums)
+    stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=targets)
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))
-    finite_loss = bool(torch.isfinite(stats["loss"]))  # the host syncs of a step: whether to apply it
-    status = "applied" if finite_loss and bool(torch.isfinite(stats["grad_norm"])) else \
+    # the one host sync of a step: whether to apply it (the metrics stay on the device until a log line)
+    finite_loss, finite_grad = torch.isfinite(torch.stack([stats["loss"], stats["grad_norm"].float()])).tolist()
+    status = "applied" if finite_loss and finite_grad else \
         "overflow" if finite_loss and args.precision == "fp16" else "bad"
     if status == "applied":
         scaler.step(optimizer)
@@ -411,16 +465,19 @@ class IntervalMetrics:
         return line
 
 
-def train(model, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop):
-    """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals.
-    Returns the step reached (earlier than max_steps if `stop` was requested). Raises Diverged after
-    args.max_bad_steps steps in a row with a non-finite loss or gradient (nothing is saved then)."""
-    metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"))
-    bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress, dynamic_ncols=True)
+def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop):
+    """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals (logs and
+    samples on rank 0 only). `runner` is what the forward calls (DDP, compiled). Returns the step reached
+    (earlier than max_steps if `stop` was requested on any rank). Raises Diverged after args.max_bad_steps steps
+    in a row with a non-finite loss or gradient (nothing is saved then)."""
+    main_rank = loader.rank == 0
+    metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), tensorboard=args.tensorboard) \
+        if main_rank else None
+    bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and main_rank), dynamic_ncols=True)
     interval, bad_in_a_row = IntervalMetrics(device), 0
     model.train()
-    while step < args.max_steps and not stop.requested:
-        status, stats = optimizer_step(model, optimizer, scaler, emas, loader, args, device, step)
+    while step < args.max_steps and not stop_agreed(stop, loader.world_size, device):
+        status, stats = optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner)
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
@@ -436,14 +493,27 @@ def train(model, optimizer, scaler, emas, loader, tokenizer, args, device, step,
         bar.update(1)
         if step % args.log_interval == 0 or step == args.max_steps:
             line = interval.line(step, stats["lr"], loader.epoch)
+            line["tokens_per_s"] *= loader.world_size  # every rank trains on as many rows
             bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
-            metrics_file.write(**line)
+            if main_rank:
+                metrics_file.write(**line)
         if step % args.save_interval == 0:
             save(step)
-        if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps:
+        if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps and main_rank:
             print_samples(model, tokenizer, args, device, step)
     bar.close()
+    if metrics_file:
+        metrics_file.close()
     return step
+
+
+def stop_agreed(stop, world_size, device):
+    """Whether a stop was requested here or, with several processes, on any rank (they must stop together)."""
+    if world_size == 1:
+        return stop.requested is not None
+    flag = all_reduce_sum(torch.tensor(float(stop.requested is not None), device=device))
+    stop.requested = stop.requested or ("a signal on another rank" if flag > 0 else None)
+    return stop.requested is not None
 
 
 def keep_recent(path, step, keep):
@@ -462,38 +532,67 @@ def keep_recent(path, step, keep):
         os.remove(os.path.join(folder, old))
 
 
+def barrier(world_size):
+    """Wait for every rank (a no-op in a single process)."""
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
 def main(argv=None):
-    """Train (or resume) the run described by `argv`; raises UsageError on bad input."""
+    """Train (or resume) the run described by `argv`, in this process or as one rank of torchrun; raises
+    UsageError on bad input."""
     args = parse_args(argv)
-    seed_all(args.seed)
-    device = resolve_device(args.device)
+    rank, world_size, device = distributed_setup(args.device)
+    try:
+        run(args, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank, world_size, device):
+    """main() once the process (group) is set up: rank 0 builds the token cache and writes every file."""
+    seed_all(args.seed)  # the same initial weights on every rank
     tokenizer = Tokenizer(args.spm_model)
-    loader = build_loader(args, tokenizer)
-    prepare_model_dir(args, args.spm_model)
+    if rank > 0:
+        barrier(world_size)  # rank 0 builds the cache (and the model folder) first
+    loader = build_loader(args, tokenizer, rank, world_size)
+    if rank == 0:
+        prepare_model_dir(args, args.spm_model)
+        barrier(world_size)
     model = build_model(args, tokenizer.vocab_size, device)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
+    if world_size > 1:
+        torch.manual_seed(args.seed + 1_000_003 * rank)  # each rank draws its own noise levels and noise
     path = os.path.join(args.model_dir, CHECKPOINT)
     step = restore(load_checkpoint(path), path, model, emas, optimizer, scaler, loader, args) \
         if os.path.exists(path) else 0
-    write_run_files(args, model)
-    corpus = loader.rows.cache.meta
-    print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}; "
-          f"{corpus['examples']:,} examples, {corpus['tokens']:,} tokens; "
-          f"{'resuming at step ' + str(step) if step else 'starting'}", file=sys.stderr)
+    runner = training_runner(model, args, world_size)
+    if rank == 0:
+        write_run_files(args, model)
+        corpus = loader.rows.cache.meta
+        print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters on {device}"
+              f"{f' x {world_size} processes' if world_size > 1 else ''}; {corpus['examples']:,} examples, "
+              f"{corpus['tokens']:,} tokens; {'resuming at step ' + str(step) if step else 'starting'}",
+              file=sys.stderr)
 
     def save(at_step):
-        save_checkpoint(checkpoint_dict(model, emas, optimizer, scaler, at_step, loader, args), path)
-        if args.keep:
-            keep_recent(path, at_step, args.keep)
+        states = gathered_rng_states(world_size)
+        if rank == 0:
+            save_checkpoint(checkpoint_dict(model, emas, optimizer, scaler, at_step, loader, args, states), path)
+            if args.keep:
+                keep_recent(path, at_step, args.keep)
 
     try:
         with StopOnSignal() as stop:
-            step = train(model, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop)
+            step = train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop)
             save(step)
     finally:
         loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
+    if rank > 0:
+        return
     if stop.requested:
         print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
     elif args.demo or args.sample_interval:

@@ -53,6 +53,27 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
+def distributed_setup(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL with one GPU per rank (LOCAL_RANK) on CUDA,
+    else gloo; returns (rank, world_size, device). A single process returns (0, 1, resolve_device(name))."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over the ranks in place (a no-op in a single process); returns it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 def append_dims(x, ndim):
     """Append trailing singleton dimensions to `x` until it has `ndim` dimensions (k-diffusion's helper)."""
     missing = ndim - x.ndim
@@ -119,14 +140,33 @@ def load_state_dict_strict(module, state_dict, what):
 
 
 class MetricsWriter:
-    """Append-only JSON-lines log: one object per call to `write`, flushed at once."""
+    """Append-only JSON-lines log: one object per call to `write`, flushed at once; with `tensorboard`, the
+    numbers also go to a TensorBoard folder beside the file, keyed by "step".
 
-    def __init__(self, path):
-        self.path = path
+    Raises UsageError if tensorboard is asked for and the package is not installed.
+    """
+
+    def __init__(self, path, tensorboard=False):
+        self.path, self.board = path, None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
 
     def write(self, **metrics):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self.board is not None:
+            for key, value in metrics.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, metrics["step"])
+            self.board.flush()
+
+    def close(self):
+        if self.board is not None:
+            self.board.close()
 
 
 def masked_mean(values, mask):

@@ -35,22 +35,24 @@ def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_pat
         saved[checkpoint["step"]] = path
 
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    straight = run_train(corpus_file, spm_path, tmp_path / "straight", "--max_steps", "6", "--save_interval", "3")
-    assert sorted(saved) == [3, 6]
-    # a run stopped after step 3: its folder holds the step-3 checkpoint; starting it again resumes
+    every_step = ["--max_steps", "20", "--save_interval", "10", "--log_interval", "1"]
+    straight = run_train(corpus_file, spm_path, tmp_path / "straight", *every_step)
+    assert sorted(saved) == [10, 20]
+    # a run stopped after step 10: its folder holds the step-10 checkpoint; starting it again resumes
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    shutil.copyfile(tmp_path / "step3.pt", stopped / "ckpt.pt")
+    shutil.copyfile(tmp_path / "step10.pt", stopped / "ckpt.pt")
     shutil.copyfile(tmp_path / "straight" / "tokenizer.model", stopped / "tokenizer.model")
-    resumed = run_train(corpus_file, spm_path, stopped, "--max_steps", "6", "--save_interval", "3")
-    assert resumed["step"] == straight["step"] == 6
+    resumed = run_train(corpus_file, spm_path, stopped, *every_step)
+    assert resumed["step"] == straight["step"] == 20
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     for name, tensor in straight["ema"]["0.999"].items():
         torch.testing.assert_close(resumed["ema"]["0.999"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert resumed["data_state"] == straight["data_state"]
-    losses = lambda d: [line for line in open(d / "metrics.jsonl")]  # noqa: E731
-    assert len(losses(tmp_path / "straight")) == 3 and len(losses(stopped)) == 2
+    losses = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert len(losses(tmp_path / "straight")) == 20 and len(losses(stopped)) == 10
+    assert losses(stopped) == pytest.approx(losses(tmp_path / "straight")[10:], abs=1e-6)  # at every step
 
 
 def test_tiny_model_overfits_a_handful_of_lines(tmp_path, wordnet_lines, spm_path):
@@ -171,6 +173,16 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, corpus_file, sp
     assert step >= 1
     resumed = run_train(corpus_file, spm_path, model_dir, "--max_steps", str(step + 2))
     assert resumed["step"] == step + 2
+
+
+def test_a_compiled_run_leaves_a_checkpoint_the_plain_model_loads(tmp_path, corpus_file, spm_path, monkeypatch):
+    real_compile = torch.compile  # the eager backend: the same wrapping, without minutes of code generation
+    monkeypatch.setattr(train.torch, "compile", lambda module, **kw: real_compile(module, backend="eager", **kw))
+    model_dir = tmp_path / "run"
+    checkpoint = run_train(corpus_file, spm_path, model_dir, "--max_steps", "2", "--compile")
+    assert not any("_orig_mod" in name or name.startswith("model.") for name in checkpoint["model"])
+    model, _, _ = sample.load_model(str(model_dir))
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path, corpus_file, spm_path):

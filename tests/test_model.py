@@ -18,8 +18,10 @@ def test_segment_mask_compares_identities_not_lengths():
     assert torch.equal(mask, expected)
 
 
-def test_packed_sequence_gives_the_output_it_gives_alone():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_packed_sequence_gives_the_output_it_gives_alone(attention):
     model = small_model(vocab_size=50).eval()
+    model.attention = attention  # the FlexAttention BlockMask (CUDA's kernel) must keep the same rule
     lengths = [5, 7, 7, 3]  # two of equal length, as in the original's bug
     xs = [torch.randn(1, n, 16) for n in lengths]
     c_noises = [torch.rand(1, n) for n in lengths]

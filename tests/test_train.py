@@ -68,9 +68,9 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp
     saved = load_checkpoint(str(model_dir / "ckpt.pt"))
     real_step = train.train_step
 
-    def nan_step(model, batch, args, device, scaler):
-        loss, correct, targets = real_step(model, batch, args, device, scaler)
-        return loss * float("nan"), correct, targets
+    def nan_step(model, runner, batch, args, device, scaler, weight):
+        ce_sum, correct, targets = real_step(model, runner, batch, args, device, scaler, weight)
+        return ce_sum * float("nan"), correct, targets
     monkeypatch.setattr(train, "train_step", nan_step)
     with pytest.raises(train.Diverged, match="3 steps in a row had a non-finite loss or gradient at step 2"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "6", "--max_bad_steps", "3")
@@ -123,3 +123,21 @@ def test_a_write_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
     assert load_checkpoint(path)["step"] == 1
+
+
+def test_plot_and_tensorboard_read_the_metrics(tmp_path, corpus_file, spm_path):
+    pytest.importorskip("matplotlib")  # optional for users; .ci/run installs it so that this runs
+    pytest.importorskip("tensorboard")
+    import plot
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "4", "--tensorboard")
+    plot.main(["-mdir", str(model_dir)])
+    with open(model_dir / "metrics.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(model_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    (model_dir / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(UsageError, match=r"metrics.jsonl:2: not JSON"):
+        plot.main(["-mdir", str(model_dir)])

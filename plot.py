@@ -1,0 +1,69 @@
+"""Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG.
+
+    python plot.py -mdir out [-o out/metrics.png]
+
+Needs matplotlib (pip install matplotlib), which training does not.
+"""
+import argparse
+import json
+import os
+
+from utils import UsageError, die
+
+
+def read_metrics(path):
+    """The objects of a metrics.jsonl file, in order. Raises UsageError naming the file and line for a missing
+    file, a line that is not JSON, or a file without any line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no metrics there (train.py writes them every --log_interval steps)")
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
+    if not lines:
+        raise UsageError(f"{path}: no metrics yet")
+    return lines
+
+
+def plot(lines, out_path, title):
+    """Loss (nats) and accuracy against step, one panel each, written to out_path."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plot.py needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, label in ((axes[0], "loss", "loss (nats)"), (axes[1], "accuracy", "accuracy")):
+        points = [(line["step"], line[key]) for line in lines if key in line]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Read -mdir's metrics.jsonl and write the PNG; raises UsageError on bad input."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
+    p.add_argument("-o", "--output", help="PNG to write (default: MODEL_DIR/metrics.png)")
+    args = p.parse_args(argv)
+    out_path = args.output or os.path.join(args.model_dir, "metrics.png")
+    plot(read_metrics(os.path.join(args.model_dir, "metrics.jsonl")), out_path, args.model_dir)
+    print(out_path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        die(str(e))

@@ -1,0 +1,55 @@
+"""Run by test_distributed.py under torchrun with 2 processes: the DDP gradient of one global batch must equal
+the single-process gradient of the same rows. Writes "max abs difference" to the file named last."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from data import Tokenizer  # noqa: E402
+
+
+class GradientCapture(torch.optim.SGD):
+    """An optimizer whose step keeps the gradients instead of applying them."""
+
+    def step(self, closure=None):
+        self.grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()  # frozen: rotary
+                      for group in self.param_groups for p in group["params"]]
+
+
+def gradient(args, tokenizer, rank, world_size):
+    torch.manual_seed(0)
+    model = train.build_model(args, tokenizer.vocab_size, torch.device("cpu"))
+    optimizer = GradientCapture(model.parameters(), lr=0.0)
+    loader = train.build_loader(args, tokenizer, rank, world_size)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    runner = train.training_runner(model, args, world_size)
+    train.optimizer_step(model, optimizer, scaler, {}, loader, args, torch.device("cpu"), 0, runner)
+    loader.close()
+    return optimizer.grads
+
+
+def main(corpus, spm, cache_dir, out):
+    torch.distributed.init_process_group("gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # one noise level, no noise: the loss depends on the rows alone, whichever process computes it
+    train.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
+    train.torch.randn = lambda *shape, **kwargs: torch.zeros(*shape)
+    flags = ["-d", corpus, "-spm", spm, "-mdir", "unused", "--cache_dir", cache_dir, "-dim", "32", "-nl", "2",
+             "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0"]
+    tokenizer = Tokenizer(spm)
+    distributed = gradient(train.parse_args(flags + ["-bsz", "4"]), tokenizer, rank, world_size)
+    if rank == 0:  # the same global batch (2 micro-batches of 8 rows) in one process
+        torch.distributed.destroy_process_group()
+        single = gradient(train.parse_args(flags + ["-bsz", "8"]), tokenizer, 0, 1)
+        difference = max(float((a - b).abs().max()) for a, b in zip(distributed, single))
+        scale = max(float(b.abs().max()) for b in single)
+        with open(out, "w") as f:
+            f.write(f"{difference} {scale}\n")
+    else:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
