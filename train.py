@@ -293,7 +293,11 @@ def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args, rng_stat
 
 def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     """Load a checkpoint's state into the run; returns the step to continue from. Raises UsageError if the
-    model flags differ; warns about other changed flags and EMA rates."""
+    model flags differ; warns (on rank 0) about other changed flags and EMA rates."""
+    def warn(message):
+        if loader.rank == 0:
+            print(f"warning: {message}", file=sys.stderr)
+
     config = dataclasses.asdict(model.cfg)
     if checkpoint["config"] != config:
         changed = {k: (v, config.get(k)) for k, v in checkpoint["config"].items() if config.get(k) != v}
@@ -306,32 +310,32 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
         raise UsageError(f"--seed {args.seed}: the run was started with --seed {checkpoint['args']['seed']}, "
                          "which fixes its data order; resume with the same seed")
     if "max_steps" in changed:
-        print(f"warning: the cosine decay now ends at step {args.max_steps}, not {checkpoint['args']['max_steps']}; "
-              "the learning rate follows the new schedule from here", file=sys.stderr)
+        warn(f"the cosine decay now ends at step {args.max_steps}, not {checkpoint['args']['max_steps']}; "
+             "the learning rate follows the new schedule from here")
     if "expand_prob" in changed and checkpoint["data_state"]["row"]:
-        print("warning: --expand_prob changed: the data stream continues at the start of the next chunk of "
-              "examples (the rest of the current one was packed with the old value)", file=sys.stderr)
+        warn("--expand_prob changed: the data stream continues at the start of the next chunk of "
+             "examples (the rest of the current one was packed with the old value)")
     if changed:
-        print(f"warning: resuming with changed flags (checkpoint, now): {changed}", file=sys.stderr)
+        warn(f"resuming with changed flags (checkpoint, now): {changed}")
     for rate, ema in emas.items():
         source = checkpoint["ema"].get(str(rate))
         if source is None:
-            print(f"warning: EMA {rate} is new in this run and starts from the step-{checkpoint['step']} weights",
-                  file=sys.stderr)
+            warn(f"EMA {rate} is new in this run and starts from the step-{checkpoint['step']} weights")
         for name, tensor in (source or checkpoint["model"]).items():
             ema[name].copy_(tensor)
     dropped = sorted(set(checkpoint["ema"]) - {str(r) for r in emas})
     if dropped:
-        print(f"warning: EMA rates {dropped} are not continued and will not be in the next checkpoint",
-              file=sys.stderr)
+        warn(f"EMA rates {dropped} are not continued and will not be in the next checkpoint")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         scaler.load_state_dict(checkpoint["scaler"])
     ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
-    if len(ranks) != loader.world_size:
-        print(f"warning: the run had {len(ranks)} processes, now {loader.world_size}: the data position continues, "
-              "the noise is drawn afresh", file=sys.stderr)
-    set_rng_state(ranks[loader.rank] if len(ranks) == loader.world_size else ranks[0])
+    if len(ranks) == loader.world_size:
+        set_rng_state(ranks[loader.rank])
+    else:  # a new generator per rank and step: each rank still draws its own noise
+        warn(f"the run had {len(ranks)} processes, now {loader.world_size}: the data position continues, each "
+             f"step now takes {args.batch_size * loader.world_size} rows, and the noise is drawn afresh")
+        seed_all(args.seed + 1_000_003 * loader.rank + 7919 * checkpoint["step"])
     return checkpoint["step"]
 
 
@@ -481,7 +485,7 @@ def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, devic
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
-            if status == "bad":
+            if status == "bad" and main_rank:
                 tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, step skipped "
                            f"({bad_in_a_row} in a row of at most {args.max_bad_steps})", file=sys.stderr)
             if bad_in_a_row >= args.max_bad_steps:
