@@ -77,8 +77,8 @@ def bench_train(args):
     """Training throughput in real (non-fill) tokens/s over --steps after --warmup steps, model FLOP/s at
     6 N_mm + 12 layers D T_att per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's
     peak where known, and peak memory (MB; CUDA: allocated, else the process's resident set)."""
-    targs = train.parse_args(args.train_flags + ["-d", args.data_path, "-spm", args.spm_model, "-mdir", "unused",
-                                                 "--no-progress", "--sample_interval", "0", "-ema", ""])
+    targs = train.parse_args(args.train_flags + ["-mdir", "unused", "--no-progress", "--sample_interval", "0",
+                                                 "-ema", ""])
     seed_all(targs.seed)
     device = resolve_device(targs.device)
     tokenizer = Tokenizer(targs.spm_model)
@@ -144,10 +144,8 @@ def parse_args(argv=None):
                    help="invalid UTF-8 in the corpus: strict stops with its line number, replace uses U+FFFD")
     d.add_argument("--seed", type=int, default=0, help="data order")
     t = sub.add_parser("train", help="training tokens/s, FLOP/s, MFU and peak memory; other flags go to train.py",
-                       epilog="Any train.py flag (--preset, -bsz, -slen, --precision, --compile, --device, ...) "
-                              "may follow; they are passed on.")
-    t.add_argument("-d", "--data_path", required=True, help="corpus, one example a line")
-    t.add_argument("-spm", "--spm_model", required=True, help="SentencePiece model")
+                       epilog="-d and -spm, and any train.py flag (--preset, -dim, -bsz, -slen, --precision, "
+                              "--compile, --device, ...), are passed on to train.py's parser.")
     t.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
     t.add_argument("--steps", type=int, default=30, help="steps timed")
     for sub_parser in (d, t):

@@ -39,7 +39,7 @@ def plot(lines, out_path, title):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key, label in ((axes[0], "loss", "loss (nats)"), (axes[1], "accuracy", "accuracy")):
-        points = [(line["step"], line[key]) for line in lines if key in line]
+        points = [(line["step"], line[key]) for line in lines if key in line and "step" in line]
         if points:
             ax.plot(*zip(*points))
         ax.set_xlabel("step")
@@ -55,9 +55,13 @@ def main(argv=None):
     """Read -mdir's metrics.jsonl and write the PNG; raises UsageError on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
-    p.add_argument("-o", "--output", help="PNG to write (default: MODEL_DIR/metrics.png)")
+    p.add_argument("-o", "--output", help="image to write, .png, .pdf or .svg (default: MODEL_DIR/metrics.png)")
     args = p.parse_args(argv)
     out_path = args.output or os.path.join(args.model_dir, "metrics.png")
+    if os.path.splitext(out_path)[1].lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"-o {out_path}: give a file name ending in .png, .pdf or .svg")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
     plot(read_metrics(os.path.join(args.model_dir, "metrics.jsonl")), out_path, args.model_dir)
     print(out_path)
 

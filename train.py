@@ -24,8 +24,9 @@ from tqdm import tqdm
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
-from utils import (PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast, die, distributed_setup,
-                   ema_update, load_checkpoint, load_state_dict_strict, lr_at, save_checkpoint, seed_all)
+from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast, die,
+                   distributed_setup, ema_update, load_checkpoint, load_state_dict_strict, lr_at, save_checkpoint,
+                   seed_all)
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
@@ -333,8 +334,9 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     if len(ranks) == loader.world_size:
         set_rng_state(ranks[loader.rank])
     else:  # a new generator per rank and step: each rank still draws its own noise
-        warn(f"the run had {len(ranks)} processes, now {loader.world_size}: the data position continues, each "
-             f"step now takes {args.batch_size * loader.world_size} rows, and the noise is drawn afresh")
+        warn(f"the run had {len(ranks)} process(es), now {loader.world_size}: the data position continues, each "
+             f"step now takes {args.batch_size * loader.world_size} rows (-bsz is per process) with the same "
+             "learning rate, and the noise is drawn afresh, so the run no longer matches an uninterrupted one")
         seed_all(args.seed + 1_000_003 * loader.rank + 7919 * checkpoint["step"])
     return checkpoint["step"]
 
@@ -359,6 +361,15 @@ def prepare_model_dir(args, tokenizer_path):
                              "was started with")
         if not os.path.exists(copy):
             shutil.copyfile(tokenizer_path, copy)
+        kept = sorted(f for f in os.listdir(args.model_dir) if re.fullmatch(r"ckpt-\d{8}\.pt", f))
+        if kept and not os.path.exists(os.path.join(args.model_dir, CHECKPOINT)):
+            raise UsageError(f"-mdir {args.model_dir}: holds {kept[-1]} and others but no {CHECKPOINT}; copy the one "
+                             f"to resume from to {CHECKPOINT}, or train in another folder")
+        metrics = os.path.join(args.model_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and not os.path.exists(os.path.join(args.model_dir, CHECKPOINT)):
+            os.replace(metrics, metrics + ".old")  # a run that never saved: its lines would mix with this one's
+            print(f"warning: {metrics} of an earlier run without a checkpoint moved to metrics.jsonl.old",
+                  file=sys.stderr)
     except OSError as e:
         raise UsageError(f"-mdir {args.model_dir}: {e.strerror}") from None
 
@@ -489,8 +500,10 @@ def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, devic
                 tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, step skipped "
                            f"({bad_in_a_row} in a row of at most {args.max_bad_steps})", file=sys.stderr)
             if bad_in_a_row >= args.max_bad_steps:
-                raise Diverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient at step {step}; "
-                               "the last checkpoint is intact (try a lower -lr, or --precision fp32)")
+                saved = os.path.exists(os.path.join(args.model_dir, CHECKPOINT))
+                raise Diverged(f"{bad_in_a_row} attempts in a row at step {step + 1} had a non-finite loss or "
+                               f"gradient; {'the last checkpoint is intact' if saved else 'no checkpoint was written'}"
+                               " (try a lower -lr, or --precision fp32)")
             continue
         bad_in_a_row, step = 0, step + 1
         interval.add(stats)
@@ -549,6 +562,12 @@ def main(argv=None):
     rank, world_size, device = distributed_setup(args.device)
     try:
         run(args, rank, world_size, device)
+    except RuntimeError as e:
+        if rank == 0:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"rank {rank}: stopped, another rank failed first ({first})", file=sys.stderr)
+        raise SystemExit(1)
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
@@ -571,8 +590,14 @@ def run(args, rank, world_size, device):
     if world_size > 1:
         torch.manual_seed(args.seed + 1_000_003 * rank)  # each rank draws its own noise levels and noise
     path = os.path.join(args.model_dir, CHECKPOINT)
-    step = restore(load_checkpoint(path), path, model, emas, optimizer, scaler, loader, args) \
+    resume_keys = CHECKPOINT_KEYS + ("optimizer", "ema", "args", "data_state", "rng")
+    step = restore(load_checkpoint(path, needs=resume_keys), path, model, emas, optimizer, scaler, loader, args) \
         if os.path.exists(path) else 0
+    if step >= args.max_steps:
+        if rank == 0:
+            print(f"{path}: the run is at step {step}, --max_steps is {args.max_steps}: nothing to train",
+                  file=sys.stderr)
+        return
     runner = training_runner(model, args, world_size)
     if rank == 0:
         write_run_files(args, model)

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import pickle
 import random
 import sys
+import warnings
 
 import torch
 
@@ -115,27 +117,43 @@ def save_checkpoint(checkpoint, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+CHECKPOINT_KEYS = ("model", "config", "sampling", "step")
+
+
+def load_checkpoint(path, map_location="cpu", needs=CHECKPOINT_KEYS):
     """Load a checkpoint written by save_checkpoint with weights_only=True (no pickled code runs).
 
-    Raises UsageError naming `path` if it is missing or not a loadable checkpoint.
+    Raises UsageError naming `path` if it is missing, empty or cut short, carries pickled objects other than
+    tensors and plain data (refused before anything in it runs), or is not a dict with the keys in `needs`.
     """
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first_line})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickles; the error below says enough
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path}: refused: it holds pickled objects other than tensors and plain data, which "
+                         "could run code when loaded") from None
+    except Exception as e:  # torch raises several types for files that are empty, cut short or foreign
+        raise UsageError(f"{path}: empty, cut short or not a torch checkpoint ({type(e).__name__})") from None
+    missing = [key for key in needs if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
+    return checkpoint
 
 
 def load_state_dict_strict(module, state_dict, what):
     """module.load_state_dict(strict=True), but a mismatch raises UsageError listing the missing and
     unexpected keys of `what` (a checkpoint path and entry) instead of a long traceback."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise UsageError(f"{what}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    shapes = [f"{k} {tuple(state_dict[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+              if not torch.is_tensor(state_dict[k]) or state_dict[k].shape != v.shape]
+    if shapes:
+        raise UsageError(f"{what}: tensors of other shapes than the model's: {'; '.join(shapes[:5])}")
     module.load_state_dict(state_dict, strict=True)
 
 

@@ -72,7 +72,8 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp
         ce_sum, correct, targets = real_step(model, runner, batch, args, device, scaler, weight)
         return ce_sum * float("nan"), correct, targets
     monkeypatch.setattr(train, "train_step", nan_step)
-    with pytest.raises(train.Diverged, match="3 steps in a row had a non-finite loss or gradient at step 2"):
+    with pytest.raises(train.Diverged, match="3 attempts in a row at step 3 had a non-finite loss or gradient; "
+                                             "the last checkpoint is intact"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "6", "--max_bad_steps", "3")
     kept = load_checkpoint(str(model_dir / "ckpt.pt"))
     assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in saved["model"].items())
@@ -98,18 +99,28 @@ class CreatesAFile:
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     target = tmp_path / "pwned"
     torch.save({"model": {}, "payload": CreatesAFile(str(target))}, tmp_path / "evil.pt")
-    with pytest.raises(UsageError, match="evil.pt: not a loadable checkpoint"):
+    with pytest.raises(UsageError, match="evil.pt: refused: it holds pickled objects"):
         load_checkpoint(str(tmp_path / "evil.pt"))
     assert not target.exists()
 
 
-def test_missing_or_unexpected_tensors_are_refused_by_name():
+def test_missing_unexpected_or_misshapen_tensors_are_refused_by_name(tmp_path):
     model = small_model()
     state = model.state_dict()
     state.pop("logit_bias")
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(UsageError, match=r"missing \['logit_bias'\], unexpected \['extra.weight'\]"):
         load_state_dict_strict(model, state, "ckpt.pt [model]")
+    state = model.state_dict()
+    state["logit_bias"] = torch.zeros(3)
+    with pytest.raises(UsageError, match=r"logit_bias \(3,\) for \(8000,\)"):
+        load_state_dict_strict(model, state, "ckpt.pt [model]")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")  # another tool's plain state dict
+    with pytest.raises(UsageError, match="bare.pt: not a checkpoint of this project"):
+        load_checkpoint(str(tmp_path / "bare.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match="empty.pt: empty, cut short"):
+        load_checkpoint(str(tmp_path / "empty.pt"))
 
 
 def test_a_write_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -122,7 +133,7 @@ def test_a_write_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, mon
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, needs=("step",))["step"] == 1
 
 
 def test_plot_and_tensorboard_read_the_metrics(tmp_path, corpus_file, spm_path):
@@ -141,3 +152,37 @@ def test_plot_and_tensorboard_read_the_metrics(tmp_path, corpus_file, spm_path):
     (model_dir / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(UsageError, match=r"metrics.jsonl:2: not JSON"):
         plot.main(["-mdir", str(model_dir)])
+
+
+def test_a_folder_of_kept_checkpoints_without_ckpt_pt_is_not_silently_restarted(tmp_path, corpus_file, spm_path,
+                                                                               capsys):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "3", "--save_interval", "1", "--keep", "2")
+    os.remove(model_dir / "ckpt.pt")
+    with pytest.raises(UsageError, match="holds ckpt-00000003.pt and others but no ckpt.pt"):
+        run_train(corpus_file, spm_path, model_dir, "--max_steps", "5", "--keep", "2")
+    # a run that died before its first save: its metrics are moved aside, not mixed with the next run's
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    run_train(corpus_file, spm_path, fresh, "--max_steps", "2")
+    assert [json.loads(line)["step"] for line in open(fresh / "metrics.jsonl")] == [2]
+    assert (fresh / "metrics.jsonl.old").read_text() == '{"step": 7, "loss": 1.0}\n'
+    capsys.readouterr()
+    run_train(corpus_file, spm_path, fresh, "--max_steps", "1")
+    assert "the run is at step 2, --max_steps is 1: nothing to train" in capsys.readouterr().err
+
+
+def test_bench_passes_every_train_flag_on(tmp_path):
+    import bench
+    args = bench.parse_args(["train", "-d", "c.txt", "-spm", "m.model", "-dim", "32", "-dop", "0.1", "--json"])
+    assert args.json and args.train_flags == ["-d", "c.txt", "-spm", "m.model", "-dim", "32", "-dop", "0.1"]
+
+
+def test_plot_refuses_an_output_it_cannot_write(tmp_path):
+    import plot
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(UsageError, match="ending in .png, .pdf or .svg"):
+        plot.main(["-mdir", str(tmp_path), "-o", str(tmp_path / "curves.jpgg")])
+    with pytest.raises(UsageError, match="no folder"):
+        plot.main(["-mdir", str(tmp_path), "-o", str(tmp_path / "missing" / "curves.png")])
