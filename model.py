@@ -4,6 +4,7 @@ No loss, schedule, sampling or I/O here; diffusion.py wraps this network with th
 Shapes: B batch, L length, E embedding dim, D model dim, H heads, V vocabulary.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,25 @@ def segment_block_mask(segment_ids):
 
 
 _compiled_flex_attention = None
+_flex_checked = {}  # device -> whether FlexAttention ran there and agreed with SDPA
+
+
+@torch.compiler.disable
+def flex_attention_works(device):
+    """Whether compiled FlexAttention runs on `device` and gives SDPA's output on a small packed example; checked
+    once per device (a GPU whose torch lacks a working FlexAttention falls back to SDPA with a warning)."""
+    if device not in _flex_checked:
+        try:
+            segment_ids = torch.tensor([[1] * 40 + [2] * 60 + [0] * 28], device=device)
+            q, k, v = (torch.randn(1, 2, 128, 16, device=device) for _ in range(3))
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(segment_ids))
+            got = packed_attention(q, k, v, segment_block_mask(segment_ids))
+            _flex_checked[device] = bool(torch.allclose(got, expected, atol=1e-3))
+        except Exception:  # no kernel for this device or torch build
+            _flex_checked[device] = False
+        if not _flex_checked[device]:
+            warnings.warn(f"FlexAttention is unavailable or disagrees with SDPA on {device}; using SDPA")
+    return _flex_checked[device]
 
 
 def packed_attention(q, k, v, mask):
@@ -195,7 +215,8 @@ class ScoreLM(nn.Module):
         if segment_ids is None:
             positions, mask = torch.arange(L, device=x.device).expand(B, L), None
         else:
-            flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda)
+            flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda
+                                                and flex_attention_works(x.device))
             positions = segment_positions(segment_ids)
             mask = segment_block_mask(segment_ids) if flex else segment_mask(segment_ids)
         with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32

@@ -36,6 +36,8 @@ PRESETS = {
                   warmup_steps=500),
     "base": dict(model_dim=512, num_layers=8, num_heads=8, embedding_dim=128, batch_size=256, learning_rate=1e-4,
                  warmup_steps=10000),
+    "large": dict(model_dim=768, num_layers=14, num_heads=12, embedding_dim=128, batch_size=128, learning_rate=1e-4,
+                  warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
 }
 SAMPLE_PROMPTS = ["", "", "the", "a person who"]
 CHECKPOINT = "ckpt.pt"

@@ -61,3 +61,18 @@ def test_embeddings_are_normalised_to_sqrt_dim():
 def test_config_refuses_heads_that_do_not_divide_the_width():
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(model_dim=30, num_heads=4)
+
+
+def test_flex_attention_self_check_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "_flex_checked", {})
+    assert model.flex_attention_works(torch.device("cpu"))  # agrees with SDPA where it runs
+    monkeypatch.setattr(model, "_flex_checked", {})
+
+    def broken(q, k, v, mask):
+        if not isinstance(mask, torch.Tensor):
+            raise RuntimeError("no kernel for this device")
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    monkeypatch.setattr(model, "packed_attention", broken)
+    with pytest.warns(UserWarning, match="using SDPA"):
+        assert not model.flex_attention_works(torch.device("cpu"))
