@@ -57,6 +57,8 @@ def main(argv=None):
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-o", "--output", help="image to write, .png, .pdf or .svg (default: MODEL_DIR/metrics.png)")
     args = p.parse_args(argv)
+    if not os.path.isdir(args.model_dir):
+        raise UsageError(f"-mdir {args.model_dir}: no such folder")
     out_path = args.output or os.path.join(args.model_dir, "metrics.png")
     if os.path.splitext(out_path)[1].lower() not in (".png", ".pdf", ".svg"):
         raise UsageError(f"-o {out_path}: give a file name ending in .png, .pdf or .svg")

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
 from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
 from model import ModelConfig, ScoreLM
-from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast, die,
-                   distributed_setup, ema_update, load_checkpoint, load_state_dict_strict, lr_at, save_checkpoint,
-                   seed_all)
+from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast,
+                   check_state_dict, die, distributed_setup, ema_update, load_checkpoint, load_state_dict_strict,
+                   lr_at, save_checkpoint, seed_all)
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
@@ -307,6 +307,8 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
         raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
     loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before any warning
+    if checkpoint["step"] >= args.max_steps:
+        return checkpoint["step"]  # nothing to train: the caller says so, without warnings about the flags
     changed = {k: (v, vars(args).get(k)) for k, v in checkpoint["args"].items()
                if k not in RUN_FLAGS and vars(args).get(k) != v}
     if "seed" in changed:
@@ -320,6 +322,8 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
              "examples (the rest of the current one was packed with the old value)")
     if changed:
         warn(f"resuming with changed flags (checkpoint, now): {changed}")
+    for rate, source in checkpoint["ema"].items():
+        check_state_dict(checkpoint["model"], source, f"{path} [ema {rate}]")
     for rate, ema in emas.items():
         source = checkpoint["ema"].get(str(rate))
         if source is None:
@@ -330,6 +334,9 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     if dropped:
         warn(f"EMA rates {dropped} are not continued and will not be in the next checkpoint")
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for param, state in optimizer.state.items():
+        if any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
+            raise UsageError(f"{path} [optimizer]: moment tensors of other shapes than their parameters")
     if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         scaler.load_state_dict(checkpoint["scaler"])
     ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
@@ -369,8 +376,9 @@ def prepare_model_dir(args, tokenizer_path):
                              f"to resume from to {CHECKPOINT}, or train in another folder")
         metrics = os.path.join(args.model_dir, "metrics.jsonl")
         if os.path.exists(metrics) and not os.path.exists(os.path.join(args.model_dir, CHECKPOINT)):
-            os.replace(metrics, metrics + ".old")  # a run that never saved: its lines would mix with this one's
-            print(f"warning: {metrics} of an earlier run without a checkpoint moved to metrics.jsonl.old",
+            old = next(name for name in (f"{metrics}.old{n or ''}" for n in range(10**6)) if not os.path.exists(name))
+            os.replace(metrics, old)  # a run that never saved: its lines would mix with this one's
+            print(f"warning: {metrics} of an earlier run without a checkpoint moved to {os.path.basename(old)}",
                   file=sys.stderr)
     except OSError as e:
         raise UsageError(f"-mdir {args.model_dir}: {e.strerror}") from None

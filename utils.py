@@ -146,7 +146,15 @@ def load_checkpoint(path, map_location="cpu", needs=CHECKPOINT_KEYS):
 def load_state_dict_strict(module, state_dict, what):
     """module.load_state_dict(strict=True), but a mismatch raises UsageError listing the missing and
     unexpected keys of `what` (a checkpoint path and entry) instead of a long traceback."""
-    expected = module.state_dict()
+    check_state_dict(module.state_dict(), state_dict, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(expected, state_dict, what):
+    """Raise UsageError naming `what` unless `state_dict` has exactly the keys of `expected`, each a tensor of
+    the same shape."""
+    if not isinstance(state_dict, dict):
+        raise UsageError(f"{what}: not a dict of tensors")
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise UsageError(f"{what}: keys do not match the model (missing {missing}, unexpected {unexpected})")
@@ -154,7 +162,6 @@ def load_state_dict_strict(module, state_dict, what):
               if not torch.is_tensor(state_dict[k]) or state_dict[k].shape != v.shape]
     if shapes:
         raise UsageError(f"{what}: tensors of other shapes than the model's: {'; '.join(shapes[:5])}")
-    module.load_state_dict(state_dict, strict=True)
 
 
 class MetricsWriter:
