@@ -192,10 +192,3 @@ class MetricsWriter:
     def close(self):
         if self.board is not None:
             self.board.close()
-
-
-def masked_mean(values, mask):
-    """Mean of `values` over the positions where `mask` is True; 0 (not NaN) when there are none.
-    values and mask of one shape; returns a 0-dim tensor of values' dtype."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
