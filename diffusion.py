@@ -99,7 +99,8 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
         sigma = sigma.masked_fill(cond_mask, 0.0)
     x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
     logits = network_logits(model, x, sigma, segment_ids, sigma_data)  # (B, L, V)
-    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)  # softmax over
+    # the contiguous last dimension: on the CPU about twice as fast as over dim 1 of a transposed view
     return (ce, logits) if return_logits else ce
 
 
