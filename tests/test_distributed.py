@@ -11,7 +11,7 @@ from test_cli import TINY
 
 
 def torchrun(*args, timeout=180):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
