@@ -427,7 +427,7 @@ class PackedRows(torch.utils.data.IterableDataset):
     tensors as collate_rows returns).
     """
 
-    def __init__(self, cache, seq_len, bos_id, eos_id, pad_id, seed=0, expand_prob=0.5, buffer_size=8192,
+    def __init__(self, cache, seq_len, bos_id, eos_id, pad_id, seed=0, expand_prob=0.1, buffer_size=8192,
                  first_chunk=0):
         self.cache, self.seq_len, self.bos_id, self.eos_id, self.pad_id = cache, seq_len, bos_id, eos_id, pad_id
         self.seed, self.expand_prob, self.buffer_size, self.first_chunk = seed, expand_prob, buffer_size, first_chunk

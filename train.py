@@ -221,9 +221,9 @@ class Diverged(Exception):
     """Too many optimiser steps in a row had a non-finite loss or gradient; the last checkpoint is intact."""
 
 
-def loss_targets(batch):
+def loss_targets(segment_ids, cond_mask):
     """Positions whose cross-entropy is trained: in a packed sequence and not conditioned. (B, L) bool."""
-    return (batch["segment_ids"] > 0) & ~batch["cond_mask"]
+    return (segment_ids > 0) & ~cond_mask
 
 
 def train_step(model, runner, batch, args, device, scaler, weight):
@@ -236,7 +236,7 @@ def train_step(model, runner, batch, args, device, scaler, weight):
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
     with autocast(device, args.precision):
         ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask)  # (B, L), (B, L, V) float32
-    targets = (segment_ids > 0) & ~cond_mask
+    targets = loss_targets(segment_ids, cond_mask)
     ce_sum = (ce * targets).sum()
     scaler.scale(ce_sum * weight).backward()
     correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
@@ -432,7 +432,8 @@ def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, r
         stats["text"] += int((real & (batch["ids"] != loader.rows.pad_id)).sum())
         stats["slots"] += batch["ids"].numel()
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
-    targets = all_reduce_sum(torch.tensor(float(sum(int(loss_targets(b).sum()) for b in batches)), device=device))
+    local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # on the host
+    targets = all_reduce_sum(torch.tensor(float(local), device=device))
     weight = loader.world_size / targets.clamp_min(1.0)
     sums = torch.zeros(2, device=device)  # summed cross-entropy, right predictions
     for i, batch in enumerate(batches):
@@ -472,9 +473,7 @@ class IntervalMetrics:
         self.started = time.perf_counter()
 
     def add(self, stats):
-        self.sums += torch.stack([stats["loss"], torch.as_tensor(stats["correct"], device=self.device).float(),
-                                  torch.as_tensor(stats["targets"], device=self.device).float(),
-                                  stats["grad_norm"].float()])
+        self.sums += torch.stack([stats["loss"], stats["correct"], stats["targets"], stats["grad_norm"].float()])
         self.steps, self.tokens = self.steps + 1, self.tokens + stats["tokens"]
         self.text, self.slots = self.text + stats["text"], self.slots + stats["slots"]
 
