@@ -66,6 +66,16 @@ class Tokenizer:
             raise ValueError(f"token ids outside the vocabulary of {self.vocab_size}: {bad[:5]}")
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
 
+    def decode_sample(self, ids, held):
+        """Text of a sample whose `held` positions (list of bool) were given: every held token is kept, each
+        generated span is cut at its first eos (the model ended the text there); then as decode."""
+        kept, ended = [], False
+        for i, is_held in zip(ids, held):
+            ended = not is_held and (ended or int(i) == self.eos_id)
+            if not ended:
+                kept.append(i)
+        return self.decode([i for i in kept if int(i) != self.eos_id])
+
 
 BOM = "\ufeff"
 ENCODING_ERRORS = ("strict", "replace")
@@ -400,20 +410,60 @@ def collate_rows(rows, seq_len, pad_id):
             "cond_mask": torch.from_numpy(cond_mask)}
 
 
-def prompt_rows(tokenizer, prompts, n, length):
-    """Rows to fill: each prompt (bos + its tokens, no eos) repeated n times and held, the rest free.
-    Returns ids (B, L) int64 and cond_mask (B, L) bool, B = n * len(prompts).
-    Raises UsageError if a prompt leaves no position to generate."""
-    ids = torch.full((n * len(prompts), length), tokenizer.pad_id, dtype=torch.long)
-    cond_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for p, prompt in enumerate(prompts):
-        prefix = tokenizer.encode(prompt, eos=False)
-        if len(prefix) >= length:
-            raise UsageError(f"--prompt {prompt!r}: {len(prefix)} tokens with bos leave nothing of --length {length}")
-        rows = slice(p * n, (p + 1) * n)
-        ids[rows, :len(prefix)] = torch.tensor(prefix)
-        cond_mask[rows, :len(prefix)] = True
-    return ids, cond_mask
+BLANK = re.compile(r"\[(\d+)\]")  # an infill template's blank: [n], n tokens to generate
+
+
+def parse_template(template, where="--infill"):
+    """The pieces of an infill template: held text (str) and blanks (int, how many tokens to generate there),
+    e.g. "the [5] of the [3]" -> ["the", 5, "of the", 3]. Text next to a blank is tokenised as a word of its
+    own. Raises UsageError naming `where` (a flag or file:line) if there is no blank or a blank of 0 tokens."""
+    pieces = []
+    for k, part in enumerate(BLANK.split(template)):  # text, count, text, count, ..., text
+        if k % 2 == 0:
+            if part.strip():
+                pieces.append(part.strip())
+        elif int(part) < 1:
+            raise UsageError(f"{where} {template!r}: a blank asks for at least one token, not [{part}]")
+        else:
+            pieces.append(int(part))
+    if not any(isinstance(piece, int) for piece in pieces):
+        raise UsageError(f"{where} {template!r}: no blank to fill; mark how many tokens go where, "
+                         "as in 'the [5] of the [3]'")
+    return pieces
+
+
+def sample_layout(tokenizer, pieces, length=None, suffix=None, where="--prompt"):
+    """One sample's token ids and held flags, two lists as long as the sample: bos, then the pieces in order
+    (str: its tokens, held; int n: n free positions; None, last: free positions up to `length` tokens in all),
+    then with a `suffix` (str) its tokens and eos, held at the end. Raises UsageError naming `where` if the
+    held tokens leave no free position."""
+    tail = [] if suffix is None else tokenizer.encode(suffix, bos=False, eos=True)
+    ids, held = [tokenizer.bos_id], [True]
+    for piece in pieces:
+        if isinstance(piece, str):
+            text = tokenizer.encode(piece, bos=False, eos=False)
+            ids, held = ids + text, held + [True] * len(text)
+        else:
+            n = length - len(ids) - len(tail) if piece is None else piece
+            ids, held = ids + [tokenizer.pad_id] * max(n, 0), held + [False] * max(n, 0)
+    ids, held = ids + tail, held + [True] * len(tail)
+    if all(held):
+        raise UsageError(f"{where}: {len(ids)} held tokens (bos, text{', suffix and eos' if tail else ''}) leave "
+                         f"nothing to generate{f' in --length {length}' if length else ''}")
+    return ids, held
+
+
+def sample_rows(layouts, pad_id):
+    """A batch of sample layouts (ids, held) as tensors, L the longest: ids (B, L) int64, cond_mask (B, L) bool,
+    and segment_ids (B, L) int64, 1 on each sample and 0 on the held padding after a shorter one (so that the
+    sample never attends to it), or None when all samples have one length."""
+    L = max(len(ids) for ids, _ in layouts)
+    ids = torch.full((len(layouts), L), pad_id, dtype=torch.long)
+    cond_mask = torch.ones_like(ids, dtype=torch.bool)
+    segment_ids = torch.zeros_like(ids)
+    for b, (row, held) in enumerate(layouts):
+        ids[b, :len(row)], cond_mask[b, :len(row)], segment_ids[b, :len(row)] = torch.tensor(row), torch.tensor(held), 1
+    return ids, cond_mask, None if bool(segment_ids.all()) else segment_ids
 
 
 class PackedRows(torch.utils.data.IterableDataset):

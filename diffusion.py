@@ -5,13 +5,17 @@ and the samplers. The network is received as an argument (anything with `embed`,
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
 at its clean embedding). Process maths runs in float32 whatever the network's precision.
 """
+import math
+from dataclasses import dataclass, fields, replace
+
 import torch
 import torch.nn.functional as F
 
-from utils import append_dims
+from utils import append_dims, autocast
 
 SIGMA_DATA = 1.0  # normalised embeddings of norm sqrt(E) have unit variance per coordinate
 SIGMA_FLOOR = 1e-3  # sigma = 0 has ln(sigma) = -inf; the network sees conditioned positions at this level
+SAMPLING_RHO = 7.0  # the sampling grid's default spacing (Karras et al. 2022); training keeps its own rho
 
 
 def rho_schedule(u, sigma_min, sigma_max, rho):
@@ -19,22 +23,6 @@ def rho_schedule(u, sigma_min, sigma_max, rho):
     (Karras et al. 2022, eq. 5; rho = 1 is linear in sigma, as the original project trains)."""
     inv_rho = 1.0 / rho
     return (sigma_max ** inv_rho + u * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
-
-
-def sigma_grid(steps, sigma_min, sigma_max, rho):
-    """The sampling grid of Karras et al. (2022) eq. 5: (steps + 1,) float32 from sigma_max down to sigma_min,
-    then a final 0. Raises ValueError if steps < 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    u = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
-    return torch.cat([rho_schedule(u, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]).float()
-
-
-def uniform_schedule(grid, cond_mask):
-    """Per-token schedule in which every free position follows `grid` (N + 1,) and every conditioned
-    position stays at 0: cond_mask (B, L) bool -> sigmas (N + 1, B, L) float32."""
-    sigmas = grid.to(cond_mask.device)[:, None, None].expand(-1, *cond_mask.shape)
-    return sigmas.masked_fill(cond_mask, 0.0)
 
 
 def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None):
@@ -57,7 +45,7 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
     skip connection would mix the noisy input into it. The one boundary condition they impose, D(x; 0) = x,
     is kept by `denoise`.
     """
-    sigma = sigma.float()
+    sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))  # float64 stays float64
     c_in = torch.rsqrt(sigma ** 2 + sigma_data ** 2)
     c_noise = sigma.clamp_min(SIGMA_FLOOR).log() / 4
     return c_in, c_noise
@@ -66,7 +54,7 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
 def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
     """The preconditioned network: logits (B, L, V) float32 for noisy embeddings x (B, L, E) at levels sigma (B, L)."""
     c_in, c_noise = edm_preconditioning(sigma, sigma_data)
-    return model(append_dims(c_in, x.ndim) * x, c_noise, segment_ids).float()
+    return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids).float()
 
 
 def score_interpolation(logits, x, sigma, table):
@@ -111,65 +99,237 @@ def ode_derivative(x, denoised, sigma):
     return torch.where(sigma > 0, (x - denoised) / sigma.clamp_min(SIGMA_FLOOR), torch.zeros_like(x))
 
 
-@torch.no_grad()
-def sample_euler(denoiser, x, sigmas):
-    """Euler steps of the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the Heun correction).
+# Samplers: one step each, taking every position from its own sigma to its own sigma_next (both (B, L),
+# sigma_next <= sigma); a position whose level does not change (conditioned at 0, or held back by a schedule)
+# keeps its x. One signature: step(denoiser, x, sigma, sigma_next, noise) -> x at sigma_next, where
+# denoiser(x, sigma) -> D(x; sigma) and noise() -> fresh standard normal noise shaped like x (B, L, E).
+# Adding a sampler is adding a function here and its name to SAMPLERS.
 
-    denoiser(x, sigma) -> denoised; x (B, L, E) float32 at noise level sigmas[0]; sigmas (N + 1, B, L)
-    per-token levels, non-increasing, ending at 0. Returns x (B, L, E) at sigmas[-1].
+
+@torch.no_grad()
+def euler_step(denoiser, x, sigma, sigma_next, noise):
+    """Euler step of the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the correction).
+    One network evaluation."""
+    d = ode_derivative(x, denoiser(x, sigma), sigma)
+    return x + append_dims(sigma_next - sigma, x.ndim) * d
+
+
+@torch.no_grad()
+def heun_step(denoiser, x, sigma, sigma_next, noise):
+    """Heun's second-order step (Karras et al. 2022, Algorithm 1): the Euler step, then the mean of the slopes
+    at both ends. A position stepping into sigma = 0 keeps the Euler step, since the slope there would divide by
+    zero. Two network evaluations; one when every sigma_next is 0."""
+    dt = append_dims(sigma_next - sigma, x.ndim)
+    d = ode_derivative(x, denoiser(x, sigma), sigma)
+    x_euler = x + dt * d
+    corrected = sigma_next > 0
+    if not corrected.any():
+        return x_euler
+    d_next = ode_derivative(x_euler, denoiser(x_euler, sigma_next), sigma_next)
+    return torch.where(append_dims(corrected, x.ndim), x + dt * (d + d_next) / 2, x_euler)
+
+
+@torch.no_grad()
+def stochastic_step(denoiser, x, sigma, sigma_next, noise, steps=1, S_churn=0.0, S_tmin=0.0, S_tmax=math.inf,
+                    S_noise=1.0):
+    """EDM's stochastic step (Karras et al. 2022, Algorithm 2): a moving position with S_tmin <= sigma <= S_tmax
+    is first raised to sigma_hat = (1 + gamma) sigma by fresh noise of scale S_noise sqrt(sigma_hat^2 - sigma^2),
+    gamma = min(S_churn / steps, sqrt(2) - 1); then a Heun step goes from sigma_hat to sigma_next. S_churn = 0
+    gives heun_step. Two network evaluations."""
+    gamma = min(S_churn / steps, math.sqrt(2) - 1)
+    churn = (sigma_next < sigma) & (sigma >= S_tmin) & (sigma <= S_tmax)
+    sigma_hat = torch.where(churn, sigma * (1 + gamma), sigma)
+    x_hat = x + append_dims((sigma_hat ** 2 - sigma ** 2).sqrt(), x.ndim) * S_noise * noise()
+    return heun_step(denoiser, x_hat, sigma_hat, sigma_next, noise)
+
+
+@torch.no_grad()
+def iterative_step(denoiser, x, sigma, sigma_next, noise):
+    """The original project's re-noising sampler: jump to the denoiser's estimate of the clean embeddings, then
+    add fresh noise of level sigma_next to it (the estimate itself at sigma_next = 0). One network evaluation."""
+    denoised = denoiser(x, sigma)
+    moving = append_dims(sigma_next < sigma, x.ndim)
+    return torch.where(moving, denoised + append_dims(sigma_next, x.ndim) * noise(), x)
+
+
+SAMPLERS = {"euler": euler_step, "heun": heun_step, "stochastic": stochastic_step, "iterative": iterative_step}
+
+
+@dataclass
+class ScheduleState:
+    """What a per-token schedule may read about the rows being sampled, all (B, L): `free` (bool) positions
+    being generated; `rank` (float32) each free position's place in its row, 0 for the first, 1 for the last;
+    `t` (float64) each position's progress, 0 at sigma_max and 1 at sigma_min; and after the first network
+    evaluation `confidence` (float) the top probability of each position's latest prediction, `argmax` (int64)
+    its token, `stable` (bool) whether that argmax equals the one of the evaluation before. `u` is the uniform
+    progress so far, a float in [0, 1]."""
+    free: torch.Tensor
+    rank: torch.Tensor
+    t: torch.Tensor
+    u: float = 0.0
+    confidence: torch.Tensor = None
+    argmax: torch.Tensor = None
+    stable: torch.Tensor = None
+
+    @classmethod
+    def start(cls, cond_mask):
+        """Every position at progress 0 (sigma_max): cond_mask (B, L) bool -> state."""
+        free = ~cond_mask
+        rank = (free.cumsum(dim=1) - 1).clamp_min(0) / (free.sum(dim=1, keepdim=True) - 1).clamp_min(1)
+        return cls(free, rank.float(), torch.zeros(free.shape, dtype=torch.float64, device=free.device))
+
+    def select(self, keep):
+        """The state of the rows `keep` (B,) bool alone."""
+        return replace(self, **{f.name: getattr(self, f.name)[keep] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+# Per-token schedules: schedule(u, state) -> t (B, L), every position's progress after the step that brings
+# the uniform progress to u in (0, 1] (state.u before it). Progress becomes sigma through rho_schedule.
+# advance() keeps each position monotone and puts every one at sigma_min when u = 1, so a schedule only
+# decides who moves how far. Adding one is adding a function here, its name to SCHEDULES, and its flags to
+# sample.py's build_schedule.
+
+
+def uniform_schedule(u, state):
+    """Every position at progress u: one shared grid (Karras et al. 2022, eq. 5 with the run's rho)."""
+    return torch.full_like(state.t, u)
+
+
+def ar_schedule(u, state, skew=1.0):
+    """Left to right, after AR-Diffusion (Wu et al. 2023, section 3: earlier tokens at lower noise): the free
+    position of rank r in [0, 1] is at progress (1 + skew) u - skew r, clipped to [0, 1]. Every position crosses
+    the whole range in 1 / (1 + skew) of the steps: the first free one from the start to u = 1 / (1 + skew), the
+    last from u = skew / (1 + skew) to the end. skew = 0 gives uniform_schedule."""
+    return ((1 + skew) * u - skew * state.rank.to(state.t.dtype)).clamp(0.0, 1.0)
+
+
+def confidence_schedule(u, state, threshold=0.9, patience=0.5):
+    """Adaptive, confident positions first (the original project's proposal): a position whose latest
+    prediction is confident (top probability >= threshold) and stable (same argmax at the last two evaluations)
+    advances at 1 / (1 - patience) times the uniform pace; the others wait until a deadline, which leaves
+    sigma_max at u = patience and reaches sigma_min at u = 1 at that same pace, carries them along. Each position
+    thus descends at one pace over (1 - patience) of the steps, starting when it turns confident or when the
+    deadline reaches it. patience in [0, 1); 0 gives uniform_schedule."""
+    deadline = min(max((u - patience) / (1 - patience), 0.0), 1.0)
+    if state.confidence is None:
+        return torch.full_like(state.t, deadline)
+    ready = state.stable & (state.confidence >= threshold)
+    return (state.t + ready * (u - state.u) / (1 - patience)).clamp_min(deadline)
+
+
+SCHEDULES = {"uniform": uniform_schedule, "ar": ar_schedule, "confidence": confidence_schedule}
+
+
+def advance(schedule, u, state):
+    """Every position's progress (B, L) float64 after the step to uniform progress u: the schedule's, never
+    behind where the position was, and 1 (sigma_min) for all when u = 1."""
+    if u >= 1.0:
+        return torch.ones_like(state.t)
+    return torch.maximum(schedule(u, state).to(state.t.dtype), state.t).clamp_max(1.0)
+
+
+def noise_levels(t, free, sigma_min, sigma_max, rho, dtype=torch.float32):
+    """Per-token sigma (B, L) `dtype` at progress t (B, L): rho_schedule on free positions, 0 on the others."""
+    return torch.where(free, rho_schedule(t, sigma_min, sigma_max, rho), 0.0).to(dtype)
+
+
+def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho):
+    """The levels (steps + 1, B, L) float32 that `schedule` gives a batch, step by step: sigma_max on free
+    positions at first, sigma_min at index steps - 1 (for steps >= 2), then 0; 0 throughout on conditioned ones.
+    For a schedule that reads predictions (confidence) these are the levels when no position turns confident.
+    Raises ValueError if steps < 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    state = ScheduleState.start(cond_mask)
+    levels = [noise_levels(state.t, state.free, sigma_min, sigma_max, rho)]
+    for i in range(1, steps):
+        state.t, state.u = advance(schedule, i / (steps - 1), state), i / (steps - 1)
+        levels.append(noise_levels(state.t, state.free, sigma_min, sigma_max, rho))
+    return torch.stack(levels + [torch.zeros_like(levels[0])])
+
+
+@torch.no_grad()
+def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sigma_max, rho, segment_ids=None,
+             early_exit=None, exit_confidence=0.5, precision="fp32", dtype=torch.float32, callback=None,
+             sigma_data=SIGMA_DATA):
+    """Sample the free positions of a batch; conditioned ids come back exactly as given.
+
+    ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; seeds: B ints, one noise
+    generator per row, so that a sample does not depend on its batch (EDM's StackedRandomGenerator); step: a
+    SAMPLERS function with its parameters bound; schedule: a SCHEDULES function likewise; `steps` steps on the
+    progress grid u = i / (steps - 1), the last from sigma_min to 0; segment_ids (B, L) int or None for rows
+    shorter than the batch (attention stays within equal ids). early_exit K: a row stops once its argmax tokens
+    have not changed for K steps in a row (the patience criterion of Lo Cicero Vaina et al. 2023), counting
+    only steps whose latest prediction has a mean top probability over the free positions of at least
+    exit_confidence: near sigma_max the prediction barely depends on x, so its argmax stands still long before
+    anything is decided (0 counts every step). The network runs under `precision`'s autocast; x, sigma, the
+    softmax and score interpolation in `dtype` (torch.float32 or torch.float64). callback(i, rows, tokens, sigma),
+    if given, sees every step i: the rows still sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
+
+    Each free token is the argmax of its logits at the last evaluation where its sigma was above 0 (CDCD decodes
+    the final logits; the nearest embedding to a score-interpolated mean can be a token no step predicted).
+    Returns ids (B, L) int64, and per row the network evaluations and the steps taken, each (B,) int64 on the CPU.
     """
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = ode_derivative(x, denoiser(x, sigma), sigma)
-        x = x + append_dims(sigma_next - sigma, x.ndim) * d
-    return x
+    device, (B, L), E = ids.device, ids.shape, model.cfg.embedding_dim
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    table = model.embedding_table().to(dtype)  # (V, E)
+    out, tokens = ids.clone(), ids.clone()
+    evaluations, steps_taken = torch.zeros(B, dtype=torch.long), torch.full((B,), steps, dtype=torch.long)
+    rows = torch.arange(B)  # the rows still sampling, as indices into the batch
+    state = ScheduleState.start(cond_mask)
+    unchanged = torch.zeros(B, dtype=torch.long, device=device)
 
+    # a row draws noise for its own length only, so that its stream does not depend on the longest row beside it
+    lengths = [L] * B if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
 
-@torch.no_grad()
-def sample_heun(denoiser, x, sigmas):
-    """Heun's second-order steps (Karras et al. 2022, Algorithm 1): an Euler step, then the average of the
-    slopes at both ends; positions stepping into sigma = 0 keep the Euler step (no division by zero).
-    Arguments and result as sample_euler; two network evaluations per step while any sigma_next > 0."""
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        dt = append_dims(sigma_next - sigma, x.ndim)
-        d = ode_derivative(x, denoiser(x, sigma), sigma)
-        x_euler = x + dt * d
-        if not (sigma_next > 0).any():
-            x = x_euler
-            continue
-        d_next = ode_derivative(x_euler, denoiser(x_euler, sigma_next), sigma_next)
-        x = torch.where(append_dims(sigma_next > 0, x.ndim), x + dt * (d + d_next) / 2, x_euler)
-    return x
-
-
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
-
-
-def seeded_noise(shape, seeds, device):
-    """Standard normal noise (B, *shape) with row b drawn from its own generator seeded seeds[b], so a
-    sample does not depend on the batch it is drawn in (EDM's StackedRandomGenerator)."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device)
-
-
-@torch.no_grad()
-def generate(model, sampler, ids, cond_mask, sigmas, seeds, sigma_data=SIGMA_DATA):
-    """Sample token ids for the free positions of a batch; conditioned ids come back exactly as given.
-
-    ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; sigmas (N + 1, B, L) float32
-    per-token schedule, 0 wherever cond_mask; seeds: B ints for the initial noise. Each free position's token
-    is the argmax of its logits at the last evaluation where its sigma was above 0 (CDCD decodes the final
-    logits; the nearest embedding to a score-interpolated mean can be a token no step predicted).
-    Returns ids (B, L) int64.
-    """
-    if (sigmas[:, cond_mask] != 0).any():
-        raise ValueError("conditioned positions must stay at sigma = 0 throughout the schedule")
-    tokens = ids.clone()
+    def noise():
+        rows_noise = [F.pad(torch.randn(lengths[r], E, generator=generators[r], dtype=dtype), (0, 0, 0, L - lengths[r]))
+                      for r in rows.tolist()]
+        return torch.stack(rows_noise).to(device)  # (b, L, E), the same values on every device
 
     def denoiser(x, sigma):
-        logits = network_logits(model, x, sigma, None, sigma_data)
-        tokens.copy_(torch.where(sigma > 0, logits.argmax(dim=-1), tokens))
-        return score_interpolation(logits, x, sigma, model.embedding_table())
+        with autocast(device, precision):
+            logits = network_logits(model, x, sigma, segment_ids, sigma_data)
+        probs = logits.to(dtype).softmax(dim=-1)  # (b, L, V)
+        confidence, argmax = probs.max(dim=-1)
+        state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
+        state.confidence, state.argmax = confidence, argmax
+        tokens.copy_(torch.where(sigma > 0, argmax, tokens))
+        evaluations[rows] += 1
+        return torch.where(append_dims(sigma == 0, x.ndim), x, probs @ table)
 
-    x_clean = model.embed(ids) * append_dims(cond_mask, 3)
-    sampler(denoiser, x_clean + append_dims(sigmas[0], 3) * seeded_noise(x_clean.shape[1:], seeds, ids.device), sigmas)
-    return torch.where(cond_mask, ids, tokens)
+    sigma = noise_levels(state.t, state.free, sigma_min, sigma_max, rho, dtype)
+    x = model.embed(ids).to(dtype) * append_dims(cond_mask, 3) + append_dims(sigma, 3) * noise()  # (B, L, E)
+    for i in range(steps):
+        last = i == steps - 1
+        if not last:
+            u = (i + 1) / (steps - 1)
+            t_next = advance(schedule, u, state)
+            sigma_next = noise_levels(t_next, state.free, sigma_min, sigma_max, rho, dtype)
+        else:
+            sigma_next = torch.zeros_like(sigma)
+        before = tokens.clone()
+        x = step(denoiser, x, sigma, sigma_next, noise)
+        sigma = sigma_next
+        if not last:
+            state.t, state.u = t_next, u
+        if callback is not None:
+            callback(i, rows, tokens, sigma)
+        done = torch.full_like(unchanged, last, dtype=torch.bool)
+        if early_exit:
+            changed = ((tokens != before) & state.free).any(dim=1)
+            confidence = (state.confidence * state.free).sum(dim=1) / state.free.sum(dim=1).clamp_min(1)
+            unchanged = torch.where(changed | (confidence < exit_confidence), 0, unchanged + 1)
+            done |= unchanged >= early_exit
+        if done.any():  # a host sync once a step
+            finished = rows[done.cpu()]
+            out[finished.to(device)] = torch.where(cond_mask[finished.to(device)], ids[finished.to(device)], tokens[done])
+            steps_taken[finished] = i + 1
+            keep = ~done
+            rows, x, sigma, unchanged, state = rows[keep.cpu()], x[keep], sigma[keep], unchanged[keep], state.select(keep)
+            tokens = tokens[keep]
+            segment_ids = None if segment_ids is None else segment_ids[keep]
+            if not len(rows):
+                break
+    return out, evaluations, steps_taken

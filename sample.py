@@ -1,19 +1,27 @@
-"""Sample text from a trained checkpoint; one sample a line on stdout, logs on stderr.
+"""Sample text from a trained checkpoint: one sample a line (or a JSON line) on stdout, logs on stderr.
 
-    python sample.py -mdir out [-n 8] [--steps 200] [--sampler euler|heun] [--length 64]
-                     [--prompt "text" ...] [--seed 0] [--ema RATE]
+    python sample.py -mdir out [-n 8] [--steps 200] [--sampler iterative|euler|heun|stochastic]
+                     [--schedule uniform|ar|confidence] [--length 64 | --length 16:48]
+                     [--prompt "text" ... | --prompt_file FILE | --infill "the [5] of the [3]" ...]
+                     [--suffix TEXT] [--early_exit K] [--jsonl] [--seed 0] [--ema RATE]
 
-Unconditional by default; with prompts, each prompt is continued -n times and its tokens are kept exactly.
+Unconditional by default. Prompts, templates and suffixes are held at sigma = 0, so their tokens come out exactly
+as given; each prompt or template gives -n samples.
 """
 import argparse
+import json
+import math
 import os
 import sys
+from functools import partial
 
+import numpy as np
+import torch
 
-from data import Tokenizer, prompt_rows
-from diffusion import SAMPLERS, generate, sigma_grid, uniform_schedule
+from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
+from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, ar_schedule, confidence_schedule, generate, stochastic_step
 from model import ModelConfig, ScoreLM
-from utils import UsageError, die, load_checkpoint, load_state_dict_strict, resolve_device
+from utils import PRECISIONS, UsageError, die, load_checkpoint, load_state_dict_strict, resolve_device
 
 CHECKPOINT = "ckpt.pt"
 
@@ -43,44 +51,186 @@ def load_model(model_dir, ema=None, device="cpu"):
     return model.to(device).eval(), tokenizer, checkpoint["sampling"]
 
 
+def parse_length(text):
+    """--length: "N" or a range "A:B" (each sample draws its length uniformly from A..B) -> (A, B)."""
+    try:
+        lo, _, hi = text.partition(":")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a length such as 64 or a range such as 16:48") from None
+    if not 2 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths start at 2 and a range goes up (16:48)")
+    return lo, hi
+
+
+def read_prompts(args):
+    """The prompts to sample from, as (text as given, pieces for data.sample_layout, where it came from)."""
+    if args.infill:
+        return [(t, parse_template(t, "--infill"), "--infill") for t in args.infill]
+    if args.prompt_file:
+        path = args.prompt_file
+        if not os.path.isfile(path):
+            raise UsageError(f"--prompt_file {path}: no such file")
+        prompts = []
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    text = decode_line(raw)
+                except ValueError as e:
+                    raise UsageError(f"{path}:{number}: {e}") from None
+                if text:
+                    prompts.append((text, [text, None], f"{path}:{number}"))
+        if not prompts:
+            raise UsageError(f"--prompt_file {path}: no prompt in it (one a line; blank lines are skipped)")
+        return prompts
+    return [(t, [t, None] if t else [None], f"--prompt {t!r}") for t in args.prompt]
+
+
+def build_step(args):
+    """The sampler step with its parameters bound."""
+    if args.sampler == "stochastic":
+        return partial(stochastic_step, steps=args.steps, S_churn=args.S_churn, S_tmin=args.S_tmin,
+                       S_tmax=args.S_tmax, S_noise=args.S_noise)
+    return SAMPLERS[args.sampler]
+
+
+def build_schedule(args):
+    """The per-token schedule with its parameters bound; a schedule added to diffusion.SCHEDULES gets its
+    flags here."""
+    if args.schedule == "ar":
+        return partial(ar_schedule, skew=args.skew)
+    if args.schedule == "confidence":
+        return partial(confidence_schedule, threshold=args.threshold, patience=args.patience)
+    return SCHEDULES[args.schedule]
+
+
+# Flags that belong to one sampler or schedule, with their defaults; None on the command line means "not given"
+SAMPLER_FLAGS = {"stochastic": {"S_churn": 40.0, "S_tmin": 0.0, "S_tmax": math.inf, "S_noise": 1.0}}
+SCHEDULE_FLAGS = {"ar": {"skew": 1.0}, "confidence": {"threshold": 0.9, "patience": 0.5}}
+
+
+def check_flags(p, args):
+    """Refuse flags of another sampler or schedule and out-of-range values; fill in the defaults."""
+    for kind, chosen, table in (("--sampler", args.sampler, SAMPLER_FLAGS), ("--schedule", args.schedule, SCHEDULE_FLAGS)):
+        for owner, defaults in table.items():
+            for name, default in defaults.items():
+                if owner != chosen and getattr(args, name) is not None:
+                    p.error(f"--{name} applies to {kind} {owner}, not {chosen}")
+                if getattr(args, name) is None:
+                    setattr(args, name, default)
+    if args.steps < 1 or args.num_samples < 1 or args.batch_size < 1:
+        p.error("--steps, -n and --batch_size must be at least 1")
+    if args.early_exit is not None and args.early_exit < 1:
+        p.error(f"--early_exit {args.early_exit}: must be at least 1 (steps without a change)")
+    if not 0 <= args.exit_confidence <= 1:
+        p.error(f"--exit_confidence {args.exit_confidence}: a probability in [0, 1]")
+    if not args.rho > 0:
+        p.error(f"--rho {args.rho}: must be positive")
+    if not args.skew >= 0:
+        p.error(f"--skew {args.skew}: must be 0 (uniform) or more")
+    if not 0 < args.threshold <= 1:
+        p.error(f"--threshold {args.threshold}: a probability in (0, 1]")
+    if not 0 <= args.patience < 1:
+        p.error(f"--patience {args.patience}: a share of the steps in [0, 1)")
+    if not (args.S_churn >= 0 and args.S_noise >= 0 and args.S_tmin <= args.S_tmax):
+        p.error("--S_churn and --S_noise must be 0 or more, and --S_tmin at most --S_tmax")
+    if args.infill and args.length is not None:
+        p.error("--length does not apply to --infill: the template's text and blanks fix the length")
+
+
+def sample_seed(seed, i):
+    """The noise seed of sample i of a run with --seed `seed`."""
+    return seed * 1_000_003 + i
+
+
+def sample_length(lengths, seed, i):
+    """Sample i's length: fixed, or drawn uniformly from the range by a generator of its own (seed, i)."""
+    lo, hi = lengths
+    return lo if lo == hi else int(np.random.default_rng([seed, i]).integers(lo, hi + 1))
+
+
 def main(argv=None):
-    """Print samples of the run folder given in `argv`, one a line; raises UsageError on bad input."""
+    """Print samples of the run folder given in `argv`; raises UsageError on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples (per prompt, when prompts are given)")
     p.add_argument("--steps", type=int, default=200, help="sampler steps (network evaluations for euler)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE solver (heun: two evaluations a step)")
-    p.add_argument("--length", type=int, help="tokens per sample, bos and prompt included (default: training length)")
-    p.add_argument("--prompt", nargs="+", default=[""], help="texts to continue; their tokens are kept exactly")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise; sample i depends on (seed, i) only")
+    p.add_argument("--sampler", choices=SAMPLERS, default="iterative",
+                   help="iterative (the original's: denoise, then re-noise at the next level), euler, heun (2 "
+                        "evaluations a step) or stochastic (EDM's churn, 2 a step)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
+                   help="per-token schedule: uniform (one grid), ar (left to right), confidence (adaptive)")
+    p.add_argument("--skew", type=float, help="ar: how far earlier positions run ahead (0: uniform; default 1)")
+    p.add_argument("--threshold", type=float, help="confidence: top probability at which a position may advance "
+                                                  "(default 0.9)")
+    p.add_argument("--patience", type=float, help="confidence: share of the steps an unconfident position may "
+                                                 "wait at its level before a deadline moves it (0: uniform; default 0.5)")
+    p.add_argument("--S_churn", type=float, help="stochastic: noise added a step, gamma = min(S_churn / steps, "
+                                                "sqrt(2) - 1) (default 40)")
+    p.add_argument("--S_tmin", type=float, help="stochastic: churn only at sigma >= S_tmin (default 0)")
+    p.add_argument("--S_tmax", type=float, help="stochastic: churn only at sigma <= S_tmax (default inf)")
+    p.add_argument("--S_noise", type=float, help="stochastic: scale of the churn noise (default 1)")
+    p.add_argument("--length", type=parse_length, help="tokens per sample, bos, prompt and suffix included, or a "
+                                                       "range A:B drawn per sample (default: training length)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", nargs="+", default=[""], help="texts to continue; their tokens are kept exactly")
+    source.add_argument("--prompt_file", help="a file of prompts, one a line (blank lines skipped)")
+    source.add_argument("--infill", nargs="+", help="templates with blanks, e.g. 'the [5] of the [3]': [n] is n "
+                                                    "tokens to generate; the text is kept exactly")
+    p.add_argument("--suffix", help="text held at the end of every sample, followed by eos ('' holds eos alone, "
+                                    "so that samples end cleanly)")
+    p.add_argument("--early_exit", type=int, metavar="K", help="stop a sample once its tokens have not changed "
+                                                              "for K steps")
+    p.add_argument("--exit_confidence", type=float, default=0.5,
+                   help="--early_exit counts only steps whose prediction has at least this mean top probability "
+                        "(0: every step)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise; sample i depends on (seed, i) only")
     p.add_argument("--ema", help="use the EMA weights of this rate (e.g. 0.999) instead of the raw weights")
-    p.add_argument("--rho", type=float, help="spacing of the sampling grid (default: the training rho)")
+    p.add_argument("--rho", type=float, default=SAMPLING_RHO,
+                   help="spacing of the sigma grid: 1 linear in sigma, 7 (default) more steps at low noise")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision")
+    p.add_argument("--fp64", action="store_true", help="sampling maths (x, sigma, softmax, denoiser) in float64 "
+                                                       "instead of float32")
+    p.add_argument("--jsonl", action="store_true", help="write JSON lines (sample, seed, prompt, text, ids, "
+                                                        "steps, evaluations) instead of plain text")
     p.add_argument("--batch_size", type=int, default=64, help="samples drawn at once")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.num_samples < 1 or args.batch_size < 1:
-        p.error("--steps, -n and --batch_size must be at least 1")
-    if args.length is not None and args.length < 2:
-        p.error(f"--length {args.length}: must be at least 2")
-    if args.rho is not None and not args.rho > 0:
-        p.error(f"--rho {args.rho}: must be positive")
+    check_flags(p, args)
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    length = sampling["sequence_length"] if args.length is None else args.length
-    if length > sampling["sequence_length"]:
-        print(f"warning: --length {length} is longer than the training rows ({sampling['sequence_length']}); "
+    prompts = read_prompts(args)
+    lengths = args.length or (sampling["sequence_length"],) * 2
+    if lengths[1] > sampling["sequence_length"] and not args.infill:
+        print(f"warning: --length {lengths[1]} is longer than the training rows ({sampling['sequence_length']}); "
               "positions past them were never trained", file=sys.stderr)
-    ids, cond_mask = prompt_rows(tokenizer, args.prompt, args.num_samples, length)
-    grid = sigma_grid(args.steps, sampling["sigma_min"], sampling["sigma_max"], sampling["rho"] if args.rho is None else args.rho)
-    print(f"{len(ids)} samples of {length} tokens, {args.sampler}, {args.steps} steps, "
+    layouts, sources = [], []
+    for prompt, pieces, where in prompts:
+        for _ in range(args.num_samples):
+            length = sample_length(lengths, args.seed, len(layouts))
+            layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
+            sources.append(prompt)
+    step, schedule = build_step(args), build_schedule(args)
+    print(f"{len(layouts)} samples, {args.sampler} sampler, {args.schedule} schedule, {args.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
-    for start in range(0, len(ids), args.batch_size):
-        rows = slice(start, start + args.batch_size)
-        seeds = [args.seed * 1_000_003 + i for i in range(start, min(start + args.batch_size, len(ids)))]
-        out = generate(model, SAMPLERS[args.sampler], ids[rows].to(device), cond_mask[rows].to(device),
-                       uniform_schedule(grid, cond_mask[rows]).to(device), seeds)
-        for row in out.tolist():
-            print(tokenizer.decode(row), flush=True)
+    evaluations = 0
+    for start in range(0, len(layouts), args.batch_size):
+        batch = layouts[start:start + args.batch_size]
+        ids, cond_mask, segment_ids = sample_rows(batch, tokenizer.pad_id)
+        seeds = [sample_seed(args.seed, i) for i in range(start, start + len(batch))]
+        out, evals, steps_taken = generate(
+            model, step, schedule, ids.to(device), cond_mask.to(device), seeds, args.steps, sampling["sigma_min"],
+            sampling["sigma_max"], args.rho, None if segment_ids is None else segment_ids.to(device), args.early_exit,
+            args.exit_confidence, args.precision, torch.float64 if args.fp64 else torch.float32)
+        evaluations += int(evals.sum())
+        for b, (row, (layout, held)) in enumerate(zip(out.tolist(), batch)):
+            row, i = row[:len(layout)], start + b
+            text = tokenizer.decode_sample(row, held)
+            if args.jsonl:
+                text = json.dumps({"sample": i, "seed": args.seed, "prompt": sources[i], "text": text, "ids": row,
+                                   "steps": int(steps_taken[b]), "evaluations": int(evals[b])}, ensure_ascii=False)
+            print(text, flush=True)
+    print(f"mean network evaluations per sample: {evaluations / len(layouts):.1f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, prompt_rows
-from diffusion import SAMPLERS, draw_training_sigma, generate, score_interpolation_loss, sigma_grid, uniform_schedule
+from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, sample_layout, sample_rows
+from diffusion import (SAMPLING_RHO, draw_training_sigma, generate, iterative_step, score_interpolation_loss,
+                       uniform_schedule)
 from model import ModelConfig, ScoreLM
 from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast,
                    check_state_dict, die, distributed_setup, ema_update, load_checkpoint, load_state_dict_strict,
@@ -98,7 +99,7 @@ def parse_args(argv=None):
     run.add_argument("--keep", type=int, default=0,
                      help="also keep the last K checkpoints as ckpt-<step>.pt (ckpt.pt is always the latest)")
     run.add_argument("--sample_interval", type=int, help="steps between printed samples (default 1000; 0: never)")
-    run.add_argument("--sample_steps", type=int, default=100, help="Euler steps for the printed samples")
+    run.add_argument("--sample_steps", type=int, default=100, help="steps of the iterative sampler for the printed samples")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show the progress bar")
     run.add_argument("--tensorboard", action="store_true",
                      help="also write the metrics to MODEL_DIR/tensorboard (needs the tensorboard package)")
@@ -247,12 +248,13 @@ def print_samples(model, tokenizer, args, device, step):
     """Write a few samples from fixed prompts under the progress bar."""
     model.eval()
     prompts = [p for p in SAMPLE_PROMPTS if len(tokenizer.encode(p, eos=False)) < args.sequence_length]
-    ids, cond_mask = prompt_rows(tokenizer, prompts, 1, args.sequence_length)
-    grid = sigma_grid(args.sample_steps, args.sigma_min, args.sigma_max, args.rho)
-    out = generate(model, SAMPLERS["euler"], ids.to(device), cond_mask.to(device),
-                   uniform_schedule(grid, cond_mask).to(device), seeds=range(len(prompts)))
-    for row in out.tolist():
-        tqdm.write(f"[step {step}] {tokenizer.decode(row)}")
+    layouts = [sample_layout(tokenizer, [p, None], args.sequence_length) for p in prompts]
+    ids, cond_mask, _ = sample_rows(layouts, tokenizer.pad_id)
+    out, _, _ = generate(model, iterative_step, uniform_schedule, ids.to(device), cond_mask.to(device),
+                         range(len(prompts)), args.sample_steps, args.sigma_min, args.sigma_max, SAMPLING_RHO,
+                         precision=args.precision)
+    for row, (_, held) in zip(out.tolist(), layouts):
+        tqdm.write(f"[step {step}] {tokenizer.decode_sample(row, held)}")
     model.train()
 
 

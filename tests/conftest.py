@@ -56,3 +56,26 @@ def small_model(vocab_size=8000, seed=0, **kwargs):
                fourier_dim=16, time_dim=32)
     cfg.update(kwargs)
     return ScoreLM(ModelConfig(**cfg))
+
+
+TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
+        "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1"]
+
+
+def run_train(corpus, spm, model_dir, *extra):
+    """train.py on `corpus` with the TINY flags and `extra`; returns the final checkpoint."""
+    import train
+    train.main(["-d", corpus, "-spm", spm, "-mdir", str(model_dir), *TINY, *extra])
+    return torch.load(os.path.join(model_dir, "ckpt.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tmp_path_factory, wordnet_lines, spm_path):
+    """A tiny model trained to memorise four WordNet lines (about 8 s): (run folder, the four lines)."""
+    lines = wordnet_lines[:4]
+    folder = tmp_path_factory.mktemp("memorised")
+    corpus = folder / "four.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    run_train(str(corpus), spm_path, folder / "run", "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
+              "--expand_prob", "0.5", "--log_interval", "20", "-ema", "")
+    return folder / "run", lines

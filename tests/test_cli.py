@@ -11,19 +11,10 @@ import torch
 import prepare
 import sample
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY, run_train
 from data import Tokenizer
 from diffusion import network_logits
 from utils import UsageError
-
-TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
-        "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1"]
-
-
-def run_train(corpus, spm, model_dir, *extra):
-    train.main(["-d", corpus, "-spm", spm, "-mdir", str(model_dir), *TINY, *extra])
-    return torch.load(os.path.join(model_dir, "ckpt.pt"), weights_only=True)
-
 
 def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_path, corpus_file, spm_path, monkeypatch):
     saved = {}
@@ -55,14 +46,8 @@ def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_pat
     assert losses(stopped) == pytest.approx(losses(tmp_path / "straight")[10:], abs=1e-6)  # at every step
 
 
-def test_tiny_model_overfits_a_handful_of_lines(tmp_path, wordnet_lines, spm_path):
-    lines = wordnet_lines[:4]
-    corpus = tmp_path / "four.txt"
-    corpus.write_text("\n".join(lines) + "\n")
-    model_dir = tmp_path / "run"
-    run_train(str(corpus), spm_path, model_dir, "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
-              "--expand_prob", "0.5",
-              "--log_interval", "20", "-ema", "")
+def test_tiny_model_overfits_a_handful_of_lines(memorised_run):
+    model_dir, lines = memorised_run
     losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl")]
     assert losses[0] > 7 and sum(losses[-3:]) / 3 < 1.0, (losses[0], losses[-3:])
     # the trained denoiser recovers every token of the lines from sigma_min = 1
@@ -76,30 +61,6 @@ def test_tiny_model_overfits_a_handful_of_lines(tmp_path, wordnet_lines, spm_pat
     with torch.no_grad():
         predicted = network_logits(model, noisy, torch.ones(4, 32)).argmax(-1)
     assert (predicted == ids).float().mean() > 0.95
-
-
-def test_sample_keeps_prompt_text_and_writes_one_line_per_sample(tmp_path, corpus_file, spm_path, capsys):
-    model_dir = tmp_path / "run"
-    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
-    capsys.readouterr()
-    sample.main(["-mdir", str(model_dir), "-n", "3", "--steps", "4", "--prompt", "a tangible and", "the 1990s",
-                 "--sampler", "heun", "--ema", "0.9999"])
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 6
-    assert all(o.startswith("a tangible and") for o in out[:3]) and all(o.startswith("the 1990s") for o in out[3:])
-    with pytest.raises(Exception, match="has EMA rates"):
-        sample.main(["-mdir", str(model_dir), "--ema", "0.5"])
-
-
-def test_sample_is_deterministic_for_a_seed(tmp_path, corpus_file, spm_path, capsys):
-    model_dir = tmp_path / "run"
-    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
-    capsys.readouterr()
-    outs = []
-    for batch_size in ("4", "1"):
-        sample.main(["-mdir", str(model_dir), "-n", "4", "--steps", "3", "--seed", "7", "--batch_size", batch_size])
-        outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1]
 
 
 def cli(*args):

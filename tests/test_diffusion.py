@@ -3,22 +3,14 @@ import math
 import torch
 
 from conftest import small_model
-from diffusion import (denoise, draw_training_sigma, edm_preconditioning, generate, network_logits, rho_schedule,
-                       sample_euler, sample_heun, score_interpolation_loss, sigma_grid, uniform_schedule)
+from diffusion import (denoise, draw_training_sigma, edm_preconditioning, network_logits, rho_schedule,
+                       score_interpolation_loss)
 
 
-def test_rho_schedule_and_grid_endpoints():
-    assert rho_schedule(0.0, 1.0, 10.0, 7.0) == 10.0 ** 1.0 or math.isclose(rho_schedule(0.0, 1.0, 10.0, 7.0), 10.0)
+def test_rho_schedule_endpoints():
+    assert math.isclose(rho_schedule(0.0, 1.0, 10.0, 7.0), 10.0)
     assert math.isclose(rho_schedule(1.0, 1.0, 10.0, 7.0), 1.0)
     assert math.isclose(rho_schedule(0.5, 1.0, 10.0, 1.0), 5.5)  # rho = 1 is linear
-    grid = sigma_grid(5, 1.0, 10.0, 7.0)
-    assert grid.shape == (6,)
-    torch.testing.assert_close(grid[[0, 4, 5]], torch.tensor([10.0, 1.0, 0.0]))
-    assert (grid[1:] < grid[:-1]).all()
-    # EDM eq. 5 at i = 2 of N = 5
-    expected = (10 ** (1 / 7) + 2 / 4 * (1 - 10 ** (1 / 7))) ** 7
-    assert math.isclose(grid[2].item(), expected, rel_tol=1e-6)
-    torch.testing.assert_close(sigma_grid(1, 1.0, 10.0, 7.0), torch.tensor([10.0, 0.0]))
 
 
 def test_edm_preconditioning_matches_its_formulas():
@@ -77,47 +69,3 @@ def test_fully_conditioned_batch_gives_a_finite_loss_and_gradient():
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-def test_euler_step_matches_a_hand_computed_one():
-    denoiser = lambda x, sigma: 0.5 * x  # noqa: E731
-    x = torch.ones(1, 2, 3)
-    sigmas = torch.tensor([4.0, 1.0, 0.0])[:, None, None].expand(3, 1, 2)
-    # step 1: d = (x - x/2) / 4 = x/8, x <- x + (1 - 4) x/8 = 5/8 x; step 2 lands on D = 5/16
-    out = sample_euler(denoiser, x, sigmas)
-    torch.testing.assert_close(out, torch.full((1, 2, 3), 5 / 16))
-
-
-def test_heun_with_one_step_equals_euler_and_is_finite():
-    model = small_model(vocab_size=50).eval()
-    x = 10 * torch.randn(2, 6, 16)
-    sigmas = uniform_schedule(sigma_grid(1, 1.0, 10.0, 1.0), torch.zeros(2, 6, dtype=torch.bool))
-    denoiser = lambda x, sigma: denoise(model, x, sigma)  # noqa: E731
-    heun, euler = sample_heun(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas)
-    assert torch.equal(heun, euler) and torch.isfinite(heun).all()
-    sigmas = uniform_schedule(sigma_grid(8, 1.0, 10.0, 7.0), torch.zeros(2, 6, dtype=torch.bool))
-    assert torch.isfinite(sample_heun(denoiser, x, sigmas)).all()
-
-
-def test_heun_matches_a_hand_computed_step():
-    denoiser = lambda x, sigma: torch.zeros_like(x)  # noqa: E731  (d = x / sigma: the exact flow is x ~ sigma)
-    x = torch.full((1, 1, 1), 4.0)
-    sigmas = torch.tensor([4.0, 2.0, 0.0])[:, None, None]
-    # Heun is exact on x = sigma: 4 -> 2, then the Euler step into 0 gives D = 0
-    torch.testing.assert_close(sample_heun(denoiser, x, sigmas[:2]), torch.full((1, 1, 1), 2.0))
-    torch.testing.assert_close(sample_heun(denoiser, x, sigmas), torch.zeros(1, 1, 1))
-
-
-def test_generate_keeps_conditioned_tokens_exactly_for_every_sampler():
-    model = small_model(vocab_size=50).eval()
-    ids = torch.randint(0, 50, (3, 10))
-    cond = torch.zeros(3, 10, dtype=torch.bool)
-    cond[:, :4] = True
-    cond[1, 7:] = True  # a held suffix too
-    sigmas = uniform_schedule(sigma_grid(6, 1.0, 10.0, 1.0), cond)
-    assert (sigmas[:, cond] == 0).all() and (sigmas[:-1, ~cond] > 0).all()
-    for sampler in (sample_euler, sample_heun):
-        out = generate(model, sampler, ids, cond, sigmas, seeds=[0, 1, 2])
-        assert torch.equal(out[cond], ids[cond])
-        again = generate(model, sampler, ids[1:], cond[1:], sigmas[:, 1:], seeds=[1, 2])
-        assert torch.equal(again, out[1:])  # a sample depends on its seed, not its batch

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import ROOT
-from test_cli import TINY
+from conftest import TINY
 
 
 def torchrun(*args, timeout=180):

@@ -1,0 +1,154 @@
+"""sample.py end to end on a trained tiny model: prompts, infilling, suffixes, lengths, output and early exit."""
+import json
+
+import pytest
+import torch
+
+import sample
+from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
+from diffusion import euler_step, generate, uniform_schedule
+from utils import UsageError
+
+
+def run_sample(capsys, model_dir, *flags):
+    """sample.main on `model_dir` with `flags`; returns (stdout lines, stderr)."""
+    capsys.readouterr()
+    sample.main(["-mdir", str(model_dir), "--steps", "8", *flags])
+    captured = capsys.readouterr()
+    return captured.out.splitlines(), captured.err
+
+
+def records(lines):
+    return [json.loads(line) for line in lines]
+
+
+def test_parse_template_and_sample_layout(tokenizer):
+    assert parse_template("the [5] of the [3]") == ["the", 5, "of the", 3]
+    assert parse_template("[2]") == [2]
+    for bad in ("no blank here", "the [0] of"):
+        with pytest.raises(UsageError, match="--infill"):
+            parse_template(bad)
+    ids, held = sample_layout(tokenizer, ["an entity", 3, "of", 2], suffix="")
+    entity, of = tokenizer.encode("an entity", bos=False, eos=False), tokenizer.encode("of", bos=False, eos=False)
+    assert ids == [0] + entity + [2] * 3 + of + [2] * 2 + [1]
+    assert held == [True] * (1 + len(entity)) + [False] * 3 + [True] * len(of) + [False] * 2 + [True]
+    ids, held = sample_layout(tokenizer, ["an entity", None], length=10, suffix="existence")
+    suffix = tokenizer.encode("existence", bos=False, eos=True)
+    assert len(ids) == 10 and ids[-len(suffix):] == suffix and held.count(False) == 10 - 1 - len(entity) - len(suffix)
+    with pytest.raises(UsageError, match="nothing to generate"):
+        sample_layout(tokenizer, ["an entity that has physical existence", None], length=6)
+
+
+def test_sample_rows_isolate_shorter_samples_and_decode_cuts_generated_spans_only(tokenizer):
+    layouts = [([0, 2, 2], [True, False, False]), ([0, 5, 2, 2, 1], [True] * 2 + [False] * 2 + [True])]
+    ids, cond_mask, segment_ids = sample_rows(layouts, 2)
+    assert ids.tolist() == [[0, 2, 2, 2, 2], [0, 5, 2, 2, 1]]
+    assert cond_mask.tolist() == [[True, False, False, True, True], [True, True, False, False, True]]
+    assert segment_ids.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert sample_rows([([0, 2], [True, False])] * 2, 2)[2] is None
+    entity = tokenizer.encode("entity", bos=False, eos=False)
+    a, of = tokenizer.encode("a", bos=False, eos=False), tokenizer.encode("of", bos=False, eos=False)
+    # generated: "a", eos, then junk up to the held "of"; the junk after the generated eos is dropped
+    row = [0] + a + [1] + entity + of + entity + [1]
+    held = [True] + [False] * (len(a) + 1 + len(entity)) + [True] * len(of) + [False] * len(entity) + [True]
+    assert tokenizer.decode_sample(row, held) == "a of entity"
+
+
+def test_prompts_are_kept_and_each_gives_n_samples(memorised_run, capsys):
+    model_dir, _ = memorised_run
+    out, err = run_sample(capsys, model_dir, "-n", "3", "--prompt", "an entity", "a separate", "--sampler", "heun")
+    assert len(out) == 6 and "mean network evaluations per sample: 15.0" in err
+    assert all(o.startswith("an entity") for o in out[:3]) and all(o.startswith("a separate") for o in out[3:])
+    with pytest.raises(UsageError, match="has EMA rates none"):
+        sample.main(["-mdir", str(model_dir), "--ema", "0.5"])
+
+
+@pytest.mark.parametrize("sampler", ["iterative", "euler", "heun", "stochastic"])
+def test_infill_and_suffix_tokens_come_out_exactly(memorised_run, capsys, sampler):
+    model_dir, _ = memorised_run
+    tokenizer = Tokenizer(str(model_dir / "tokenizer.model"))
+    out, _ = run_sample(capsys, model_dir, "-n", "2", "--infill", "an [3] that has [4]", "--suffix", "existence",
+                        "--sampler", sampler, "--schedule", "ar", "--jsonl")
+    expected, held = sample_layout(tokenizer, ["an", 3, "that has", 4], suffix="existence")
+    for record in records(out):
+        assert len(record["ids"]) == len(expected)
+        assert [i for i, h in zip(record["ids"], held) if h] == [i for i, h in zip(expected, held) if h]
+        assert record["text"].startswith("an") and record["text"].endswith("existence") and "that has" in record["text"]
+        assert record["prompt"] == "an [3] that has [4]"
+
+
+def test_jsonl_records_and_a_suffix_of_eos_alone(memorised_run, capsys):
+    model_dir, _ = memorised_run
+    out, _ = run_sample(capsys, model_dir, "-n", "3", "--length", "12", "--suffix", "", "--jsonl", "--seed", "4")
+    for i, record in enumerate(records(out)):
+        assert set(record) == {"sample", "seed", "prompt", "text", "ids", "steps", "evaluations"}
+        assert record["sample"] == i and record["seed"] == 4 and record["steps"] == 8 and record["evaluations"] == 8
+        assert len(record["ids"]) == 12 and record["ids"][0] == 0 and record["ids"][-1] == 1
+
+
+def test_a_length_range_draws_each_length_from_the_sample_seed(memorised_run, capsys):
+    model_dir, _ = memorised_run
+    flags = ["-n", "12", "--length", "6:20", "--jsonl", "--seed", "3", "--schedule", "confidence"]
+    first = records(run_sample(capsys, model_dir, *flags, "--batch_size", "12")[0])
+    again = records(run_sample(capsys, model_dir, *flags, "--batch_size", "5")[0])
+    lengths = [len(r["ids"]) for r in first]
+    assert all(6 <= n <= 20 for n in lengths) and len(set(lengths)) > 3
+    assert first == again  # neither lengths nor tokens depend on the batch
+
+
+def test_prompt_file_one_prompt_a_line(memorised_run, capsys, tmp_path):
+    model_dir, _ = memorised_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("an entity\n\na separate\n")
+    out, _ = run_sample(capsys, model_dir, "-n", "2", "--prompt_file", str(prompts), "--jsonl")
+    assert [r["prompt"] for r in records(out)] == ["an entity"] * 2 + ["a separate"] * 2
+    assert all(r["text"].startswith(r["prompt"]) for r in records(out))
+    prompts.write_text("an entity\n" + "word " * 40 + "\n")
+    with pytest.raises(UsageError, match=r"prompts.txt:2: .* leave nothing to generate"):
+        sample.main(["-mdir", str(model_dir), "--prompt_file", str(prompts)])
+    with pytest.raises(UsageError, match="no such file"):
+        sample.main(["-mdir", str(model_dir), "--prompt_file", str(tmp_path / "none.txt")])
+
+
+def test_prompt_file_lines_are_decoded_like_the_corpus():
+    assert decode_line("\ufeff  an entity \r\n".encode()) == "an entity"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--skew", "2"], "--skew applies to --schedule ar"),
+    (["--schedule", "ar", "--threshold", "0.5"], "--threshold applies to --schedule confidence"),
+    (["--S_churn", "5"], "--S_churn applies to --sampler stochastic"),
+    (["--infill", "a [3]", "--length", "9"], "--length does not apply to --infill"),
+    (["--early_exit", "0"], "--early_exit 0"),
+    (["--schedule", "confidence", "--patience", "1"], "--patience 1.0"),
+    (["--length", "9:4"], "--length"),
+])
+def test_bad_sampling_flags_are_refused(memorised_run, capsys, flags, message):
+    model_dir, _ = memorised_run
+    with pytest.raises(SystemExit):
+        sample.main(["-mdir", str(model_dir), *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_early_exit_saves_evaluations_on_a_trained_model_and_keeps_converged_samples(memorised_run):
+    model_dir, _ = memorised_run
+    model, tokenizer, sampling = sample.load_model(str(model_dir))
+    ids, cond_mask, _ = sample_rows([sample_layout(tokenizer, [None], 24)] * 16, tokenizer.pad_id)
+    trajectory = []
+    args = (model, euler_step, uniform_schedule, ids, cond_mask, range(16), 60, sampling["sigma_min"],
+            sampling["sigma_max"], 7.0)
+    full, full_evals, _ = generate(*args, callback=lambda i, rows, tokens, sigma: trajectory.append(tokens.clone()))
+    trajectory = torch.stack(trajectory)  # (steps, B, L): every row runs to the end
+    K = 5
+    early, evals, steps = generate(*args, early_exit=K)  # counting steps with a mean top probability >= 0.5
+    assert evals.sum() < full_evals.sum()
+    converged = 0
+    for b in range(16):
+        s = int(steps[b])  # the row stopped after step s (1-based): its tokens then, unchanged for K steps before
+        assert torch.equal(early[b], trajectory[s - 1, b])
+        if s < 60:
+            assert (trajectory[s - 1 - K:s, b] == trajectory[s - 1, b]).all()
+        if (trajectory[s - 1:, b] == full[b]).all():  # nothing changed after the exit: a converged sample
+            assert torch.equal(early[b], full[b])
+            converged += 1
+    assert converged >= 1
