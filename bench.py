@@ -2,6 +2,7 @@
 
     python bench.py data -d corpus.txt -spm bpe.model [-slen 64] [-bsz 128] [--json]
     python bench.py train -d corpus.txt -spm bpe.model [--preset small] [--precision bf16] [--compile] [--json]
+    python bench.py sample [-mdir out | --preset small] [--steps 200] [-bsz 64] [-slen 64] [--json]
 """
 import argparse
 import json
@@ -10,12 +11,16 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 
+import sample
 import train
-from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus
-from utils import UsageError, die, resolve_device, seed_all
+from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, sample_rows
+from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, generate
+from model import ModelConfig, ScoreLM
+from utils import PRECISIONS, UsageError, die, keep_freed_memory, resolve_device, seed_all
 
 
 def bench_data(args):
@@ -119,6 +124,47 @@ def bench_train(args):
             "peak_memory_mb": round(memory)}
 
 
+def bench_sample(args):
+    """Sampling throughput of every sampler on -bsz unconditional rows of -slen tokens: sequences/s, network
+    evaluations/s (each one a forward pass over the batch) and evaluations per sequence, over --steps steps after
+    a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed does not depend on them; early
+    exit does)."""
+    device = resolve_device(args.device)
+    if args.model_dir:
+        model, _, sampling = sample.load_model(args.model_dir, device=device)
+        sigma_min, sigma_max, what = sampling["sigma_min"], sampling["sigma_max"], args.model_dir
+    else:
+        seed_all(0)
+        shape = {k: v for k, v in train.PRESETS[args.preset].items() if k in ModelConfig.__dataclass_fields__}
+        model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
+        sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {args.preset} preset"
+    bos, pad, L = 0, 2, args.sequence_length  # bos and pad as prepare.py numbers them
+    layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
+    ids, cond_mask, _ = sample_rows([layout] * args.batch_size, pad)
+    ids, cond_mask = ids.to(device), cond_mask.to(device)
+    results = {}
+    for name, step in SAMPLERS.items():
+        def run(steps):
+            bound = partial(step, steps=steps, **sample.SAMPLER_FLAGS[name]) if name in sample.SAMPLER_FLAGS else step
+            return generate(model, bound, SCHEDULES[args.schedule], ids, cond_mask, range(args.batch_size), steps,
+                            sigma_min, sigma_max, SAMPLING_RHO, early_exit=args.early_exit, precision=args.precision)
+        run(2)
+        sync(device)
+        started = time.perf_counter()
+        _, evaluations, _ = run(args.steps)
+        sync(device)
+        elapsed = time.perf_counter() - started
+        batch_evaluations = int(evaluations.max())  # forward passes, each over the rows still sampling
+        results[name] = {"sequences_per_s": round(args.batch_size / elapsed, 2),
+                         "evaluations_per_s": round(batch_evaluations / elapsed, 2),
+                         "evaluations_per_sequence": round(float(evaluations.float().mean()), 1),
+                         "seconds": round(elapsed, 2)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "model": what, "parameters": sum(p.numel() for p in model.parameters()),
+            "precision": args.precision, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
+            "steps": args.steps, "schedule": args.schedule, "early_exit": args.early_exit, **results}
+
+
 def sync(device):
     """Wait for the device's queued work, so that a timer measures it."""
     if device.type == "cuda":
@@ -148,7 +194,18 @@ def parse_args(argv=None):
                               "--compile, --device, ...), are passed on to train.py's parser.")
     t.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
     t.add_argument("--steps", type=int, default=30, help="steps timed")
-    for sub_parser in (d, t):
+    s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
+    s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
+    s.add_argument("--preset", choices=train.PRESETS, default="small", help="architecture without -mdir")
+    s.add_argument("--vocab_size", type=int, default=8000, help="vocabulary without -mdir")
+    s.add_argument("--steps", type=int, default=200, help="sampler steps")
+    s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")
+    s.add_argument("-slen", "--sequence_length", type=int, default=64, help="tokens per sequence, bos included")
+    s.add_argument("--schedule", choices=SCHEDULES, default="uniform", help="per-token schedule")
+    s.add_argument("--early_exit", type=int, metavar="K", help="as sample.py (only meaningful with -mdir)")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
+    for sub_parser in (d, t, s):
         sub_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args, rest = p.parse_known_args(argv)
     if args.command == "train":
@@ -158,6 +215,10 @@ def parse_args(argv=None):
         return args
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "sample":
+        if args.steps < 1 or args.batch_size < 1 or args.sequence_length < 2 or (args.early_exit or 1) < 1:
+            p.error("--steps, -bsz and --early_exit must be at least 1, -slen at least 2")
+        return args
     if args.sequence_length < 2 or args.batch_size < 1 or args.batches < 1 or args.num_workers < 0:
         p.error("-slen must be at least 2, -bsz and --batches at least 1, --num_workers at least 0")
     if not 0 <= args.expand_prob <= 1:
@@ -168,14 +229,19 @@ def parse_args(argv=None):
 def main(argv=None):
     """Run the benchmark `argv` names and print its figures."""
     args = parse_args(argv)
-    result = {"data": bench_data, "train": bench_train}[args.command](args)
+    keep_freed_memory()
+    result = {"data": bench_data, "train": bench_train, "sample": bench_sample}[args.command](args)
     if args.json:
         print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for key, value in result.items():
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            print(f"{key:<{width}}  {value:,}" if number else f"{key:<{width}}  {value}")
+        return
+    width = max(map(len, result))
+    for key, value in result.items():
+        if isinstance(value, dict):  # one row of figures per sampler
+            print(f"{key:<{width}}  " + "  ".join(f"{k} {v:,}" for k, v in value.items()))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            print(f"{key:<{width}}  {value:,}")
+        else:
+            print(f"{key:<{width}}  {value}")
 
 
 if __name__ == "__main__":

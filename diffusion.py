@@ -284,9 +284,8 @@ def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sig
     lengths = [L] * B if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
 
     def noise():
-        rows_noise = [F.pad(torch.randn(lengths[r], E, generator=generators[r], dtype=dtype), (0, 0, 0, L - lengths[r]))
-                      for r in rows.tolist()]
-        return torch.stack(rows_noise).to(device)  # (b, L, E), the same values on every device
+        drawn = [torch.randn(lengths[r], E, generator=generators[r], dtype=dtype) for r in rows.tolist()]
+        return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(device)  # (b, L, E), any device alike
 
     def denoiser(x, sigma):
         with autocast(device, precision):
@@ -303,17 +302,13 @@ def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sig
     x = model.embed(ids).to(dtype) * append_dims(cond_mask, 3) + append_dims(sigma, 3) * noise()  # (B, L, E)
     for i in range(steps):
         last = i == steps - 1
-        if not last:
-            u = (i + 1) / (steps - 1)
-            t_next = advance(schedule, u, state)
-            sigma_next = noise_levels(t_next, state.free, sigma_min, sigma_max, rho, dtype)
-        else:
-            sigma_next = torch.zeros_like(sigma)
+        u = 1.0 if last else (i + 1) / (steps - 1)
+        t_next = advance(schedule, u, state)
+        sigma_next = torch.zeros_like(sigma) if last else noise_levels(t_next, state.free, sigma_min, sigma_max, rho,
+                                                                       dtype)
         before = tokens.clone()
         x = step(denoiser, x, sigma, sigma_next, noise)
-        sigma = sigma_next
-        if not last:
-            state.t, state.u = t_next, u
+        sigma, state.t, state.u = sigma_next, t_next, u
         if callback is not None:
             callback(i, rows, tokens, sigma)
         done = torch.full_like(unchanged, last, dtype=torch.bool)
@@ -324,11 +319,10 @@ def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sig
             done |= unchanged >= early_exit
         if done.any():  # a host sync once a step
             finished = rows[done.cpu()]
-            out[finished.to(device)] = torch.where(cond_mask[finished.to(device)], ids[finished.to(device)], tokens[done])
-            steps_taken[finished] = i + 1
+            out[finished.to(device)], steps_taken[finished] = tokens[done], i + 1  # held tokens were never touched
             keep = ~done
-            rows, x, sigma, unchanged, state = rows[keep.cpu()], x[keep], sigma[keep], unchanged[keep], state.select(keep)
-            tokens = tokens[keep]
+            rows, x, sigma, tokens, unchanged = rows[keep.cpu()], x[keep], sigma[keep], tokens[keep], unchanged[keep]
+            state = state.select(keep)
             segment_ids = None if segment_ids is None else segment_ids[keep]
             if not len(rows):
                 break

@@ -226,4 +226,4 @@ class ScoreLM(nn.Module):
         for block in self.blocks:
             h = block(h, time, freqs, mask)
         h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)
-        return h @ self.embedding_table().to(h.dtype).T + self.logit_bias  # (B, L, V)
+        return F.linear(h, self.embedding_table().to(h.dtype), self.logit_bias)  # (B, L, V), bias added in the matmul

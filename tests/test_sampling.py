@@ -75,8 +75,8 @@ def test_uniform_schedule_is_the_edm_grid():
     expected = (10 ** (1 / 7) + 2 / 4 * (1 - 10 ** (1 / 7))) ** 7  # Karras et al. (2022) eq. 5, i = 2 of N = 5
     assert math.isclose(grid[2].item(), expected, rel_tol=1e-6)
     torch.testing.assert_close(grid[[0, 4, 5]], torch.tensor([10.0, 1.0, 0.0]))
-    torch.testing.assert_close(schedule_sigmas(uniform_schedule, torch.zeros(1, 1, dtype=torch.bool), 1, 1.0, 10.0, 7.0),
-                               torch.tensor([10.0, 0.0])[:, None, None])
+    one_step = schedule_sigmas(uniform_schedule, torch.zeros(1, 1, dtype=torch.bool), 1, 1.0, 10.0, 7.0)
+    torch.testing.assert_close(one_step, torch.tensor([10.0, 0.0])[:, None, None])
     with pytest.raises(ValueError):
         schedule_sigmas(uniform_schedule, torch.zeros(1, 1, dtype=torch.bool), 0, 1.0, 10.0, 7.0)
 
