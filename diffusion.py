@@ -1,9 +1,10 @@
-"""The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training loss
-and the samplers. The network is received as an argument (anything with `embed`, `embedding_table` and
-`__call__(x, c_noise, segment_ids) -> logits`); model.py is never imported here.
+"""The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training loss,
+the samplers, the per-token sampling schedules and generate(), which drives them. The network is received as an
+argument (anything with `cfg.embedding_dim`, `embed`, `embedding_table` and `__call__(x, c_noise, segment_ids) ->
+logits`); model.py is never imported here.
 
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
-at its clean embedding). Process maths runs in float32 whatever the network's precision.
+at its clean embedding). Process maths runs in float32 (float64 on request) whatever the network's precision.
 """
 import math
 from dataclasses import dataclass, fields, replace

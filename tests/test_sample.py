@@ -152,3 +152,17 @@ def test_early_exit_saves_evaluations_on_a_trained_model_and_keeps_converged_sam
             assert torch.equal(early[b], full[b])
             converged += 1
     assert converged >= 1
+
+
+def test_bench_sample_reports_every_sampler(memorised_run, capsys):
+    import bench
+    model_dir, _ = memorised_run
+    bench.main(["sample", "--steps", "3", "-bsz", "2", "-slen", "8", "--preset", "tiny", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert {name: result[name]["evaluations_per_sequence"] for name in ("euler", "heun", "stochastic", "iterative")} \
+        == {"euler": 3, "heun": 5, "stochastic": 5, "iterative": 3}
+    assert all(result[name]["sequences_per_s"] > 0 for name in ("euler", "iterative"))
+    bench.main(["sample", "-mdir", str(model_dir), "--steps", "30", "-bsz", "4", "-slen", "16", "--early_exit", "2",
+                "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == str(model_dir) and result["early_exit"] == 2 and result["sequence_length"] == 16
