@@ -130,15 +130,17 @@ def bench_sample(args):
     a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed does not depend on them; early
     exit does)."""
     device = resolve_device(args.device)
+    bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
-        model, _, sampling = sample.load_model(args.model_dir, device=device)
+        model, tokenizer, sampling = sample.load_model(args.model_dir, device=device)
         sigma_min, sigma_max, what = sampling["sigma_min"], sampling["sigma_max"], args.model_dir
+        bos, pad = tokenizer.bos_id, tokenizer.pad_id
     else:
         seed_all(0)
-        shape = {k: v for k, v in train.PRESETS[args.preset].items() if k in ModelConfig.__dataclass_fields__}
+        preset = args.preset or "small"
+        shape = {k: v for k, v in train.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
         model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
-        sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {args.preset} preset"
-    bos, pad, L = 0, 2, args.sequence_length  # bos and pad as prepare.py numbers them
+        sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
     ids, cond_mask, _ = sample_rows([layout] * args.batch_size, pad)
     ids, cond_mask = ids.to(device), cond_mask.to(device)
@@ -196,8 +198,8 @@ def parse_args(argv=None):
     t.add_argument("--steps", type=int, default=30, help="steps timed")
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
-    s.add_argument("--preset", choices=train.PRESETS, default="small", help="architecture without -mdir")
-    s.add_argument("--vocab_size", type=int, default=8000, help="vocabulary without -mdir")
+    s.add_argument("--preset", choices=train.PRESETS, help="architecture without -mdir (default: small)")
+    s.add_argument("--vocab_size", type=int, default=8000, help="vocabulary without -mdir (at least 4)")
     s.add_argument("--steps", type=int, default=200, help="sampler steps")
     s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")
     s.add_argument("-slen", "--sequence_length", type=int, default=64, help="tokens per sequence, bos included")
@@ -216,8 +218,11 @@ def parse_args(argv=None):
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "sample":
-        if args.steps < 1 or args.batch_size < 1 or args.sequence_length < 2 or (args.early_exit or 1) < 1:
-            p.error("--steps, -bsz and --early_exit must be at least 1, -slen at least 2")
+        if args.steps < 1 or args.batch_size < 1 or args.sequence_length < 2 or args.vocab_size < 4 \
+                or (args.early_exit is not None and args.early_exit < 1):
+            p.error("--steps, -bsz and --early_exit must be at least 1, -slen at least 2, --vocab_size at least 4")
+        if args.model_dir and args.preset:
+            p.error("--preset applies without -mdir (the run folder fixes the architecture)")
         return args
     if args.sequence_length < 2 or args.batch_size < 1 or args.batches < 1 or args.num_workers < 0:
         p.error("-slen must be at least 2, -bsz and --batches at least 1, --num_workers at least 0")

@@ -411,19 +411,21 @@ def collate_rows(rows, seq_len, pad_id):
 
 
 BLANK = re.compile(r"\[(\d+)\]")  # an infill template's blank: [n], n tokens to generate
+MAX_SAMPLE_LENGTH = 1 << 16  # tokens per sample: far past any training row, well short of exhausting memory
 
 
 def parse_template(template, where="--infill"):
     """The pieces of an infill template: held text (str) and blanks (int, how many tokens to generate there),
     e.g. "the [5] of the [3]" -> ["the", 5, "of the", 3]. Text next to a blank is tokenised as a word of its
-    own. Raises UsageError naming `where` (a flag or file:line) if there is no blank or a blank of 0 tokens."""
+    own. Raises UsageError naming `where` (a flag or file:line) if there is no blank, or a blank of 0 tokens or
+    more than MAX_SAMPLE_LENGTH."""
     pieces = []
     for k, part in enumerate(BLANK.split(template)):  # text, count, text, count, ..., text
         if k % 2 == 0:
             if part.strip():
                 pieces.append(part.strip())
-        elif int(part) < 1:
-            raise UsageError(f"{where} {template!r}: a blank asks for at least one token, not [{part}]")
+        elif not 1 <= int(part) <= MAX_SAMPLE_LENGTH:
+            raise UsageError(f"{where} {template!r}: a blank asks for 1 to {MAX_SAMPLE_LENGTH:,} tokens, not [{part}]")
         else:
             pieces.append(int(part))
     if not any(isinstance(piece, int) for piece in pieces):
@@ -448,8 +450,10 @@ def sample_layout(tokenizer, pieces, length=None, suffix=None, where="--prompt")
             ids, held = ids + [tokenizer.pad_id] * max(n, 0), held + [False] * max(n, 0)
     ids, held = ids + tail, held + [True] * len(tail)
     if all(held):
-        raise UsageError(f"{where}: {len(ids)} held tokens (bos, text{', suffix and eos' if tail else ''}) leave "
-                         f"nothing to generate{f' in --length {length}' if length else ''}")
+        text = any(isinstance(piece, str) and piece for piece in pieces)
+        what = ", ".join(["bos"] + ["text"] * text + ["suffix and eos"] * bool(tail))
+        raise UsageError(f"{where}: {len(ids)} held tokens ({what}) leave nothing to generate"
+                         f"{f' in --length {length}' if length else ''}")
     return ids, held
 
 

@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
+from data import MAX_SAMPLE_LENGTH, Tokenizer, decode_line, parse_template, sample_layout, sample_rows
 from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, ar_schedule, confidence_schedule, generate, stochastic_step
 from model import ModelConfig, ScoreLM
 from utils import (PRECISIONS, UsageError, die, keep_freed_memory, load_checkpoint, load_state_dict_strict,
@@ -55,26 +55,45 @@ def load_model(model_dir, ema=None, device="cpu"):
 
 def parse_length(text):
     """--length: "N" or a range "A:B" (each sample draws its length uniformly from A..B) -> (A, B)."""
+    lo, colon, hi = text.partition(":")
     try:
-        lo, _, hi = text.partition(":")
-        lo, hi = int(lo), int(hi or lo)
+        lo, hi = int(lo), int(hi if colon else lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a length such as 64 or a range such as 16:48") from None
-    if not 2 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: lengths start at 2 and a range goes up (16:48)")
+    if not 2 <= lo <= hi <= MAX_SAMPLE_LENGTH:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths go from 2 to {MAX_SAMPLE_LENGTH:,}, and a range goes up "
+                                         "(16:48)")
     return lo, hi
+
+
+def checked_text(text, where):
+    """`text` from the command line, refused (UsageError naming `where`) if it is not valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where}: not valid UTF-8 text") from None
+    return text
+
+
+def open_prompt_file(path):
+    """The prompt file opened for reading bytes ("-" is standard input); UsageError if it cannot be."""
+    if path == "-":
+        return open(sys.stdin.fileno(), "rb", closefd=False)
+    if os.path.isdir(path):
+        raise UsageError(f"--prompt_file {path}: is a folder, not a file")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"--prompt_file {path}: {e.strerror.lower()}") from None
 
 
 def read_prompts(args):
     """The prompts to sample from, as (text as given, pieces for data.sample_layout, where it came from)."""
     if args.infill:
-        return [(t, parse_template(t, "--infill"), "--infill") for t in args.infill]
+        return [(t, parse_template(checked_text(t, "--infill"), "--infill"), "--infill") for t in args.infill]
     if args.prompt_file:
-        path = args.prompt_file
-        if not os.path.isfile(path):
-            raise UsageError(f"--prompt_file {path}: no such file")
-        prompts = []
-        with open(path, "rb") as f:
+        prompts, path = [], args.prompt_file
+        with open_prompt_file(path) as f:
             for number, raw in enumerate(f, 1):
                 try:
                     text = decode_line(raw)
@@ -85,7 +104,8 @@ def read_prompts(args):
         if not prompts:
             raise UsageError(f"--prompt_file {path}: no prompt in it (one a line; blank lines are skipped)")
         return prompts
-    return [(t, [t, None] if t else [None], f"--prompt {t!r}") for t in args.prompt]
+    return [(checked_text(t, "--prompt"), [t, None], f"--prompt {t!r}") if t else ("", [None], "an unprompted sample")
+            for t in args.prompt or [""]]
 
 
 def build_step(args):
@@ -125,25 +145,31 @@ def check_flags(p, args):
         p.error("--steps, -n and --batch_size must be at least 1")
     if args.early_exit is not None and args.early_exit < 1:
         p.error(f"--early_exit {args.early_exit}: must be at least 1 (steps without a change)")
+    if args.exit_confidence is not None and args.early_exit is None:
+        p.error("--exit_confidence applies to --early_exit")
+    args.exit_confidence = 0.5 if args.exit_confidence is None else args.exit_confidence
     if not 0 <= args.exit_confidence <= 1:
         p.error(f"--exit_confidence {args.exit_confidence}: a probability in [0, 1]")
-    if not args.rho > 0:
-        p.error(f"--rho {args.rho}: must be positive")
-    if not args.skew >= 0:
-        p.error(f"--skew {args.skew}: must be 0 (uniform) or more")
+    if not 0.1 <= args.rho <= 100:
+        p.error(f"--rho {args.rho}: must be in [0.1, 100] (1 is linear in sigma, 7 is EDM's)")
+    if not 0 <= args.skew < math.inf:
+        p.error(f"--skew {args.skew}: must be 0 (uniform) or more, and finite")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: must be 0 or more")
     if not 0 < args.threshold <= 1:
         p.error(f"--threshold {args.threshold}: a probability in (0, 1]")
     if not 0 <= args.patience < 1:
         p.error(f"--patience {args.patience}: a share of the steps in [0, 1)")
-    if not (args.S_churn >= 0 and args.S_noise >= 0 and args.S_tmin <= args.S_tmax):
-        p.error("--S_churn and --S_noise must be 0 or more, and --S_tmin at most --S_tmax")
+    if not (args.S_churn >= 0 and 0 <= args.S_noise < math.inf and args.S_tmin <= args.S_tmax):
+        p.error("--S_churn must be 0 or more, --S_noise finite and 0 or more, --S_tmin at most --S_tmax")
     if args.infill and args.length is not None:
         p.error("--length does not apply to --infill: the template's text and blanks fix the length")
 
 
 def sample_seed(seed, i):
-    """The noise seed of sample i of a run with --seed `seed`."""
-    return seed * 1_000_003 + i
+    """The noise seed of sample i of a run with --seed `seed` (>= 0): 64 bits of numpy's SeedSequence of
+    (seed, i), so that no two (seed, i) pairs share their noise in practice."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0])
 
 
 def sample_length(lengths, seed, i):
@@ -157,7 +183,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples (per prompt, when prompts are given)")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps (network evaluations for euler)")
+    p.add_argument("--steps", type=int, default=200, help="sampler steps (network evaluations for iterative and euler)")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative",
                    help="iterative (the original's: denoise, then re-noise at the next level), euler, heun (2 "
                         "evaluations a step) or stochastic (EDM's churn, 2 a step)")
@@ -176,17 +202,18 @@ def parse_args(argv=None):
     p.add_argument("--length", type=parse_length, help="tokens per sample, bos, prompt and suffix included, or a "
                                                        "range A:B drawn per sample (default: training length)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", nargs="+", default=[""], help="texts to continue; their tokens are kept exactly")
-    source.add_argument("--prompt_file", help="a file of prompts, one a line (blank lines skipped)")
-    source.add_argument("--infill", nargs="+", help="templates with blanks, e.g. 'the [5] of the [3]': [n] is n "
-                                                    "tokens to generate; the text is kept exactly")
+    source.add_argument("--prompt", nargs="+", action="extend", help="texts to continue; their tokens are kept exactly")
+    source.add_argument("--prompt_file", help="a file of prompts, one a line (blank lines skipped; - reads stdin)")
+    source.add_argument("--infill", nargs="+", action="extend",
+                        help="templates with blanks, e.g. 'the [5] of the [3]': [n] is n tokens to generate; the "
+                             "text is kept exactly")
     p.add_argument("--suffix", help="text held at the end of every sample, followed by eos ('' holds eos alone, "
                                     "so that samples end cleanly)")
     p.add_argument("--early_exit", type=int, metavar="K", help="stop a sample once its tokens have not changed "
                                                               "for K steps")
-    p.add_argument("--exit_confidence", type=float, default=0.5,
+    p.add_argument("--exit_confidence", type=float,
                    help="--early_exit counts only steps whose prediction has at least this mean top probability "
-                        "(0: every step)")
+                        "(0: every step; default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise; sample i depends on (seed, i) only")
     p.add_argument("--ema", help="use the EMA weights of this rate (e.g. 0.999) instead of the raw weights")
     p.add_argument("--rho", type=float, default=SAMPLING_RHO,
@@ -204,17 +231,29 @@ def parse_args(argv=None):
 
 
 def build_layouts(args, tokenizer, training_length):
-    """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order."""
+    """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
+    Raises UsageError if a prompt or template does not fit (the shortest length of a range)."""
     lengths = args.length or (training_length,) * 2
-    if lengths[1] > training_length and not args.infill:
-        print(f"warning: --length {lengths[1]} is longer than the training rows ({training_length}); "
-              "positions past them were never trained", file=sys.stderr)
     layouts, sources = [], []
     for prompt, pieces, where in read_prompts(args):
+        try:
+            shortest, held = sample_layout(tokenizer, pieces, lengths[0], args.suffix, where)
+        except UsageError as e:
+            raise UsageError(f"{e} (the shortest of --length {lengths[0]}:{lengths[1]})" if lengths[0] < lengths[1]
+                             else str(e)) from None
+        if len(shortest) > MAX_SAMPLE_LENGTH:
+            raise UsageError(f"{where}: {len(shortest):,} tokens; samples hold at most {MAX_SAMPLE_LENGTH:,}")
+        if any(i == tokenizer.unk_id for i, h in zip(shortest, held) if h):
+            print(f"warning: {where}: the tokenizer has no piece for some held text; it becomes unk (shown as "
+                  "\u2047) in the samples", file=sys.stderr)
         for _ in range(args.num_samples):
             length = sample_length(lengths, args.seed, len(layouts))
             layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
             sources.append(prompt)
+    longest = max(len(ids) for ids, _ in layouts)
+    if longest > training_length:
+        print(f"warning: samples of up to {longest} tokens are longer than the training rows ({training_length}); "
+              "positions past them were never trained", file=sys.stderr)
     return layouts, sources
 
 
@@ -222,6 +261,8 @@ def main(argv=None):
     """Print samples of the run folder given in `argv`; raises UsageError on bad input."""
     args = parse_args(argv)
     keep_freed_memory()
+    if args.suffix is not None:
+        checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
     layouts, sources = build_layouts(args, tokenizer, sampling["sequence_length"])
@@ -256,3 +297,5 @@ if __name__ == "__main__":
     except BrokenPipeError:  # the reader (head, a closed pager) left; no traceback
         sys.stderr.close()
         os._exit(0)
+    except KeyboardInterrupt:  # samples already printed are complete lines
+        sys.exit(130)

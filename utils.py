@@ -140,6 +140,9 @@ def load_checkpoint(path, map_location="cpu", needs=CHECKPOINT_KEYS):
     """
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no checkpoint there")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise UsageError(f"{path}: empty, cut short or not a torch checkpoint (no zip header)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickles; the error below says enough

@@ -1,5 +1,8 @@
 """sample.py end to end on a trained tiny model: prompts, infilling, suffixes, lengths, output and early exit."""
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 import sample
 from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
 from diffusion import euler_step, generate, uniform_schedule
+from conftest import ROOT
 from utils import UsageError
 
 
@@ -108,6 +112,31 @@ def test_prompt_file_one_prompt_a_line(memorised_run, capsys, tmp_path):
         sample.main(["-mdir", str(model_dir), "--prompt_file", str(prompts)])
     with pytest.raises(UsageError, match="no such file"):
         sample.main(["-mdir", str(model_dir), "--prompt_file", str(tmp_path / "none.txt")])
+    with pytest.raises(UsageError, match="is a folder"):
+        sample.main(["-mdir", str(model_dir), "--prompt_file", str(tmp_path)])
+    piped = subprocess.run([sys.executable, "sample.py", "-mdir", str(model_dir), "--steps", "2", "-n", "1",
+                            "--prompt_file", "-"], input="an entity\n", capture_output=True, text=True, cwd=ROOT)
+    assert piped.returncode == 0 and piped.stdout.startswith("an entity"), piped.stderr
+
+
+def test_unusable_text_and_sizes_end_with_one_line_errors(memorised_run, capsys):
+    model_dir, _ = memorised_run
+    cases = [(["--prompt", "ab\udcffc"], "--prompt: not valid UTF-8"),
+             (["--infill", "a [99999999999]"], "a blank asks for 1 to 65,536 tokens"),
+             (["--length", "4:12", "--prompt", "an entity that has physical existence"],
+              "leave nothing to generate in --length 4 (the shortest of --length 4:12)"),
+             (["--length", "4", "--suffix", "entity that"], "an unprompted sample: 4 held tokens (bos, suffix and eos)")]
+    for flags, message in cases:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            sample.main(["-mdir", str(model_dir), *flags])
+
+
+def test_repeated_prompt_flags_add_up_and_held_text_without_pieces_is_warned_about(memorised_run, capsys):
+    model_dir, _ = memorised_run
+    out, err = run_sample(capsys, model_dir, "-n", "1", "--prompt", "an entity", "--prompt", "a separate")
+    assert len(out) == 2 and out[1].startswith("a separate")
+    _, err = run_sample(capsys, model_dir, "-n", "1", "--infill", "\u4e2d [3]")
+    assert "becomes unk" in err
 
 
 def test_prompt_file_lines_are_decoded_like_the_corpus():
@@ -122,6 +151,12 @@ def test_prompt_file_lines_are_decoded_like_the_corpus():
     (["--early_exit", "0"], "--early_exit 0"),
     (["--schedule", "confidence", "--patience", "1"], "--patience 1.0"),
     (["--length", "9:4"], "--length"),
+    (["--length", "5:"], "--length"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--schedule", "ar", "--skew", "inf"], "--skew inf"),
+    (["--rho", "inf"], "--rho inf"),
+    (["--sampler", "stochastic", "--S_noise", "inf"], "--S_noise finite"),
+    (["--exit_confidence", "0.3"], "--exit_confidence applies to --early_exit"),
 ])
 def test_bad_sampling_flags_are_refused(memorised_run, capsys, flags, message):
     model_dir, _ = memorised_run
