@@ -199,7 +199,7 @@ def parse_args(argv=None):
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
     s.add_argument("--preset", choices=train.PRESETS, help="architecture without -mdir (default: small)")
-    s.add_argument("--vocab_size", type=int, default=8000, help="vocabulary without -mdir (at least 4)")
+    s.add_argument("--vocab_size", type=int, help="vocabulary without -mdir (at least 4; default 8000)")
     s.add_argument("--steps", type=int, default=200, help="sampler steps")
     s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")
     s.add_argument("-slen", "--sequence_length", type=int, default=64, help="tokens per sequence, bos included")
@@ -218,11 +218,12 @@ def parse_args(argv=None):
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "sample":
+        if args.model_dir and (args.preset or args.vocab_size):
+            p.error("--preset and --vocab_size apply without -mdir (the run folder fixes the architecture)")
+        args.vocab_size = 8000 if args.vocab_size is None else args.vocab_size
         if args.steps < 1 or args.batch_size < 1 or args.sequence_length < 2 or args.vocab_size < 4 \
                 or (args.early_exit is not None and args.early_exit < 1):
             p.error("--steps, -bsz and --early_exit must be at least 1, -slen at least 2, --vocab_size at least 4")
-        if args.model_dir and args.preset:
-            p.error("--preset applies without -mdir (the run folder fixes the architecture)")
         return args
     if args.sequence_length < 2 or args.batch_size < 1 or args.batches < 1 or args.num_workers < 0:
         p.error("-slen must be at least 2, -bsz and --batches at least 1, --num_workers at least 0")
@@ -257,3 +258,5 @@ if __name__ == "__main__":
     except BrokenPipeError:
         sys.stderr.close()
         os._exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)

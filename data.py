@@ -411,7 +411,7 @@ def collate_rows(rows, seq_len, pad_id):
 
 
 BLANK = re.compile(r"\[(\d+)\]")  # an infill template's blank: [n], n tokens to generate
-MAX_SAMPLE_LENGTH = 1 << 16  # tokens per sample: far past any training row, well short of exhausting memory
+MAX_SAMPLE_LENGTH = 4096  # tokens per sample: far past any training row; memory grows as batch x length x V
 
 
 def parse_template(template, where="--infill"):

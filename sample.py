@@ -91,7 +91,7 @@ def read_prompts(args):
     """The prompts to sample from, as (text as given, pieces for data.sample_layout, where it came from)."""
     if args.infill:
         return [(t, parse_template(checked_text(t, "--infill"), "--infill"), "--infill") for t in args.infill]
-    if args.prompt_file:
+    if args.prompt_file is not None:
         prompts, path = [], args.prompt_file
         with open_prompt_file(path) as f:
             for number, raw in enumerate(f, 1):
@@ -230,10 +230,19 @@ def parse_args(argv=None):
     return args
 
 
+def warn_unknown(tokenizer, texts, where):
+    """Warn on stderr if the tokenizer has no pieces for some of the held `texts` (they become unk)."""
+    if any(tokenizer.unk_id in tokenizer.encode(text, bos=False, eos=False) for text in texts):
+        print(f"warning: {where}: the tokenizer has no piece for some of this text; it is held as unk (shown as "
+              "\u2047) in the samples", file=sys.stderr)
+
+
 def build_layouts(args, tokenizer, training_length):
     """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
     Raises UsageError if a prompt or template does not fit (the shortest length of a range)."""
     lengths = args.length or (training_length,) * 2
+    if args.suffix is not None:
+        warn_unknown(tokenizer, [args.suffix], "--suffix")
     layouts, sources = [], []
     for prompt, pieces, where in read_prompts(args):
         try:
@@ -243,9 +252,7 @@ def build_layouts(args, tokenizer, training_length):
                              else str(e)) from None
         if len(shortest) > MAX_SAMPLE_LENGTH:
             raise UsageError(f"{where}: {len(shortest):,} tokens; samples hold at most {MAX_SAMPLE_LENGTH:,}")
-        if any(i == tokenizer.unk_id for i, h in zip(shortest, held) if h):
-            print(f"warning: {where}: the tokenizer has no piece for some held text; it becomes unk (shown as "
-                  "\u2047) in the samples", file=sys.stderr)
+        warn_unknown(tokenizer, [piece for piece in pieces if isinstance(piece, str)], where)
         for _ in range(args.num_samples):
             length = sample_length(lengths, args.seed, len(layouts))
             layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))

@@ -114,6 +114,8 @@ def test_prompt_file_one_prompt_a_line(memorised_run, capsys, tmp_path):
         sample.main(["-mdir", str(model_dir), "--prompt_file", str(tmp_path / "none.txt")])
     with pytest.raises(UsageError, match="is a folder"):
         sample.main(["-mdir", str(model_dir), "--prompt_file", str(tmp_path)])
+    with pytest.raises(UsageError, match="--prompt_file : no such file"):
+        sample.main(["-mdir", str(model_dir), "--prompt_file", ""])
     piped = subprocess.run([sys.executable, "sample.py", "-mdir", str(model_dir), "--steps", "2", "-n", "1",
                             "--prompt_file", "-"], input="an entity\n", capture_output=True, text=True, cwd=ROOT)
     assert piped.returncode == 0 and piped.stdout.startswith("an entity"), piped.stderr
@@ -122,7 +124,7 @@ def test_prompt_file_one_prompt_a_line(memorised_run, capsys, tmp_path):
 def test_unusable_text_and_sizes_end_with_one_line_errors(memorised_run, capsys):
     model_dir, _ = memorised_run
     cases = [(["--prompt", "ab\udcffc"], "--prompt: not valid UTF-8"),
-             (["--infill", "a [99999999999]"], "a blank asks for 1 to 65,536 tokens"),
+             (["--infill", "a [99999999999]"], "a blank asks for 1 to 4,096 tokens"),
              (["--length", "4:12", "--prompt", "an entity that has physical existence"],
               "leave nothing to generate in --length 4 (the shortest of --length 4:12)"),
              (["--length", "4", "--suffix", "entity that"], "an unprompted sample: 4 held tokens (bos, suffix and eos)")]
@@ -136,7 +138,9 @@ def test_repeated_prompt_flags_add_up_and_held_text_without_pieces_is_warned_abo
     out, err = run_sample(capsys, model_dir, "-n", "1", "--prompt", "an entity", "--prompt", "a separate")
     assert len(out) == 2 and out[1].startswith("a separate")
     _, err = run_sample(capsys, model_dir, "-n", "1", "--infill", "\u4e2d [3]")
-    assert "becomes unk" in err
+    assert "--infill: the tokenizer has no piece" in err
+    _, err = run_sample(capsys, model_dir, "-n", "1", "--prompt", "a", "--suffix", "\u4e2d")
+    assert err.count("has no piece") == 1 and "--suffix: the tokenizer has no piece" in err
 
 
 def test_prompt_file_lines_are_decoded_like_the_corpus():
