@@ -61,9 +61,10 @@ def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
 def score_interpolation(logits, x, sigma, table):
     """D(x; sigma) from the network's logits (B, L, V): the expected clean embedding under the predicted token
     distribution, softmax(logits) @ table (Dieleman et al. 2022, section 3), and exactly x where sigma = 0.
-    x (B, L, E), sigma (B, L), table (V, E) -> (B, L, E) float32."""
-    x0_hat = logits.float().softmax(dim=-1) @ table  # (B, L, E)
-    return torch.where(append_dims(sigma == 0, x.ndim), x.float(), x0_hat)
+    x (B, L, E), sigma (B, L), table (V, E) -> (B, L, E) float32 (float64 for float64 logits)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    x0_hat = logits.to(dtype).softmax(dim=-1) @ table.to(dtype)  # (B, L, E)
+    return torch.where(append_dims(sigma == 0, x.ndim), x.to(dtype), x0_hat)
 
 
 def denoise(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
@@ -91,6 +92,65 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)  # softmax over
     # the contiguous last dimension: on the CPU about twice as fast as over dim 1 of a transposed view
     return (ce, logits) if return_logits else ce
+
+
+@torch.no_grad()
+def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=None, generator=None,
+              sigma_data=SIGMA_DATA):
+    """Monte Carlo estimate of an upper bound on -log p(free tokens | held tokens), per row, in nats.
+
+    Derivation (the continuous-time bound of Kingma et al. 2021, VDM, eqs. 11 and 17, for this variance-exploding
+    process). With x the clean embeddings of a row's free positions (held ones stay clean, sigma = 0) and
+    q(z_sigma | x) = N(x, sigma^2 I), the signal-to-noise ratio is SNR(sigma) = sigma^-2. Taking sigma itself
+    as VDM's time, from sigma_min to sigma_max:
+        -log p(w) <= E_q[-log p(w | z_sigma_min)]                                 (reconstruction)
+                   + KL(q(z_sigma_max | x) || N(0, (sigma_max^2 + sigma_data^2) I))   (prior)
+                   + 1/2 int_{sigma_min}^{sigma_max} -SNR'(sigma) E_eps |x - D(z_sigma; sigma)|^2 dsigma,
+    and -SNR'(sigma) = 2 sigma^-3, so the diffusion term is int sigma^-3 E|x - D(z_sigma; sigma)|^2 dsigma, with
+    D the score-interpolation denoiser. The decoder p(w | z) is the network's softmax at sigma_min (its
+    cross-entropy there). The prior term per free token, with e its embedding, is
+    1/2 [(E sigma_max^2 + |e|^2) / s^2 - E + E ln(s^2 / sigma_max^2)], s^2 = sigma_max^2 + sigma_data^2
+    (= E/2 ln(1 + sigma_data^2 / sigma_max^2) for |e|^2 = E sigma_data^2).
+    The integral is estimated by importance sampling, sigma log-uniform on [sigma_min, sigma_max] (density
+    1 / (sigma ln(sigma_max / sigma_min))) and stratified (draw j of `draws` from the j-th slice of the log range),
+    so each draw contributes ln(sigma_max / sigma_min) sigma^-2 |x - D|^2; the reconstruction term by as many
+    draws of z_sigma_min. All noisy positions of a row share one sigma, as the bound requires. The variance
+    returned treats the draws as independent, which overstates it under stratification (a conservative error).
+
+    ids (B, L) int64; cond_mask (B, L) bool, held positions (bos, row padding); segment_ids (B, L) or None;
+    draws >= 2 per row. Returns a dict of (B,) float64 CPU tensors: "reconstruction", "diffusion", "prior" (nats
+    per row), "variance" (of the row's Monte Carlo estimate of their sum) and "tokens" (free positions).
+    Raises ValueError if draws < 2 or sigma_min >= sigma_max.
+    """
+    if draws < 2 or not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need draws >= 2 and 0 < sigma_min < sigma_max, got {draws}, {sigma_min}, {sigma_max}")
+    free = ~cond_mask
+    x = model.embed(ids).double()  # (B, L, E)
+    E, log_ratio = x.shape[-1], math.log(sigma_max / sigma_min)
+    s2 = sigma_max ** 2 + sigma_data ** 2
+    prior = 0.5 * ((E * sigma_max ** 2 + (x ** 2).sum(-1)) / s2 - E + E * math.log(s2 / sigma_max ** 2))  # (B, L)
+    per_draw = []
+    for j in range(draws):  # stratified: draw j of every row from the j-th of `draws` equal slices of [0, 1)
+        u = ((j + torch.rand(ids.shape[0], generator=generator, dtype=torch.float64)) / draws).to(ids.device)
+        sigma = sigma_min * torch.exp(u * log_ratio)  # (B,) log-uniform
+        for level, diffusion_term in ((sigma, True), (torch.full_like(sigma, sigma_min), False)):
+            sigma_tok = torch.where(free, level[:, None], 0.0)  # (B, L)
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(ids.device)
+            z = x + append_dims(sigma_tok, 3) * eps
+            logits = network_logits(model, z, sigma_tok, segment_ids, sigma_data).double()  # (B, L, V)
+            if diffusion_term:
+                denoised = score_interpolation(logits, z, sigma_tok, model.embedding_table().double())
+                error = (((x - denoised) ** 2).sum(-1) * free).sum(-1)  # (B,)
+                diffusion = log_ratio * error / sigma ** 2
+            else:
+                ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+                reconstruction = (ce * free).sum(-1)
+        per_draw.append(torch.stack([reconstruction, diffusion]))
+    per_draw = torch.stack(per_draw).cpu()  # (draws, 2, B)
+    total = per_draw.sum(1)  # (draws, B)
+    return {"reconstruction": per_draw[:, 0].mean(0), "diffusion": per_draw[:, 1].mean(0),
+            "prior": (prior * free).sum(-1).cpu(), "variance": total.var(0) / draws,
+            "tokens": free.sum(-1).double().cpu()}
 
 
 def ode_derivative(x, denoised, sigma):
