@@ -94,6 +94,27 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     return (ce, logits) if return_logits else ce
 
 
+def autoregressive_loss(model, ids, segment_ids=None, return_logits=False):
+    """The autoregressive baseline's loss: per-token cross-entropy in nats (B, L) float32, where position t holds
+    -log p(ids[t] | the tokens before it in its row); 0 at t = 0. The network (built with causal=True) reads the
+    clean embeddings with c_noise = 0, so it has no noise conditioning. With return_logits, also the logits
+    (B, L, V) aligned the same way (position t: the prediction of ids[t]; zeros at t = 0). The caller keeps only
+    positions that continue their own packed sequence (autoregressive_targets)."""
+    logits = model(model.embed(ids), torch.zeros(ids.shape, device=ids.device), segment_ids).float()
+    B, L, V = logits.shape
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(B, L - 1)
+    ce = F.pad(ce, (1, 0))
+    return (ce, F.pad(logits[:, :-1], (0, 0, 1, 0))) if return_logits else ce
+
+
+def autoregressive_targets(segment_ids):
+    """Positions the baseline is trained to predict: a token of a packed sequence that follows one of the same
+    sequence (the first token, bos, has nothing to be predicted from). segment_ids (B, L) -> (B, L) bool."""
+    follows = torch.zeros_like(segment_ids, dtype=torch.bool)
+    follows[:, 1:] = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return follows & (segment_ids > 0)
+
+
 @torch.no_grad()
 def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=None, generator=None,
               sigma_data=SIGMA_DATA):

@@ -26,6 +26,7 @@ class ModelConfig:
     fourier_dim: int = 64     # features of the noise level
     time_dim: int = 128       # width of the noise-level MLP that feeds every block's FiLM
     dropout: float = 0.0
+    causal: bool = False      # the autoregressive baseline: a token attends to itself and earlier tokens only
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -43,19 +44,23 @@ def segment_positions(segment_ids):
     return index - starts
 
 
-def segment_mask(segment_ids):
+def segment_mask(segment_ids, causal=False):
     """Boolean attention mask (B, 1, L, L): query i may attend to key j only if both carry the same segment id,
-    so sequences packed side by side never see each other (identity, not length, decides)."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    so sequences packed side by side never see each other (identity, not length, decides); with `causal`, also
+    only if j <= i."""
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        mask = mask & torch.ones_like(mask[0]).tril()
+    return mask[:, None]
 
 
-def segment_block_mask(segment_ids):
+def segment_block_mask(segment_ids, causal=False):
     """The same rule as segment_mask as a FlexAttention BlockMask, so that blocks of keys no query of a block may
     see are skipped rather than computed and masked. segment_ids (B, L) int -> BlockMask for (B, H, L, L)."""
     B, L = segment_ids.shape
 
     def same_segment(b, h, q, k):
-        return segment_ids[b, q] == segment_ids[b, k]
+        return (segment_ids[b, q] == segment_ids[b, k]) & ((k <= q) | (not causal))
     return create_block_mask(same_segment, B, None, L, L, device=segment_ids.device)
 
 
@@ -212,13 +217,16 @@ class ScoreLM(nn.Module):
 
     def forward(self, x, c_noise, segment_ids=None):
         B, L, _ = x.shape
+        if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
+            segment_ids = torch.ones(B, L, dtype=torch.long, device=x.device)
         if segment_ids is None:
             positions, mask = torch.arange(L, device=x.device).expand(B, L), None
         else:
             flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda
                                                 and flex_attention_works(x.device))
             positions = segment_positions(segment_ids)
-            mask = segment_block_mask(segment_ids) if flex else segment_mask(segment_ids)
+            causal = self.cfg.causal
+            mask = segment_block_mask(segment_ids, causal) if flex else segment_mask(segment_ids, causal)
         with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32
             freqs = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)

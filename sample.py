@@ -272,6 +272,9 @@ def main(argv=None):
         checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
+    if model.cfg.causal:
+        raise UsageError(f"{args.model_dir}: an autoregressive baseline (train.py --objective ar); eval.py scores "
+                         "it and uses it as a judge")
     layouts, sources = build_layouts(args, tokenizer, sampling["sequence_length"])
     step, schedule = build_step(args), build_schedule(args)
     print(f"{len(layouts)} samples, {args.sampler} sampler, {args.schedule} schedule, {args.steps} steps, "

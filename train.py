@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, sample_layout, sample_rows
-from diffusion import (SAMPLING_RHO, draw_training_sigma, generate, iterative_step, score_interpolation_loss,
-                       uniform_schedule)
+from diffusion import (SAMPLING_RHO, autoregressive_loss, autoregressive_targets, draw_training_sigma, generate,
+                       iterative_step, score_interpolation_loss, uniform_schedule)
 from model import ModelConfig, ScoreLM
 from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast,
                    check_state_dict, die, distributed_setup, ema_update, load_checkpoint, load_state_dict_strict,
@@ -64,6 +64,9 @@ def parse_args(argv=None):
     arch.add_argument("-emb", "--embedding_dim", type=int, help="token embedding size E, the space diffused in")
     arch.add_argument("-nl", "--num_layers", type=int, help="transformer blocks")
     arch.add_argument("-nh", "--num_heads", type=int, help="attention heads")
+    arch.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
+                      help="diffusion (this project's model) or ar: the autoregressive baseline, same backbone with "
+                           "causal attention and no noise, for eval.py's comparison and judge")
     arch.add_argument("-dop", "--dropout_prob", type=float, default=0.0, help="dropout in every block (default 0)")
 
     opt = p.add_argument_group("optimisation")
@@ -173,19 +176,23 @@ def build_loader(args, tokenizer, rank=0, world_size=1):
 def build_model(args, vocab_size, device):
     """ScoreLM of the run's architecture flags, on `device`."""
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
-                      num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob)
+                      num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
+                      causal=args.objective == "ar")
     return ScoreLM(cfg).to(device)
 
 
 class TrainingForward(torch.nn.Module):
     """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
-    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask) -> (ce (B, L), logits)."""
+    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask) -> (ce (B, L), logits). A
+    causal model (--objective ar) takes the autoregressive loss instead and ignores sigma, noise and cond_mask."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids, sigma, noise, segment_ids, cond_mask):
+        if self.model.cfg.causal:
+            return autoregressive_loss(self.model, ids, segment_ids, return_logits=True)
         return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True)
 
 
@@ -222,9 +229,10 @@ class Diverged(Exception):
     """Too many optimiser steps in a row had a non-finite loss or gradient; the last checkpoint is intact."""
 
 
-def loss_targets(segment_ids, cond_mask):
-    """Positions whose cross-entropy is trained: in a packed sequence and not conditioned. (B, L) bool."""
-    return (segment_ids > 0) & ~cond_mask
+def loss_targets(segment_ids, cond_mask, causal=False):
+    """Positions whose cross-entropy is trained: in a packed sequence and not conditioned; for the causal
+    baseline, every token that follows one of its own sequence. (B, L) bool."""
+    return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
 
 
 def train_step(model, runner, batch, args, device, scaler, weight):
@@ -237,7 +245,7 @@ def train_step(model, runner, batch, args, device, scaler, weight):
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
     with autocast(device, args.precision):
         ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask)  # (B, L), (B, L, V) float32
-    targets = loss_targets(segment_ids, cond_mask)
+    targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
     ce_sum = (ce * targets).sum()
     scaler.scale(ce_sum * weight).backward()
     correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
@@ -245,7 +253,9 @@ def train_step(model, runner, batch, args, device, scaler, weight):
 
 
 def print_samples(model, tokenizer, args, device, step):
-    """Write a few samples from fixed prompts under the progress bar."""
+    """Write a few samples from fixed prompts under the progress bar (none for the autoregressive baseline)."""
+    if model.cfg.causal:
+        return
     model.eval()
     prompts = [p for p in SAMPLE_PROMPTS if len(tokenizer.encode(p, eos=False)) < args.sequence_length]
     layouts = [sample_layout(tokenizer, [p, None], args.sequence_length) for p in prompts]
@@ -434,7 +444,7 @@ def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, r
         stats["text"] += int((real & (batch["ids"] != loader.rows.pad_id)).sum())
         stats["slots"] += batch["ids"].numel()
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
-    local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # on the host
+    local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"], model.cfg.causal).sum()) for b in batches)  # host
     targets = all_reduce_sum(torch.tensor(float(local), device=device))
     weight = loader.world_size / targets.clamp_min(1.0)
     sums = torch.zeros(2, device=device)  # summed cross-entropy, right predictions

@@ -79,3 +79,15 @@ def memorised_run(tmp_path_factory, wordnet_lines, spm_path):
     run_train(str(corpus), spm_path, folder / "run", "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
               "--expand_prob", "0.5", "--log_interval", "20", "-ema", "")
     return folder / "run", lines
+
+
+@pytest.fixture(scope="session")
+def memorised_ar_run(tmp_path_factory, wordnet_lines, spm_path):
+    """The autoregressive baseline trained on the same four lines (about 5 s): (run folder, the four lines)."""
+    lines = wordnet_lines[:4]
+    folder = tmp_path_factory.mktemp("memorised_ar")
+    corpus = folder / "four.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    run_train(str(corpus), spm_path, folder / "run", "--objective", "ar", "--max_steps", "200", "-dim", "64",
+              "-lr", "5e-3", "--log_interval", "20", "-ema", "")
+    return folder / "run", lines

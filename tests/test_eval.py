@@ -11,6 +11,7 @@ from data import sample_rows
 from diffusion import nll_bound
 from model import ScoreLM
 from test_sampling import ExactDenoiser
+from utils import UsageError
 
 
 def toy_bound(model, rows, sigma_min=0.01, sigma_max=200.0, copies=1024, draws=64):
@@ -82,3 +83,69 @@ def test_eval_reports_the_bound_and_the_loss_by_noise_level(memorised_run, tmp_p
     assert [round(p["sigma"], 3) for p in (curve[0], curve[-1])] == [1.0, 5.0]
     assert curve[0]["ce"] < curve[-1]["ce"] and curve[0]["accuracy"] > curve[-1]["accuracy"]
     assert plot.stat().st_size > 0 and result["plot"] == str(plot)
+
+
+def test_sample_metrics_equal_hand_computed_values():
+    samples = [[1, 2, 3, 1], [2, 2]]  # tokens 1 x2, 2 x3, 3 x1
+    m = evaluate.sample_metrics(samples)
+    p = [2 / 6, 3 / 6, 1 / 6]
+    assert m["entropy"] == pytest.approx(-sum(q * math.log(q) for q in p))
+    assert m["distinct_1"] == pytest.approx(3 / 6)
+    assert m["distinct_2"] == pytest.approx(4 / 4)  # (1,2) (2,3) (3,1) (2,2)
+    assert m["distinct_3"] == pytest.approx(2 / 2)
+    assert m["mean_length"] == 3.0
+    assert evaluate.sample_metrics([[5, 6, 7, 8, 5, 6, 7, 8]])["rep_4"] == pytest.approx(1 - 4 / 5)
+
+
+def test_the_autoregressive_baseline_learns_and_its_perplexity_is_exp_of_its_mean_nll(memorised_ar_run, tmp_path,
+                                                                                      capsys):
+    model_dir, lines = memorised_ar_run
+    losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl")]
+    assert losses[-1] < losses[0] - 3, losses
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["objective"] == "ar" and result["perplexity"] == pytest.approx(math.exp(result["nll_nats_per_token"]))
+    # the same NLL, one line at a time, by feeding each prefix to the model and reading off its next token
+    model, tokenizer, _ = sample.load_model(str(model_dir))
+    nats = tokens = 0
+    with torch.no_grad():
+        for line in lines:
+            ids = tokenizer.encode(line)
+            for t in range(1, len(ids)):
+                prefix = torch.tensor([ids[:t]])
+                logits = model(model.embed(prefix), torch.zeros(prefix.shape))
+                nats -= float(logits[0, -1].log_softmax(-1)[ids[t]])
+                tokens += 1
+    assert result["tokens"] == tokens
+    assert result["nll_nats_per_token"] == pytest.approx(nats / tokens, rel=1e-4)
+    with pytest.raises(UsageError, match="autoregressive baseline"):
+        sample.main(["-mdir", str(model_dir)])
+
+
+def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorised_ar_run, memorised_run, tmp_path,
+                                                                        capsys):
+    ar_dir, lines = memorised_ar_run
+    judge, tokenizer, _ = sample.load_model(str(ar_dir))
+    real = [tokenizer.encode(line) for line in lines]
+    generator = torch.Generator().manual_seed(0)
+    shuffled = [[ids[0]] + [ids[1:-1][i] for i in torch.randperm(len(ids) - 2, generator=generator)] + [ids[-1]]
+                for ids in real]
+    ppl = [math.exp(n / t) for n, t in (evaluate.sequence_nll(judge, s, 4, tokenizer.pad_id, "cpu")
+                                        for s in (real, shuffled))]
+    assert ppl[0] < ppl[1] / 10, ppl
+    # one command line: the diffusion run's bound, the judge's perplexity, scored samples and a sweep
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    diffusion_dir, _ = memorised_run
+    evaluate.main(["-mdir", str(diffusion_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--judge",
+                   str(ar_dir), "--samples", "4", "--steps", "3", "--sweep", "steps=2,3", "--sweep",
+                   "schedule=uniform,ar", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["valid_gen_ppl"] == pytest.approx(result["judge"]["perplexity"]) and result["gen_ppl"] > 0
+    assert [(row["steps"], row["schedule"]) for row in result["sweep"]] == \
+        [("2", "uniform"), ("2", "ar"), ("3", "uniform"), ("3", "ar")]
+    assert all(row["evaluations"] == float(row["steps"]) for row in result["sweep"])
+    with pytest.raises(UsageError, match="not an autoregressive run"):
+        evaluate.main(["-mdir", str(diffusion_dir), "--valid", str(valid), "--judge", str(diffusion_dir)])

@@ -76,3 +76,22 @@ def test_flex_attention_self_check_falls_back_to_sdpa_when_the_kernel_fails(monk
     monkeypatch.setattr(model, "packed_attention", broken)
     with pytest.warns(UserWarning, match="using SDPA"):
         assert not model.flex_attention_works(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_causal_model_never_sees_later_tokens_nor_other_sequences(attention):
+    model = small_model(vocab_size=50, causal=True).eval()
+    model.attention = attention
+    x, c_noise = torch.randn(1, 10, 16), torch.zeros(1, 10)
+    changed = x.clone()
+    changed[0, 6:] = torch.randn(4, 16)  # a different future
+    with torch.no_grad():
+        before, after = model(x, c_noise), model(changed, c_noise)
+        torch.testing.assert_close(after[0, :6], before[0, :6])
+        assert not torch.allclose(after[0, 6:], before[0, 6:])
+        segment_ids = torch.tensor([[1] * 4 + [2] * 6])  # two packed sequences: the second alone is the same
+        packed = model(x, c_noise, segment_ids)
+        alone = model(x[:, 4:], c_noise[:, 4:])
+        torch.testing.assert_close(packed[0, 4:], alone[0], atol=1e-5, rtol=1e-5)
+    assert segment_mask(torch.tensor([[1, 1, 2]]), causal=True)[0, 0].tolist() == \
+        [[True, False, False], [True, True, False], [False, False, True]]
