@@ -20,7 +20,8 @@ import torch
 
 import sample
 from data import decode_line, sample_layout, sample_rows
-from diffusion import autoregressive_loss, autoregressive_targets, generate, network_logits, nll_bound, rho_schedule
+from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, generate, network_logits,
+                       nll_bound, rho_schedule)
 from sample import load_model
 from utils import UsageError, die, keep_freed_memory, resolve_device, seed_all
 
@@ -45,7 +46,7 @@ def read_lines(path, tokenizer, length, max_lines):
             if len(lines) == max_lines:
                 break
     if not lines:
-        raise UsageError(f"--valid {path}: no line fits the training rows of {length} tokens")
+        raise UsageError(f"--valid {path}: no non-blank line that fits the training rows of {length} tokens")
     return lines, skipped
 
 
@@ -189,11 +190,18 @@ SWEEP_KEYS = ("steps", "schedule", "sampler")
 
 
 def parse_sweep(text):
-    """--sweep KEY=V1,V2,...: (key, [values]) for a key of SWEEP_KEYS."""
+    """--sweep KEY=V1,V2,...: (key, [values]) for a key of SWEEP_KEYS, each value checked."""
     key, _, values = text.partition("=")
     if key not in SWEEP_KEYS or not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=V1,V2 with KEY one of {', '.join(SWEEP_KEYS)}")
-    return key, values.split(",")
+    allowed = {"schedule": SCHEDULES, "sampler": SAMPLERS}.get(key)
+    values = values.split(",")
+    for value in values:
+        if allowed is None and not (value.isdigit() and int(value) >= 1):
+            raise argparse.ArgumentTypeError(f"{text!r}: steps are whole numbers of at least 1, not {value!r}")
+        if allowed is not None and value not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not one of {', '.join(allowed)}")
+    return key, [int(v) for v in values] if allowed is None else values
 
 
 def parse_args(argv=None):
@@ -204,13 +212,14 @@ def parse_args(argv=None):
     p.add_argument("--ema", help="use the EMA weights of this rate (e.g. 0.999) instead of the raw weights")
     p.add_argument("--draws", type=int, default=16, help="Monte Carlo draws of sigma per line for the bound")
     p.add_argument("--max_lines", type=int, default=2000, help="lines read from --valid (0: all)")
-    p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve, log-spaced")
+    p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve (spaced by rho 7)")
     p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar, same tokenizer) "
                                    "that scores samples and valid lines")
     p.add_argument("--samples", type=int, default=0, help="unconditional samples to score (64 with --sweep)")
-    p.add_argument("--sampler", default="iterative", help="sampler of the samples, as in sample.py")
+    p.add_argument("--sampler", choices=SAMPLERS, default="iterative", help="sampler of the samples, as in sample.py")
     p.add_argument("--steps", type=int, default=200, help="sampler steps of the samples")
-    p.add_argument("--schedule", default="uniform", help="per-token schedule of the samples, as in sample.py")
+    p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
+                   help="per-token schedule of the samples, as in sample.py")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler)")
     p.add_argument("--plot", help="PNG of the cross-entropy curve (default: MODEL_DIR/ce_by_sigma.png)")
@@ -219,8 +228,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    if args.draws < 2 or args.sigmas < 2 or args.batch_size < 1 or args.max_lines < 0 or args.samples < 0:
-        p.error("--draws and --sigmas must be at least 2, --batch_size at least 1, --max_lines and --samples 0 or more")
+    if args.draws < 2 or args.sigmas < 2 or args.batch_size < 1 or args.max_lines < 0 or args.samples < 0 \
+            or args.steps < 1:
+        p.error("--draws and --sigmas must be at least 2, --batch_size and --steps at least 1, --max_lines and "
+                "--samples 0 or more")
+    keys = [key for key, _ in args.sweep or []]
+    if len(set(keys)) < len(keys):
+        p.error("--sweep: give each key once, with all its values (steps=16,32)")
     if args.sweep and not args.samples:
         args.samples = 64
     return args
@@ -247,6 +261,9 @@ def evaluate(args, device):
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
     args.pad_id = tokenizer.pad_id
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
+    if model.cfg.causal and (args.samples or args.sweep):
+        raise UsageError(f"{args.model_dir}: an autoregressive run; --samples and --sweep score a diffusion run's "
+                         "samples")
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, device)
     generator = torch.Generator().manual_seed(args.seed)
     chars = sum(c for _, c in lines)

@@ -66,7 +66,7 @@ def parse_args(argv=None):
     arch.add_argument("-nh", "--num_heads", type=int, help="attention heads")
     arch.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
                       help="diffusion (this project's model) or ar: the autoregressive baseline, same backbone with "
-                           "causal attention and no noise, for eval.py's comparison and judge")
+                           "causal attention and no noise, for eval.py's comparison and judge (no length expansion)")
     arch.add_argument("-dop", "--dropout_prob", type=float, default=0.0, help="dropout in every block (default 0)")
 
     opt = p.add_argument_group("optimisation")
@@ -118,6 +118,8 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.objective == "ar":  # length expansion's pads after eos would be trivial next-token targets
+        args.expand_prob = 0.0
     problem = check_args(args)
     if problem:
         p.error(problem)
@@ -314,8 +316,9 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
             print(f"warning: {message}", file=sys.stderr)
 
     config = dataclasses.asdict(model.cfg)
-    if checkpoint["config"] != config:
-        changed = {k: (v, config.get(k)) for k, v in checkpoint["config"].items() if config.get(k) != v}
+    saved = {**dataclasses.asdict(ModelConfig()), **checkpoint["config"]}  # fields added since read as defaults
+    if saved != config:
+        changed = {k: (v, config.get(k)) for k, v in saved.items() if config.get(k) != v}
         raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
     loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before any warning

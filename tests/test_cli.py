@@ -233,3 +233,13 @@ def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, cor
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
     with pytest.raises(Exception, match="--seed 5: the run was started with --seed 1"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "3", "--seed", "5")
+
+
+def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corpus_file, spm_path):
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
+    path = model_dir / "ckpt.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["causal"]  # as written before the autoregressive baseline existed
+    torch.save(checkpoint, path)
+    assert run_train(corpus_file, spm_path, model_dir, "--max_steps", "4")["step"] == 4

@@ -145,7 +145,28 @@ def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorise
     result = json.loads(capsys.readouterr().out)
     assert result["valid_gen_ppl"] == pytest.approx(result["judge"]["perplexity"]) and result["gen_ppl"] > 0
     assert [(row["steps"], row["schedule"]) for row in result["sweep"]] == \
-        [("2", "uniform"), ("2", "ar"), ("3", "uniform"), ("3", "ar")]
+        [(2, "uniform"), (2, "ar"), (3, "uniform"), (3, "ar")]
     assert all(row["evaluations"] == float(row["steps"]) for row in result["sweep"])
     with pytest.raises(UsageError, match="not an autoregressive run"):
         evaluate.main(["-mdir", str(diffusion_dir), "--valid", str(valid), "--judge", str(diffusion_dir)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep", "steps=abc"], "steps are whole numbers"),
+    (["--sweep", "schedule=nope"], "'nope' is not one of"),
+    (["--sweep", "steps=2", "--sweep", "steps=3"], "give each key once"),
+    (["--sweep", "colour=red"], "KEY one of"),
+])
+def test_bad_sweeps_are_refused_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["-mdir", "x", "--valid", "y", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_an_autoregressive_run_has_no_samples_to_score(memorised_ar_run, tmp_path):
+    model_dir, lines = memorised_ar_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match="--samples and --sweep score a diffusion run"):
+        evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2"])
+    assert json.load(open(model_dir / "args.json"))["expand_prob"] == 0.0  # no pads after eos to predict
