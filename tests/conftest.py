@@ -69,25 +69,26 @@ def run_train(corpus, spm, model_dir, *extra):
     return torch.load(os.path.join(model_dir, "ckpt.pt"), weights_only=True)
 
 
+def train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, name, *flags):
+    """A run of train.py on the first four WordNet lines with `flags`: (run folder, the four lines)."""
+    lines = wordnet_lines[:4]
+    folder = tmp_path_factory.mktemp(name)
+    corpus = folder / "four.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    run_train(str(corpus), spm_path, folder / "run", "-dim", "64", "-lr", "5e-3", "--log_interval", "20", "-ema", "",
+              *flags)
+    return folder / "run", lines
+
+
 @pytest.fixture(scope="session")
 def memorised_run(tmp_path_factory, wordnet_lines, spm_path):
     """A tiny model trained to memorise four WordNet lines (about 8 s): (run folder, the four lines)."""
-    lines = wordnet_lines[:4]
-    folder = tmp_path_factory.mktemp("memorised")
-    corpus = folder / "four.txt"
-    corpus.write_text("\n".join(lines) + "\n")
-    run_train(str(corpus), spm_path, folder / "run", "--max_steps", "400", "-smax", "5", "-dim", "64", "-lr", "5e-3",
-              "--expand_prob", "0.5", "--log_interval", "20", "-ema", "")
-    return folder / "run", lines
+    return train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, "memorised", "--max_steps", "400", "-smax",
+                               "5", "--expand_prob", "0.5")
 
 
 @pytest.fixture(scope="session")
 def memorised_ar_run(tmp_path_factory, wordnet_lines, spm_path):
     """The autoregressive baseline trained on the same four lines (about 5 s): (run folder, the four lines)."""
-    lines = wordnet_lines[:4]
-    folder = tmp_path_factory.mktemp("memorised_ar")
-    corpus = folder / "four.txt"
-    corpus.write_text("\n".join(lines) + "\n")
-    run_train(str(corpus), spm_path, folder / "run", "--objective", "ar", "--max_steps", "200", "-dim", "64",
-              "-lr", "5e-3", "--log_interval", "20", "-ema", "")
-    return folder / "run", lines
+    return train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, "memorised_ar", "--objective", "ar",
+                               "--max_steps", "200")
