@@ -133,6 +133,8 @@ def bench_sample(args):
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
         model, tokenizer, sampling = sample.load_model(args.model_dir, device=device)
+        if model.cfg.causal:
+            raise UsageError(f"-mdir {args.model_dir}: an autoregressive run; the samplers need a diffusion run")
         sigma_min, sigma_max, what = sampling["sigma_min"], sampling["sigma_max"], args.model_dir
         bos, pad = tokenizer.bos_id, tokenizer.pad_id
     else:

@@ -162,13 +162,21 @@ def score_samples(sequences, tokenizer, judge, args, device):
     return result
 
 
-def plot_curve(curve, path):
-    """Draw cross-entropy and accuracy against sigma to `path`; returns False without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curve(curve, path):
+    """Draw cross-entropy and accuracy against sigma to `path`; returns False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     sigmas = [point["sigma"] for point in curve]
@@ -248,7 +256,10 @@ def sample_flags(args, **override):
 
 def load_judge(path, tokenizer, device):
     """The judge: a causal run sharing the evaluated run's tokenizer; UsageError otherwise."""
-    judge, judge_tokenizer, _ = load_model(path, device=device)
+    try:
+        judge, judge_tokenizer, _ = load_model(path, device=device)
+    except UsageError as e:
+        raise UsageError(f"--judge {path}: {e}") from None
     if not judge.cfg.causal:
         raise UsageError(f"--judge {path}: not an autoregressive run (train it with --objective ar)")
     if judge_tokenizer.model_proto != tokenizer.model_proto:
@@ -309,11 +320,8 @@ def evaluate(args, device):
 def plot_sweep(rows, path):
     """Generative perplexity (or, without a judge, entropy) against network evaluations, one labelled point a
     setting; returns False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     key = "gen_ppl" if "gen_ppl" in rows[0] else "entropy"
     fig, ax = plt.subplots(figsize=(6, 4))
