@@ -92,13 +92,15 @@ def bench_train(args):
     runner = train.training_runner(model, targs)
     optimizer = train.build_optimizer(model, targs)
     scaler = torch.amp.GradScaler(device.type, enabled=targs.precision == "fp16")
+    warp = train.build_warp(targs, device)
     keys = []
     try:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 sync(device)
                 started, tokens = time.perf_counter(), 0
-            status, stats = train.optimizer_step(model, optimizer, scaler, {}, loader, targs, device, step, runner)
+            status, stats = train.optimizer_step(model, optimizer, scaler, {}, loader, targs, device, step, runner,
+                                                 warp)
             if step >= args.warmup:
                 tokens += stats["tokens"]
         sync(device)

@@ -1,7 +1,7 @@
 """The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training loss,
 the samplers, the per-token sampling schedules and generate(), which drives them. The network is received as an
-argument (anything with `cfg.embedding_dim`, `embed`, `embedding_table` and `__call__(x, c_noise, segment_ids) ->
-logits`); model.py is never imported here.
+argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `embed`, `embedding_table` and
+`__call__(x, c_noise, segment_ids, self_cond) -> logits`); model.py is never imported here.
 
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
 at its clean embedding). Process maths runs in float32 (float64 on request) whatever the network's precision.
@@ -26,14 +26,119 @@ def rho_schedule(u, sigma_min, sigma_max, rho):
     return (sigma_max ** inv_rho + u * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
 
 
-def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None):
-    """Training noise levels (B, L) float32 from u ~ U(0, 1) through rho_schedule: one level per packed
-    sequence (all tokens sharing a segment id share it), or, with `per_token`, an independent level at every
-    position (multi-level diffusion, after AR-Diffusion, Wu et al. 2023)."""
+def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None, warp=None):
+    """Training noise levels (B, L) float32 from u ~ U(0, 1) through rho_schedule, or through `warp` (a fitted
+    TimeWarp) when given: one level per packed sequence (all tokens sharing a segment id share it), or, with
+    `per_token`, an independent level at every position (multi-level diffusion, after AR-Diffusion, Wu et al. 2023)."""
     B, L = segment_ids.shape
     u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
     u = u[:, :L] if per_token else u.gather(1, segment_ids)
-    return rho_schedule(u, sigma_min, sigma_max, rho)
+    return rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)
+
+
+def pool_adjacent_violators(values, weights):
+    """The non-decreasing sequence closest to `values` in weighted least squares (isotonic regression by pooling
+    adjacent violators, Ayer et al. 1955); values with weight 0 take their neighbours' level. Lists of floats in,
+    a list out."""
+    blocks = []  # [weighted mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and (blocks[-1][1] == 0 or blocks[-2][1] == 0 or blocks[-2][0] > blocks[-1][0]):
+            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2) if w1 + w2 else m1, w1 + w2, n1 + n2]
+    return [mean for mean, _, length in blocks for _ in range(length)]
+
+
+class TimeWarp:
+    """CDCD's time warping (Dieleman et al. 2022, section 4), fitted online: training draws noise levels so that
+    the cross-entropy rises evenly with the drawn quantile, i.e. each level in proportion to how fast the loss
+    changes there (how much is decided there).
+
+    Levels are placed on a base coordinate s in [0, 1], sigma(s) = rho_schedule(1 - s, ...) (the unwarped training
+    spacing), cut into `bins` equal bins. observe() adds each step's per-token cross-entropy to its bin on the
+    device; fit() (every few steps, one host sync) folds those sums into decayed running totals (decay per fit),
+    takes the non-decreasing fit of the bins' mean losses (pool_adjacent_violators), normalises it to a CDF F(s)
+    from 0 to 1, piecewise linear through the bin centres, and mixes in a `floor` share of the uniform CDF, so
+    that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone,
+    piecewise-linear-in-s map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is
+    flat, F(s) = s (no warp). state_dict() holds every tensor, so a resumed run draws what a straight one would.
+    """
+
+    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, device="cpu"):
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self.bins, self.decay, self.floor = bins, decay, floor
+        self.sums, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+        self.window = torch.zeros(2, bins, device=device)  # this fit's summed cross-entropy and tokens per bin
+        centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+        self.s_knots = torch.cat([torch.zeros(1, dtype=torch.float64), centres, torch.ones(1, dtype=torch.float64)])
+        self.cdf_knots = self.s_knots.clone()  # F(s) at s_knots: the identity until the first fit
+
+    def coordinate(self, sigma):
+        """The base coordinate s in [0, 1] of levels sigma (any shape): 0 at sigma_min, 1 at sigma_max."""
+        inv_rho = 1.0 / self.rho
+        low, high = self.sigma_min ** inv_rho, self.sigma_max ** inv_rho
+        return ((sigma.clamp(self.sigma_min, self.sigma_max) ** inv_rho - low) / (high - low)).clamp(0.0, 1.0)
+
+    def __call__(self, u):
+        """Levels sigma = sigma(F^-1(u)) for u in [0, 1], same shape and dtype as u (float)."""
+        cdf, s_knots = self.cdf_knots.to(u.device, torch.float64), self.s_knots.to(u.device, torch.float64)
+        u64 = u.double().clamp(0.0, 1.0)
+        hi = torch.searchsorted(cdf, u64.contiguous(), right=True).clamp(1, len(cdf) - 1)
+        lo = hi - 1
+        w = (u64 - cdf[lo]) / (cdf[hi] - cdf[lo])  # the floor keeps every slope positive
+        s = s_knots[lo] + w * (s_knots[hi] - s_knots[lo])
+        return rho_schedule(1.0 - s, self.sigma_min, self.sigma_max, self.rho).to(u.dtype)
+
+    def observe(self, sigma, ce, weight):
+        """Add per-token cross-entropies (nats) ce at levels sigma, counted with weight (1 for a loss position, 0
+        otherwise), to this fit's bins; all (B, L), on the device, without a host sync."""
+        index = (self.coordinate(sigma.detach().float()) * self.bins).long().clamp(0, self.bins - 1).flatten()
+        weight = weight.float().flatten()
+        self.window[0].index_add_(0, index, ce.detach().float().flatten() * weight)
+        self.window[1].index_add_(0, index, weight)
+
+    def fit(self):
+        """Fold the observed window into the running totals and refit F (a host sync); the window restarts."""
+        window = self.window.double().cpu()
+        self.sums = self.decay * self.sums + window[0]
+        self.counts = self.decay * self.counts + window[1]
+        self.window.zero_()
+        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
+        level = pool_adjacent_violators(means, self.counts.tolist())  # CE at the bin centres, non-decreasing
+        rise = level[-1] - level[0]
+        cdf = torch.tensor([(v - level[0]) / rise if rise > 0 else c for v, c in zip(level, self.s_knots[1:-1].tolist())],
+                           dtype=torch.float64)
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), cdf, torch.ones(1, dtype=torch.float64)])
+        self.cdf_knots = (1 - self.floor) * cdf + self.floor * self.s_knots
+
+    def fitted_loss(self):
+        """(sigma at the bin centres, mean observed cross-entropy, its non-decreasing fit), lists of floats, for
+        plots; bins never observed are left out."""
+        seen = (self.counts > 0).tolist()
+        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
+        level = pool_adjacent_violators(means, self.counts.tolist())
+        sigmas = rho_schedule(1.0 - self.s_knots[1:-1], self.sigma_min, self.sigma_max, self.rho).tolist()
+        return tuple([v for v, keep in zip(values, seen) if keep] for values in (sigmas, means, level))
+
+    def state_dict(self):
+        """Everything that defines the warp and its fit, as plain floats and CPU tensors (checkpoint-safe)."""
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "bins": self.bins,
+                "decay": self.decay, "floor": self.floor, "sums": self.sums.clone(), "counts": self.counts.clone(),
+                "window": self.window.cpu().clone(), "cdf_knots": self.cdf_knots.clone()}
+
+    def load_state_dict(self, state):
+        """Take the fit of state_dict() (of a warp with the same bins)."""
+        self.sums, self.counts = state["sums"].double().clone(), state["counts"].double().clone()
+        self.window.copy_(state["window"])
+        self.cdf_knots = state["cdf_knots"].double().clone()
+
+    @classmethod
+    def from_state_dict(cls, state, device="cpu"):
+        """The TimeWarp that state_dict() described."""
+        warp = cls(state["sigma_min"], state["sigma_max"], state["rho"], state["bins"], state["decay"],
+                   state["floor"], device)
+        warp.load_state_dict(state)
+        return warp
 
 
 def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
@@ -52,10 +157,26 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
     return c_in, c_noise
 
 
-def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
-    """The preconditioned network: logits (B, L, V) float32 for noisy embeddings x (B, L, E) at levels sigma (B, L)."""
+def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None):
+    """The preconditioned network: logits (B, L, V) float32 for noisy embeddings x (B, L, E) at levels sigma (B, L),
+    given a previous estimate of the clean embeddings self_cond (B, L, E) or None (read by self-conditioned
+    models only)."""
     c_in, c_noise = edm_preconditioning(sigma, sigma_data)
-    return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids).float()
+    if self_cond is None:  # keeps the signature of networks without self-conditioning
+        return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids).float()
+    return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids, self_cond.float()).float()
+
+
+def denoiser_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
+    """The logits of the denoiser evaluated afresh, with no earlier estimate (likelihood bound, loss curves):
+    network_logits, and for a self-conditioned model a first pass without an estimate whose score-interpolated
+    output feeds a second pass (Chen et al. 2022), a function of x alone as the bound requires. (B, L, V) float32."""
+    if not model.cfg.self_cond:
+        return network_logits(model, x, sigma, segment_ids, sigma_data)
+    with torch.no_grad():
+        first = network_logits(model, x, sigma, segment_ids, sigma_data)
+        estimate = score_interpolation(first, x, sigma, model.embedding_table())
+    return network_logits(model, x, sigma, segment_ids, sigma_data, estimate)
 
 
 def score_interpolation(logits, x, sigma, table):
@@ -70,25 +191,33 @@ def score_interpolation(logits, x, sigma, table):
 def denoise(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
     """The denoiser D(x; sigma) by score interpolation: x (B, L, E) float, sigma (B, L) float ->
     denoised (B, L, E) float32, exactly x where sigma = 0."""
-    logits = network_logits(model, x, sigma, segment_ids, sigma_data)
+    logits = denoiser_logits(model, x, sigma, segment_ids, sigma_data)
     return score_interpolation(logits, x, sigma, model.embedding_table())
 
 
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
-                             return_logits=False):
+                             return_logits=False, self_cond=False):
     """Per-token cross-entropy in nats, (B, L) float32, unreduced (CDCD's loss); with return_logits, also the
     logits (B, L, V) float32 it was computed from.
 
     ids (B, L) int64 clean tokens; sigma (B,) or (B, L) float noise levels (a per-sequence level is
     broadcast over the row); noise (B, L, E) standard normal; cond_mask (B, L) bool positions held clean
-    (their sigma is set to 0). The caller masks out conditioned and fill positions when reducing.
+    (their sigma is set to 0). With self_cond (a self-conditioned model's share of batches), a first pass without
+    gradient supplies the estimate of the clean embeddings that the second, trained pass reads (Chen et al. 2022,
+    Analog Bits, sec. 3.2); otherwise the model reads none. The caller masks out conditioned and fill positions
+    when reducing.
     """
     if sigma.ndim == 1:
         sigma = sigma[:, None].expand(ids.shape)
     if cond_mask is not None:
         sigma = sigma.masked_fill(cond_mask, 0.0)
     x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
-    logits = network_logits(model, x, sigma, segment_ids, sigma_data)  # (B, L, V)
+    estimate = None
+    if self_cond:
+        with torch.no_grad():
+            first = network_logits(model, x, sigma, segment_ids, sigma_data)
+            estimate = score_interpolation(first, x, sigma, model.embedding_table())  # (B, L, E), clean where held
+    logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate)  # (B, L, V)
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)  # softmax over
     # the contiguous last dimension: on the CPU about twice as fast as over dim 1 of a transposed view
     return (ce, logits) if return_logits else ce
@@ -128,7 +257,7 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
                    + KL(q(z_sigma_max | x) || N(0, (sigma_max^2 + sigma_data^2) I))   (prior)
                    + 1/2 int_{sigma_min}^{sigma_max} -SNR'(sigma) E_eps |x - D(z_sigma; sigma)|^2 dsigma,
     and -SNR'(sigma) = 2 sigma^-3, so the diffusion term is int sigma^-3 E|x - D(z_sigma; sigma)|^2 dsigma, with
-    D the score-interpolation denoiser. The decoder p(w | z) is the network's softmax at sigma_min (its
+    D the score-interpolation denoiser (for a self-conditioned model, denoiser_logits' two passes). The decoder p(w | z) is the network's softmax at sigma_min (its
     cross-entropy there). The prior term per free token, with e its embedding, is
     1/2 [(E sigma_max^2 + |e|^2) / s^2 - E + E ln(s^2 / sigma_max^2)], s^2 = sigma_max^2 + sigma_data^2
     (= E/2 ln(1 + sigma_data^2 / sigma_max^2) for |e|^2 = E sigma_data^2).
@@ -160,7 +289,7 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
             sigma_tok = torch.where(free, level[:, None], 0.0)  # (B, L)
             eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(ids.device)
             z = x + append_dims(sigma_tok, 3) * eps
-            logits = network_logits(model, z, sigma_tok, segment_ids, sigma_data).double()  # (B, L, V)
+            logits = denoiser_logits(model, z, sigma_tok, segment_ids, sigma_data).double()  # (B, L, V)
             if diffusion_term:
                 denoised = score_interpolation(logits, z, sigma_tok, model.embedding_table().double())
                 error = (((x - denoised) ** 2).sum(-1) * free).sum(-1)  # (B,)
@@ -245,8 +374,9 @@ class ScheduleState:
     being generated; `rank` (float32) each free position's place in its row, 0 for the first, 1 for the last;
     `t` (float64) each position's progress, 0 at sigma_max and 1 at sigma_min; and after the first network
     evaluation `confidence` (float) the top probability of each position's latest prediction, `argmax` (int64)
-    its token, `stable` (bool) whether that argmax equals the one of the evaluation before. `u` is the uniform
-    progress so far, a float in [0, 1]."""
+    its token, `stable` (bool) whether that argmax equals the one of the evaluation before, and `denoised`
+    (B, L, E) the latest estimate of the clean embeddings (what a self-conditioned model reads next). `u` is the
+    uniform progress so far, a float in [0, 1]."""
     free: torch.Tensor
     rank: torch.Tensor
     t: torch.Tensor
@@ -254,6 +384,7 @@ class ScheduleState:
     confidence: torch.Tensor = None
     argmax: torch.Tensor = None
     stable: torch.Tensor = None
+    denoised: torch.Tensor = None
 
     @classmethod
     def start(cls, cond_mask):
@@ -313,12 +444,14 @@ def advance(schedule, u, state):
     return torch.maximum(schedule(u, state).to(state.t.dtype), state.t).clamp_max(1.0)
 
 
-def noise_levels(t, free, sigma_min, sigma_max, rho, dtype=torch.float32):
-    """Per-token sigma (B, L) `dtype` at progress t (B, L): rho_schedule on free positions, 0 on the others."""
-    return torch.where(free, rho_schedule(t, sigma_min, sigma_max, rho), 0.0).to(dtype)
+def noise_levels(t, free, sigma_min, sigma_max, rho, dtype=torch.float32, warp=None):
+    """Per-token sigma (B, L) `dtype` at progress t (B, L): rho_schedule on free positions, or with a TimeWarp
+    `warp` the training warp's level warp(1 - t) (CDCD's warped sampling grid); 0 on the others."""
+    sigma = rho_schedule(t, sigma_min, sigma_max, rho) if warp is None else warp(1.0 - t)
+    return torch.where(free, sigma, 0.0).to(dtype)
 
 
-def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho):
+def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho, warp=None):
     """The levels (steps + 1, B, L) float32 that `schedule` gives a batch, step by step: sigma_max on free
     positions at first, sigma_min at index steps - 1 (for steps >= 2), then 0; 0 throughout on conditioned ones.
     For a schedule that reads predictions (confidence) these are the levels when no position turns confident.
@@ -326,29 +459,32 @@ def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho):
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     state = ScheduleState.start(cond_mask)
-    levels = [noise_levels(state.t, state.free, sigma_min, sigma_max, rho)]
+    levels = [noise_levels(state.t, state.free, sigma_min, sigma_max, rho, warp=warp)]
     for i in range(1, steps):
         state.t, state.u = advance(schedule, i / (steps - 1), state), i / (steps - 1)
-        levels.append(noise_levels(state.t, state.free, sigma_min, sigma_max, rho))
+        levels.append(noise_levels(state.t, state.free, sigma_min, sigma_max, rho, warp=warp))
     return torch.stack(levels + [torch.zeros_like(levels[0])])
 
 
 @torch.no_grad()
 def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sigma_max, rho, segment_ids=None,
              early_exit=None, exit_confidence=0.5, precision="fp32", dtype=torch.float32, callback=None,
-             sigma_data=SIGMA_DATA):
+             sigma_data=SIGMA_DATA, warp=None):
     """Sample the free positions of a batch; conditioned ids come back exactly as given.
 
     ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; seeds: B ints, one noise
     generator per row, so that a sample does not depend on its batch (EDM's StackedRandomGenerator); step: a
     SAMPLERS function with its parameters bound; schedule: a SCHEDULES function likewise; `steps` steps on the
-    progress grid u = i / (steps - 1), the last from sigma_min to 0; segment_ids (B, L) int or None for rows
+    progress grid u = i / (steps - 1), the last from sigma_min to 0; progress t becomes sigma through
+    rho_schedule(t, sigma_min, sigma_max, rho), or, with a TimeWarp `warp`, through the training warp (noise_levels);
+    segment_ids (B, L) int or None for rows
     shorter than the batch (attention stays within equal ids). early_exit K: a row stops once its argmax tokens
     have not changed for K steps in a row (the patience criterion of Lo Cicero Vaina et al. 2023), counting
     only steps whose latest prediction has a mean top probability over the free positions of at least
     exit_confidence: near sigma_max the prediction barely depends on x, so its argmax stands still long before
     anything is decided (0 counts every step). The network runs under `precision`'s autocast; x, sigma, the
-    softmax and score interpolation in `dtype` (torch.float32 or torch.float64). callback(i, rows, tokens, sigma),
+    softmax and score interpolation in `dtype` (torch.float32 or torch.float64). A self-conditioned model reads
+    the estimate of the row's previous network evaluation (none at the first). callback(i, rows, tokens, sigma),
     if given, sees every step i: the rows still sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
 
     Each free token is the argmax of its logits at the last evaluation where its sigma was above 0 (CDCD decodes
@@ -372,24 +508,26 @@ def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sig
         return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(device)  # (b, L, E), any device alike
 
     def denoiser(x, sigma):
+        estimate = state.denoised if model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
         with autocast(device, precision):
-            logits = network_logits(model, x, sigma, segment_ids, sigma_data)
+            logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate)
         probs = logits.to(dtype).softmax(dim=-1)  # (b, L, V)
         confidence, argmax = probs.max(dim=-1)
         state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
         state.confidence, state.argmax = confidence, argmax
         tokens.copy_(torch.where(sigma > 0, argmax, tokens))
         evaluations[rows] += 1
-        return torch.where(append_dims(sigma == 0, x.ndim), x, probs @ table)
+        state.denoised = torch.where(append_dims(sigma == 0, x.ndim), x, probs @ table)
+        return state.denoised
 
-    sigma = noise_levels(state.t, state.free, sigma_min, sigma_max, rho, dtype)
+    sigma = noise_levels(state.t, state.free, sigma_min, sigma_max, rho, dtype, warp)
     x = model.embed(ids).to(dtype) * append_dims(cond_mask, 3) + append_dims(sigma, 3) * noise()  # (B, L, E)
     for i in range(steps):
         last = i == steps - 1
         u = 1.0 if last else (i + 1) / (steps - 1)
         t_next = advance(schedule, u, state)
         sigma_next = torch.zeros_like(sigma) if last else noise_levels(t_next, state.free, sigma_min, sigma_max, rho,
-                                                                       dtype)
+                                                                       dtype, warp)
         before = tokens.clone()
         x = step(denoiser, x, sigma, sigma_next, noise)
         sigma, state.t, state.u = sigma_next, t_next, u

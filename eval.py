@@ -20,7 +20,7 @@ import torch
 
 import sample
 from data import decode_line, sample_layout, sample_rows
-from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, generate, network_logits,
+from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, generate,
                        nll_bound, rho_schedule)
 from sample import load_model
 from utils import UsageError, die, keep_freed_memory, resolve_device, seed_all
@@ -85,7 +85,7 @@ def ce_by_sigma(model, lines, sigmas, args, device, generator):
             free = ~cond_mask
             level = torch.where(free, sigma, 0.0)  # (B, L)
             noise = torch.randn(*ids.shape, model.cfg.embedding_dim, generator=generator).to(device)
-            logits = network_logits(model, model.embed(ids) + level[..., None] * noise, level, segment_ids)
+            logits = denoiser_logits(model, model.embed(ids) + level[..., None] * noise, level, segment_ids)
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")
             ce += float((nll.view(ids.shape) * free).sum())
             correct += float(((logits.argmax(-1) == ids) & free).sum())
@@ -136,6 +136,7 @@ def draw_samples(model, tokenizer, sampling, flags, n, seed, device):
     args = sample.parse_args(["-mdir", "unused", *flags])
     layout = sample_layout(tokenizer, [None], sampling["sequence_length"])
     step, schedule = sample.build_step(args), sample.build_schedule(args)
+    warp = sample.grid_warp(args, sampling, "the evaluated run")
     sequences, evaluations = [], 0
     for start in range(0, n, args.batch_size):
         count = min(args.batch_size, n - start)
@@ -143,7 +144,7 @@ def draw_samples(model, tokenizer, sampling, flags, n, seed, device):
         seeds = [sample.sample_seed(seed, i) for i in range(start, start + count)]
         out, evals, _ = generate(model, step, schedule, ids.to(device), cond_mask.to(device), seeds, args.steps,
                                  sampling["sigma_min"], sampling["sigma_max"], args.rho, early_exit=args.early_exit,
-                                 exit_confidence=args.exit_confidence, precision=args.precision)
+                                 exit_confidence=args.exit_confidence, precision=args.precision, warp=warp)
         evaluations += int(evals.sum())
         for row in out.tolist():
             end = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row else len(row)
@@ -194,7 +195,7 @@ def plot_curve(curve, path):
     return True
 
 
-SWEEP_KEYS = ("steps", "schedule", "sampler")
+SWEEP_KEYS = ("steps", "schedule", "sampler", "grid")
 
 
 def parse_sweep(text):
@@ -202,7 +203,7 @@ def parse_sweep(text):
     key, _, values = text.partition("=")
     if key not in SWEEP_KEYS or not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=V1,V2 with KEY one of {', '.join(SWEEP_KEYS)}")
-    allowed = {"schedule": SCHEDULES, "sampler": SAMPLERS}.get(key)
+    allowed = {"schedule": SCHEDULES, "sampler": SAMPLERS, "grid": sample.GRIDS}.get(key)
     values = values.split(",")
     for value in values:
         if allowed is None and not (value.isdigit() and int(value) >= 1):
@@ -223,15 +224,18 @@ def parse_args(argv=None):
     p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve (spaced by rho 7)")
     p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar, same tokenizer) "
                                    "that scores samples and valid lines")
-    p.add_argument("--samples", type=int, default=0, help="unconditional samples to score (64 with --sweep)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="unconditional samples to score (with --sweep: per setting, default 64)")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative", help="sampler of the samples, as in sample.py")
     p.add_argument("--steps", type=int, default=200, help="sampler steps of the samples")
     p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
                    help="per-token schedule of the samples, as in sample.py")
+    p.add_argument("--grid", choices=sample.GRIDS, default="rho",
+                   help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
-                   help="score samples at every combination of these values (keys: steps, schedule, sampler)")
-    p.add_argument("--plot", help="PNG of the cross-entropy curve (default: MODEL_DIR/ce_by_sigma.png)")
-    p.add_argument("--batch_size", type=int, default=64, help="lines scored at once")
+                   help="score samples at every combination of these values (keys: steps, schedule, sampler, grid)")
+    p.add_argument("--plot_dir", help="folder for ce_by_sigma.png and sweep.png (default: MODEL_DIR)")
+    p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -249,21 +253,28 @@ def parse_args(argv=None):
 
 
 def sample_flags(args, **override):
-    """sample.py flags for the samples: --sampler, --steps and --schedule, with `override` (a sweep's values)."""
-    settings = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, **override}
-    return settings, [f for key, value in settings.items() for f in (f"--{key}", str(value))]
+    """sample.py flags for the samples: --sampler, --steps, --schedule and --grid, with `override` (a sweep's
+    values)."""
+    settings = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid,
+                **override}
+    flags = [f for key, value in settings.items() for f in (f"--{key}", str(value))]
+    return settings, flags + ["--batch_size", str(args.batch_size)]
 
 
-def load_judge(path, tokenizer, device):
-    """The judge: a causal run sharing the evaluated run's tokenizer; UsageError otherwise."""
+def load_judge(path, tokenizer, length, device):
+    """The judge: a causal run sharing the evaluated run's tokenizer; UsageError otherwise. Warns when it was
+    trained on rows shorter than `length`, the evaluated run's (it would score positions it never saw)."""
     try:
-        judge, judge_tokenizer, _ = load_model(path, device=device)
+        judge, judge_tokenizer, judge_sampling = load_model(path, device=device)
     except UsageError as e:
         raise UsageError(f"--judge {path}: {e}") from None
     if not judge.cfg.causal:
         raise UsageError(f"--judge {path}: not an autoregressive run (train it with --objective ar)")
     if judge_tokenizer.model_proto != tokenizer.model_proto:
         raise UsageError(f"--judge {path}: another tokenizer than the evaluated run's")
+    if judge_sampling["sequence_length"] < length:
+        print(f"warning: --judge {path} was trained on rows of {judge_sampling['sequence_length']} tokens, shorter "
+              f"than the {length} of the evaluated run: its scores of later positions mean little", file=sys.stderr)
     return judge
 
 
@@ -275,7 +286,12 @@ def evaluate(args, device):
     if model.cfg.causal and (args.samples or args.sweep):
         raise UsageError(f"{args.model_dir}: an autoregressive run; --samples and --sweep score a diffusion run's "
                          "samples")
-    judge = None if args.judge is None else load_judge(args.judge, tokenizer, device)
+    grids = {args.grid, *dict(args.sweep or []).get("grid", [])} if args.samples else set()
+    if "warped" in grids and sampling["warp"] is None:
+        raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
+    if args.plot_dir and not os.path.isdir(args.plot_dir):
+        raise UsageError(f"--plot_dir {args.plot_dir}: no such folder")
+    judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     generator = torch.Generator().manual_seed(args.seed)
     chars = sum(c for _, c in lines)
     result = {"model_dir": args.model_dir, "objective": "ar" if model.cfg.causal else "diffusion",
@@ -290,7 +306,7 @@ def evaluate(args, device):
         grid = torch.linspace(0, 1, args.sigmas, dtype=torch.float64)
         sigmas = rho_schedule(grid, sampling["sigma_min"], sampling["sigma_max"], 7.0).flip(0).tolist()
         result["ce_by_sigma"] = ce_by_sigma(model, lines, sigmas, args, device, generator)
-        plot = args.plot or os.path.join(args.model_dir, "ce_by_sigma.png")
+        plot = os.path.join(args.plot_dir or args.model_dir, "ce_by_sigma.png")
         result["plot"] = plot if plot_curve(result["ce_by_sigma"], plot) else None
     if judge is not None:
         nats, tokens = sequence_nll(judge, [ids for ids, _ in lines], args.batch_size, tokenizer.pad_id, device)
@@ -298,7 +314,7 @@ def evaluate(args, device):
                            "perplexity": math.exp(nats / tokens), "bits_per_char": nats / chars / math.log(2)}
         result["valid_gen_ppl"] = math.exp(nats / tokens)
         result["valid_entropy"] = sample_metrics([ids[1:-1] for ids, _ in lines])["entropy"]
-    if args.samples and not model.cfg.causal:
+    if args.samples and not args.sweep and not model.cfg.causal:
         settings, flags = sample_flags(args)
         sequences, evaluations = draw_samples(model, tokenizer, sampling, flags, args.samples, args.seed, device)
         result["samples"] = {**settings, "count": args.samples, "evaluations": evaluations,
@@ -312,7 +328,7 @@ def evaluate(args, device):
             sequences, evaluations = draw_samples(model, tokenizer, sampling, flags, args.samples, args.seed, device)
             result["sweep"].append({**settings, "evaluations": evaluations,
                                     **score_samples(sequences, tokenizer, judge, args, device)})
-        sweep_plot = os.path.join(args.model_dir, "sweep.png")
+        sweep_plot = os.path.join(args.plot_dir or args.model_dir, "sweep.png")
         result["sweep_plot"] = sweep_plot if plot_sweep(result["sweep"], sweep_plot) else None
     return result
 
@@ -327,7 +343,8 @@ def plot_sweep(rows, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         ax.scatter(row["evaluations"], row[key])
-        ax.annotate(f"{row['sampler']} {row['schedule']} {row['steps']}", (row["evaluations"], row[key]), fontsize=7)
+        label = f"{row['sampler']} {row['schedule']} {row['steps']}" + (" warped" if row["grid"] == "warped" else "")
+        ax.annotate(label, (row["evaluations"], row[key]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("generative perplexity (judge)" if key == "gen_ppl" else "unigram entropy (nats)")
@@ -359,7 +376,8 @@ def print_table(result):
     rows = ([result["samples"]] if "samples" in result else []) + result.get("sweep", [])
     for row in rows:
         ppl = f"gen-PPL {row['gen_ppl']:.2f}, " if "gen_ppl" in row else ""
-        print(f"samples ({row['sampler']}, {row['schedule']}, {row['steps']} steps, {row['evaluations']:.1f} "
+        print(f"samples ({row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, "
+              f"{row['evaluations']:.1f} "
               f"evaluations): {ppl}entropy {row['entropy']:.3f}, distinct-2 {row['distinct_2']:.3f}, rep-4 "
               f"{row['rep_4']:.3f}, mean length {row['mean_length']:.1f}")
 

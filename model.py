@@ -27,6 +27,7 @@ class ModelConfig:
     time_dim: int = 128       # width of the noise-level MLP that feeds every block's FiLM
     dropout: float = 0.0
     causal: bool = False      # the autoregressive baseline: a token attends to itself and earlier tokens only
+    self_cond: bool = False   # also read a previous estimate of the clean embeddings (self-conditioning)
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -168,10 +169,12 @@ class ScoreLM(nn.Module):
     """Transformer that reads noisy token embeddings and a noise level per token and predicts logits
     for the clean token at every position (CDCD, Dieleman et al. 2022).
 
-    forward(x, c_noise, segment_ids): x (B, L, E) float, the noisy embeddings already scaled by c_in;
+    forward(x, c_noise, segment_ids, self_cond): x (B, L, E) float, the noisy embeddings already scaled by c_in;
     c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
     segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
-    restart in each). Returns logits (B, L, V) in the compute dtype. `attention` picks the kernel for packed
+    restart in each); self_cond (B, L, E) float or None, a previous estimate of the clean embeddings, read by a
+    model built with cfg.self_cond (None reads as zeros: no estimate yet; Chen et al. 2022, Analog Bits, sec. 3.2,
+    as CDCD uses it). Returns logits (B, L, V) in the compute dtype. `attention` picks the kernel for packed
     rows: "auto" (FlexAttention on CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
     """
 
@@ -186,6 +189,8 @@ class ScoreLM(nn.Module):
             nn.Linear(cfg.fourier_dim, cfg.time_dim), nn.SiLU(),
             nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU())
         self.input_proj = nn.Linear(cfg.embedding_dim, cfg.model_dim)
+        # the estimate is concatenated to the input, i.e. its own projection added (no bias: zeros add nothing)
+        self.self_cond_proj = nn.Linear(cfg.embedding_dim, cfg.model_dim, bias=False) if cfg.self_cond else None
         self.rotary = RotaryEmbedding(cfg.model_dim // cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.model_dim)
@@ -215,7 +220,7 @@ class ScoreLM(nn.Module):
         """Normalised embeddings of token ids: (B, L) int64 -> (B, L, E) float32, each of norm sqrt(E)."""
         return F.normalize(self.embedding(ids).float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
 
-    def forward(self, x, c_noise, segment_ids=None):
+    def forward(self, x, c_noise, segment_ids=None, self_cond=None):
         B, L, _ = x.shape
         if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
             segment_ids = torch.ones(B, L, dtype=torch.long, device=x.device)
@@ -231,6 +236,9 @@ class ScoreLM(nn.Module):
             freqs = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
         h = self.input_proj(x)  # (B, L, D)
+        if self.self_cond_proj is not None:  # zeros when there is no estimate: every parameter takes part in
+            # every forward, as DistributedDataParallel requires
+            h = h + self.self_cond_proj(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
         for block in self.blocks:
             h = block(h, time, freqs, mask)
         h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)

@@ -1,4 +1,5 @@
-"""Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG.
+"""Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG, and, for a run
+trained with --time_warp, its fitted warp from the checkpoint to time_warp.png beside it.
 
     python plot.py -mdir out [-o out/metrics.png]
 
@@ -8,7 +9,10 @@ import argparse
 import json
 import os
 
-from utils import UsageError, die
+import torch
+
+from diffusion import TimeWarp, rho_schedule
+from utils import UsageError, die, load_checkpoint
 
 
 def read_metrics(path):
@@ -29,14 +33,20 @@ def read_metrics(path):
     return lines
 
 
-def plot(lines, out_path, title):
-    """Loss (nats) and accuracy against step, one panel each, written to out_path."""
+def pyplot():
+    """matplotlib.pyplot drawing to files; UsageError without matplotlib."""
     try:
         import matplotlib
     except ImportError:
         raise UsageError("plot.py needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only, no screen
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(lines, out_path, title):
+    """Loss (nats) and accuracy against step, one panel each, written to out_path."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key, label in ((axes[0], "loss", "loss (nats)"), (axes[1], "accuracy", "accuracy")):
         points = [(line["step"], line[key]) for line in lines if key in line and "step" in line]
@@ -44,6 +54,31 @@ def plot(lines, out_path, title):
             ax.plot(*zip(*points))
         ax.set_xlabel("step")
         ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_warp(warp, out_path, title):
+    """A TimeWarp's fit: the mean training cross-entropy by sigma with its non-decreasing fit, and the warped
+    sigma(u) that training draws against the unwarped rho spacing, written to out_path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    sigmas, means, fitted = warp.fitted_loss()
+    axes[0].plot(sigmas, means, ".", label="mean cross-entropy")
+    axes[0].plot(sigmas, fitted, label="monotone fit")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("sigma")
+    axes[0].set_ylabel("cross-entropy (nats)")
+    u = torch.linspace(0, 1, 201, dtype=torch.float64)
+    axes[1].plot(u, warp(u), label="warped (drawn in training)")
+    axes[1].plot(u, rho_schedule(1 - u, warp.sigma_min, warp.sigma_max, warp.rho), "--", label="unwarped")
+    axes[1].set_xlabel("u ~ U(0, 1)")
+    axes[1].set_ylabel("sigma")
+    for ax in axes:
+        ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -66,6 +101,12 @@ def main(argv=None):
         raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
     plot(read_metrics(os.path.join(args.model_dir, "metrics.jsonl")), out_path, args.model_dir)
     print(out_path)
+    checkpoint = os.path.join(args.model_dir, "ckpt.pt")
+    warp = load_checkpoint(checkpoint).get("time_warp") if os.path.isfile(checkpoint) else None
+    if warp:
+        warp_path = os.path.join(os.path.dirname(out_path), "time_warp" + os.path.splitext(out_path)[1])
+        plot_warp(TimeWarp.from_state_dict(warp), warp_path, f"{args.model_dir}: time warp")
+        print(warp_path)
 
 
 if __name__ == "__main__":

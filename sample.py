@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from data import MAX_SAMPLE_LENGTH, Tokenizer, decode_line, parse_template, sample_layout, sample_rows
-from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, ar_schedule, confidence_schedule, generate, stochastic_step
+from diffusion import (SAMPLERS, SAMPLING_RHO, SCHEDULES, TimeWarp, ar_schedule, confidence_schedule, generate,
+                       stochastic_step)
 from model import ModelConfig, ScoreLM
 from utils import (PRECISIONS, UsageError, die, keep_freed_memory, load_checkpoint, load_state_dict_strict,
                    resolve_device)
@@ -50,7 +51,9 @@ def load_model(model_dir, ema=None, device="cpu"):
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
                          f"{model.cfg.vocab_size}")
-    return model.to(device).eval(), tokenizer, checkpoint["sampling"]
+    warp = checkpoint.get("time_warp")
+    return model.to(device).eval(), tokenizer, {**checkpoint["sampling"],
+                                                "warp": warp and TimeWarp.from_state_dict(warp)}
 
 
 def parse_length(text):
@@ -126,6 +129,19 @@ def build_schedule(args):
     return SCHEDULES[args.schedule]
 
 
+GRIDS = ("rho", "warped")
+
+
+def grid_warp(args, sampling, model_dir):
+    """The TimeWarp that --grid warped spaces the levels by (None for --grid rho); UsageError for a run trained
+    without --time_warp."""
+    if args.grid != "warped":
+        return None
+    if sampling.get("warp") is None:
+        raise UsageError(f"--grid warped: {model_dir} was trained without --time_warp")
+    return sampling["warp"]
+
+
 # Flags that belong to one sampler or schedule, with their defaults; None on the command line means "not given"
 SAMPLER_FLAGS = {"stochastic": {"S_churn": 40.0, "S_tmin": 0.0, "S_tmax": math.inf, "S_noise": 1.0}}
 SCHEDULE_FLAGS = {"ar": {"skew": 1.0}, "confidence": {"threshold": 0.9, "patience": 0.5}}
@@ -150,6 +166,9 @@ def check_flags(p, args):
     args.exit_confidence = 0.5 if args.exit_confidence is None else args.exit_confidence
     if not 0 <= args.exit_confidence <= 1:
         p.error(f"--exit_confidence {args.exit_confidence}: a probability in [0, 1]")
+    if args.grid == "warped" and args.rho is not None:
+        p.error("--rho applies to --grid rho, not warped")
+    args.rho = SAMPLING_RHO if args.rho is None else args.rho
     if not 0.1 <= args.rho <= 100:
         p.error(f"--rho {args.rho}: must be in [0.1, 100] (1 is linear in sigma, 7 is EDM's)")
     if not 0 <= args.skew < math.inf:
@@ -216,8 +235,11 @@ def parse_args(argv=None):
                         "(0: every step; default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise; sample i depends on (seed, i) only")
     p.add_argument("--ema", help="use the EMA weights of this rate (e.g. 0.999) instead of the raw weights")
-    p.add_argument("--rho", type=float, default=SAMPLING_RHO,
-                   help="spacing of the sigma grid: 1 linear in sigma, 7 (default) more steps at low noise")
+    p.add_argument("--grid", choices=GRIDS, default="rho",
+                   help="the sigma grid: rho (EDM's spacing, see --rho) or warped (the time warp fitted in training, "
+                        "CDCD: more steps where the loss changes fastest; needs a run trained with --time_warp)")
+    p.add_argument("--rho", type=float, help=f"--grid rho: spacing of the sigma grid, 1 linear in sigma, "
+                                             f"{SAMPLING_RHO:g} (default) more steps at low noise")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision")
     p.add_argument("--fp64", action="store_true", help="sampling maths (x, sigma, softmax, denoiser) in float64 "
                                                        "instead of float32")
@@ -277,6 +299,7 @@ def main(argv=None):
                          "it and uses it as a judge")
     layouts, sources = build_layouts(args, tokenizer, sampling["sequence_length"])
     step, schedule = build_step(args), build_schedule(args)
+    warp = grid_warp(args, sampling, args.model_dir)
     print(f"{len(layouts)} samples, {args.sampler} sampler, {args.schedule} schedule, {args.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
     evaluations = 0
@@ -287,7 +310,7 @@ def main(argv=None):
         out, evals, steps_taken = generate(
             model, step, schedule, ids.to(device), cond_mask.to(device), seeds, args.steps, sampling["sigma_min"],
             sampling["sigma_max"], args.rho, None if segment_ids is None else segment_ids.to(device), args.early_exit,
-            args.exit_confidence, args.precision, torch.float64 if args.fp64 else torch.float32)
+            args.exit_confidence, args.precision, torch.float64 if args.fp64 else torch.float32, warp=warp)
         evaluations += int(evals.sum())
         for b, (row, (layout, held)) in enumerate(zip(out.tolist(), batch)):
             row, i = row[:len(layout)], start + b

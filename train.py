@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, sample_layout, sample_rows
-from diffusion import (SAMPLING_RHO, autoregressive_loss, autoregressive_targets, draw_training_sigma, generate,
-                       iterative_step, score_interpolation_loss, uniform_schedule)
+from diffusion import (SAMPLING_RHO, TimeWarp, autoregressive_loss, autoregressive_targets, draw_training_sigma,
+                       generate, iterative_step, score_interpolation_loss, uniform_schedule)
 from model import ModelConfig, ScoreLM
 from utils import (CHECKPOINT_KEYS, PRECISIONS, MetricsWriter, UsageError, all_reduce_sum, autocast,
                    check_state_dict, die, distributed_setup, ema_update, load_checkpoint, load_state_dict_strict,
@@ -91,6 +91,11 @@ def parse_args(argv=None):
     diff.add_argument("-rho", "--rho", type=float, default=1.0, help="spacing of sigma between the ends (1: linear)")
     diff.add_argument("--multilevel_prob", type=float, default=0.5,
                       help="share of batches with an independent sigma per token instead of per sequence")
+    diff.add_argument("--self_cond", type=float, default=0.0, metavar="PROB",
+                      help="self-conditioning: the model also reads its previous estimate of the clean embeddings; "
+                           "this share of batches gets one from a first pass without gradient (0: off)")
+    diff.add_argument("--time_warp", action=argparse.BooleanOptionalAction, default=False,
+                      help="draw training noise levels from a warp fitted online to the loss by sigma (CDCD)")
     diff.add_argument("--expand_prob", type=float, default=0.1,
                       help="share of lines padded after eos to a random length (teaches where text ends)")
 
@@ -118,8 +123,8 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.objective == "ar":  # length expansion's pads after eos would be trivial next-token targets
-        args.expand_prob = 0.0
+    if args.objective == "ar":  # length expansion's pads after eos would be trivial next-token targets; no noise
+        args.expand_prob, args.self_cond, args.time_warp = 0.0, 0.0, False
     problem = check_args(args)
     if problem:
         p.error(problem)
@@ -134,7 +139,7 @@ def check_args(args):
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
-    for name in ("multilevel_prob", "expand_prob", "dropout_prob"):
+    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
     if not 0 < args.sigma_min < args.sigma_max < float("inf"):
@@ -179,23 +184,30 @@ def build_model(args, vocab_size, device):
     """ScoreLM of the run's architecture flags, on `device`."""
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
-                      causal=args.objective == "ar")
+                      causal=args.objective == "ar", self_cond=args.self_cond > 0)
     return ScoreLM(cfg).to(device)
+
+
+def build_warp(args, device):
+    """The run's TimeWarp with --time_warp, else None."""
+    return TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
 
 
 class TrainingForward(torch.nn.Module):
     """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
-    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask) -> (ce (B, L), logits). A
-    causal model (--objective ar) takes the autoregressive loss instead and ignores sigma, noise and cond_mask."""
+    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, self_cond) -> (ce (B, L), logits),
+    self_cond a bool (this batch takes a self-conditioning pass first). A causal model (--objective ar) takes the
+    autoregressive loss instead and ignores sigma, noise, cond_mask and self_cond."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, sigma, noise, segment_ids, cond_mask):
+    def forward(self, ids, sigma, noise, segment_ids, cond_mask, self_cond=False):
         if self.model.cfg.causal:
             return autoregressive_loss(self.model, ids, segment_ids, return_logits=True)
-        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True)
+        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True,
+                                        self_cond=self_cond)
 
 
 def training_runner(model, args, world_size=1):
@@ -237,21 +249,23 @@ def loss_targets(segment_ids, cond_mask, causal=False):
     return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
 
 
-def train_step(model, runner, batch, args, device, scaler, weight):
+def train_step(model, runner, batch, args, device, scaler, weight, warp=None):
     """Forward (under the run's autocast) and backward of one micro-batch, the summed masked cross-entropy
     multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss position of the
-    step). Returns device tensors: summed cross-entropy (nats), right argmax predictions, loss positions."""
+    step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy (nats), right argmax
+    predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's fit."""
     ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
     per_token = bool(torch.rand(()) < args.multilevel_prob)
-    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token)
+    self_cond = model.cfg.self_cond and bool(torch.rand(()) < args.self_cond)  # no draw without: same stream
+    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
     with autocast(device, args.precision):
-        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask)  # (B, L), (B, L, V) float32
+        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask, self_cond)  # (B, L), (B, L, V) float32
     targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
     ce_sum = (ce * targets).sum()
     scaler.scale(ce_sum * weight).backward()
     correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
-    return ce_sum.detach(), correct, targets.sum()
+    return ce_sum.detach(), correct, targets.sum(), (sigma, ce.detach(), targets)
 
 
 def print_samples(model, tokenizer, args, device, step):
@@ -300,17 +314,18 @@ def gathered_rng_states(world_size):
     return states
 
 
-def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args, rng_states):
+def checkpoint_dict(model, emas, optimizer, scaler, step, loader, args, rng_states, warp=None):
     """Everything to resume or sample, as a plain dict of tensors, numbers, strings and lists."""
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in emas.items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args),
-            "data_state": loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states}
+            "data_state": loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
+            "time_warp": None if warp is None else warp.state_dict()}
 
 
-def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
-    """Load a checkpoint's state into the run; returns the step to continue from. Raises UsageError if the
-    model flags differ; warns (on rank 0) about other changed flags and EMA rates."""
+def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args, warp=None):
+    """Load a checkpoint's state into the run (and its time warp's fit into `warp`); returns the step to continue
+    from. Raises UsageError if the model flags differ; warns (on rank 0) about other changed flags and EMA rates."""
     def warn(message):
         if loader.rank == 0:
             print(f"warning: {message}", file=sys.stderr)
@@ -352,6 +367,12 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args):
     for param, state in optimizer.state.items():
         if any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
             raise UsageError(f"{path} [optimizer]: moment tensors of other shapes than their parameters")
+    if warp is not None and checkpoint.get("time_warp"):
+        if checkpoint["time_warp"]["bins"] != warp.bins:
+            raise UsageError(f"{path}: a time warp of {checkpoint['time_warp']['bins']} bins, not {warp.bins}")
+        warp.load_state_dict(checkpoint["time_warp"])
+    elif warp is not None:
+        warn("--time_warp is new in this run: its warp is fitted from here")
     if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         scaler.load_state_dict(checkpoint["scaler"])
     ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
@@ -428,11 +449,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner=None):
+WARP_FIT_INTERVAL = 10  # steps between refits of the time warp (each a host sync)
+
+
+def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner=None, warp=None):
     """One optimiser step over args.accumulation_steps micro-batches: gradients unscaled (fp16), clipped, checked,
     then the AdamW update and the EMAs; `runner` (default: training_runner(model, args)) is what the forward
     calls. A step whose loss or gradient is not finite changes neither weights, EMA,
-    optimizer state nor (the caller's) schedule. Returns (status, stats): status "applied", "overflow" (fp16:
+    optimizer state nor (the caller's) schedule; `warp` (--time_warp) draws the noise levels, observes the losses
+    of applied steps only, and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status "applied", "overflow" (fp16:
     finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of device tensors (loss,
     correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
@@ -451,11 +476,13 @@ def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, r
     targets = all_reduce_sum(torch.tensor(float(local), device=device))
     weight = loader.world_size / targets.clamp_min(1.0)
     sums = torch.zeros(2, device=device)  # summed cross-entropy, right predictions
+    observed = []
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or loader.world_size == 1 else runner.no_sync():
-            ce_sum, correct, _ = train_step(model, runner, batch, args, device, scaler, weight)
+            ce_sum, correct, _, losses = train_step(model, runner, batch, args, device, scaler, weight, warp)
         sums += torch.stack([ce_sum, correct.float()])
+        observed.append(losses)
     all_reduce_sum(sums)
     stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=targets)
     scaler.unscale_(optimizer)
@@ -470,6 +497,12 @@ def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, r
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         for rate, ema in emas.items():
             ema_update([ema[n] for n in names], params, rate, step)
+        if warp is not None:
+            for sigma, ce, targets in observed:
+                warp.observe(sigma, ce, targets)
+            if (step + 1) % WARP_FIT_INTERVAL == 0:
+                all_reduce_sum(warp.window)  # every rank fits the same warp
+                warp.fit()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return status, stats
@@ -504,9 +537,9 @@ class IntervalMetrics:
         return line
 
 
-def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop):
+def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop, warp=None):
     """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals (logs and
-    samples on rank 0 only). `runner` is what the forward calls (DDP, compiled). Returns the step reached
+    samples on rank 0 only). `runner` is what the forward calls (DDP, compiled); `warp` the time warp or None. Returns the step reached
     (earlier than max_steps if `stop` was requested on any rank). Raises Diverged after args.max_bad_steps steps
     in a row with a non-finite loss or gradient (nothing is saved then)."""
     main_rank = loader.rank == 0
@@ -516,7 +549,7 @@ def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, devic
     interval, bad_in_a_row = IntervalMetrics(device), 0
     model.train()
     while step < args.max_steps and not stop_agreed(stop, loader.world_size, device):
-        status, stats = optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner)
+        status, stats = optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner, warp)
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
@@ -612,12 +645,13 @@ def run(args, rank, world_size, device):
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
+    warp = build_warp(args, device)
     if world_size > 1:
         torch.manual_seed(args.seed + 1_000_003 * rank)  # each rank draws its own noise levels and noise
     path = os.path.join(args.model_dir, CHECKPOINT)
     resume_keys = CHECKPOINT_KEYS + ("optimizer", "ema", "args", "data_state", "rng")
-    step = restore(load_checkpoint(path, needs=resume_keys), path, model, emas, optimizer, scaler, loader, args) \
-        if os.path.exists(path) else 0
+    step = restore(load_checkpoint(path, needs=resume_keys), path, model, emas, optimizer, scaler, loader, args,
+                   warp) if os.path.exists(path) else 0
     if step >= args.max_steps:
         if rank == 0:
             print(f"{path}: the run is at step {step}, --max_steps is {args.max_steps}: nothing to train",
@@ -635,13 +669,14 @@ def run(args, rank, world_size, device):
     def save(at_step):
         states = gathered_rng_states(world_size)
         if rank == 0:
-            save_checkpoint(checkpoint_dict(model, emas, optimizer, scaler, at_step, loader, args, states), path)
+            save_checkpoint(checkpoint_dict(model, emas, optimizer, scaler, at_step, loader, args, states, warp), path)
             if args.keep:
                 keep_recent(path, at_step, args.keep)
 
     try:
         with StopOnSignal() as stop:
-            step = train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop)
+            step = train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop,
+                         warp)
             save(step)
     finally:
         loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself

@@ -16,7 +16,9 @@ from data import Tokenizer
 from diffusion import network_logits
 from utils import UsageError
 
-def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_path, corpus_file, spm_path, monkeypatch):
+@pytest.mark.parametrize("flags, stop_at", [([], 10), (["--self_cond", "0.5", "--time_warp"], 7)])
+def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_path, corpus_file, spm_path, monkeypatch,
+                                                                         flags, stop_at):
     saved = {}
     real_save = train.save_checkpoint
 
@@ -26,13 +28,14 @@ def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_pat
         saved[checkpoint["step"]] = path
 
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
-    every_step = ["--max_steps", "20", "--save_interval", "10", "--log_interval", "1"]
+    every_step = ["--max_steps", "20", "--save_interval", str(stop_at), "--log_interval", "1", *flags]
     straight = run_train(corpus_file, spm_path, tmp_path / "straight", *every_step)
-    assert sorted(saved) == [10, 20]
-    # a run stopped after step 10: its folder holds the step-10 checkpoint; starting it again resumes
+    assert stop_at in saved and 20 in saved
+    # a run stopped after step `stop_at`: its folder holds that checkpoint; starting it again resumes (with the
+    # time warp, between two refits, so its window of losses must survive too)
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    shutil.copyfile(tmp_path / "step10.pt", stopped / "ckpt.pt")
+    shutil.copyfile(tmp_path / f"step{stop_at}.pt", stopped / "ckpt.pt")
     shutil.copyfile(tmp_path / "straight" / "tokenizer.model", stopped / "tokenizer.model")
     resumed = run_train(corpus_file, spm_path, stopped, *every_step)
     assert resumed["step"] == straight["step"] == 20
@@ -41,9 +44,13 @@ def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_pat
     for name, tensor in straight["ema"]["0.999"].items():
         torch.testing.assert_close(resumed["ema"]["0.999"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert resumed["data_state"] == straight["data_state"]
+    if "--time_warp" in flags:
+        assert straight["time_warp"]["counts"].sum() > 0
+        for key in ("sums", "counts", "window", "cdf_knots"):
+            torch.testing.assert_close(resumed["time_warp"][key], straight["time_warp"][key], rtol=0, atol=1e-5)
     losses = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]  # noqa: E731
-    assert len(losses(tmp_path / "straight")) == 20 and len(losses(stopped)) == 10
-    assert losses(stopped) == pytest.approx(losses(tmp_path / "straight")[10:], abs=1e-6)  # at every step
+    assert len(losses(tmp_path / "straight")) == 20 and len(losses(stopped)) == 20 - stop_at
+    assert losses(stopped) == pytest.approx(losses(tmp_path / "straight")[stop_at:], abs=1e-6)  # at every step
 
 
 def test_tiny_model_overfits_a_handful_of_lines(memorised_run):

@@ -69,9 +69,9 @@ def test_eval_reports_the_bound_and_the_loss_by_noise_level(memorised_run, tmp_p
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines + ["word " * 60]) + "\n")
-    plot = tmp_path / "curve.png"
+    plot = tmp_path / "ce_by_sigma.png"
     evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "4", "--sigmas", "4",
-                   "--plot", str(plot), "--json"])
+                   "--plot_dir", str(tmp_path), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["lines"] == 4 and result["skipped_lines"] == 1  # the 60-word line does not fit 32 tokens
     chars = sum(len(line) + 1 for line in lines)
@@ -139,14 +139,21 @@ def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorise
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
     diffusion_dir, _ = memorised_run
-    evaluate.main(["-mdir", str(diffusion_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--judge",
-                   str(ar_dir), "--samples", "4", "--steps", "3", "--sweep", "steps=2,3", "--sweep",
-                   "schedule=uniform,ar", "--json"])
+    common = ["-mdir", str(diffusion_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--judge",
+              str(ar_dir), "--plot_dir", str(tmp_path), "--json"]
+    evaluate.main(common + ["--samples", "4", "--steps", "3"])
     result = json.loads(capsys.readouterr().out)
     assert result["valid_gen_ppl"] == pytest.approx(result["judge"]["perplexity"]) and result["gen_ppl"] > 0
+    assert result["samples"]["count"] == 4 and result["samples"]["evaluations"] == 3.0
+    # a sweep draws its settings only (3 samples each, in batches of 2), not the default sample set as well
+    evaluate.main(common + ["--samples", "3", "--batch_size", "2", "--sweep", "steps=2,3", "--sweep",
+                            "schedule=uniform,ar"])
+    result = json.loads(capsys.readouterr().out)
+    assert "samples" not in result and "gen_ppl" not in result
     assert [(row["steps"], row["schedule"]) for row in result["sweep"]] == \
         [(2, "uniform"), (2, "ar"), (3, "uniform"), (3, "ar")]
-    assert all(row["evaluations"] == float(row["steps"]) for row in result["sweep"])
+    assert all(row["evaluations"] == float(row["steps"]) and row["gen_ppl"] > 0 for row in result["sweep"])
+    assert result["sweep_plot"] in (None, str(tmp_path / "sweep.png"))
     with pytest.raises(UsageError, match="not an autoregressive run"):
         evaluate.main(["-mdir", str(diffusion_dir), "--valid", str(valid), "--judge", str(diffusion_dir)])
 
