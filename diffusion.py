@@ -54,14 +54,17 @@ class TimeWarp:
     the cross-entropy rises evenly with the drawn quantile, i.e. each level in proportion to how fast the loss
     changes there (how much is decided there).
 
-    Levels are placed on a base coordinate s in [0, 1], sigma(s) = rho_schedule(1 - s, ...) (the unwarped training
-    spacing), cut into `bins` equal bins. observe() adds each step's per-token cross-entropy to its bin on the
-    device; fit() (every few steps, one host sync) folds those sums into decayed running totals (decay per fit),
-    takes the non-decreasing fit of the bins' mean losses (pool_adjacent_violators), normalises it to a CDF F(s)
-    from 0 to 1, piecewise linear through the bin centres, and mixes in a `floor` share of the uniform CDF, so
-    that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone,
-    piecewise-linear-in-s map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is
-    flat, F(s) = s (no warp). state_dict() holds every tensor, so a resumed run draws what a straight one would.
+    Levels are placed on the coordinate s = ln(sigma / sigma_min) / ln(sigma_max / sigma_min) in [0, 1], cut into
+    `bins` equal bins (equal in log sigma, so that a wide range such as 1 to 300 still resolves the low levels where
+    tokens are decided). observe() adds each step's per-token cross-entropy to its bin on the device; fit() (every
+    few steps, one host sync) folds those sums into decayed running totals (decay per fit), takes the
+    non-decreasing fit of the bins' mean losses (pool_adjacent_violators), places it at the bin edges (the mean of
+    neighbouring bins; the outer edges extend the outer slopes), normalises it to a CDF F(s) from 0 to 1, piecewise
+    linear between the edges, and mixes in a `floor` share of the unwarped CDF (rho_schedule's spacing with the
+    run's rho), so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)):
+    a monotone map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is
+    the unwarped CDF (to piecewise-linear accuracy). state_dict() holds every tensor, so a resumed run draws what a
+    straight one would.
     """
 
     def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, device="cpu"):
@@ -69,15 +72,23 @@ class TimeWarp:
         self.bins, self.decay, self.floor = bins, decay, floor
         self.sums, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
         self.window = torch.zeros(2, bins, device=device)  # this fit's summed cross-entropy and tokens per bin
-        centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
-        self.s_knots = torch.cat([torch.zeros(1, dtype=torch.float64), centres, torch.ones(1, dtype=torch.float64)])
-        self.cdf_knots = self.s_knots.clone()  # F(s) at s_knots: the identity until the first fit
+        self.s_knots = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # the bin edges
+        self.cdf_knots = self.unwarped_cdf(self.s_knots)  # F at the edges: no warp until the first fit
+
+    def level(self, s):
+        """sigma at coordinate s (tensor, any shape): sigma_min (sigma_max / sigma_min)^s."""
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** s
 
     def coordinate(self, sigma):
-        """The base coordinate s in [0, 1] of levels sigma (any shape): 0 at sigma_min, 1 at sigma_max."""
+        """The coordinate s in [0, 1] of levels sigma (any shape): 0 at sigma_min, 1 at sigma_max."""
+        ratio = sigma.clamp(self.sigma_min, self.sigma_max) / self.sigma_min
+        return (ratio.log() / math.log(self.sigma_max / self.sigma_min)).clamp(0.0, 1.0)
+
+    def unwarped_cdf(self, s):
+        """The share of unwarped training levels (u ~ U(0, 1) through rho_schedule) below sigma(s)."""
         inv_rho = 1.0 / self.rho
         low, high = self.sigma_min ** inv_rho, self.sigma_max ** inv_rho
-        return ((sigma.clamp(self.sigma_min, self.sigma_max) ** inv_rho - low) / (high - low)).clamp(0.0, 1.0)
+        return ((self.level(s) ** inv_rho - low) / (high - low)).clamp(0.0, 1.0)
 
     def __call__(self, u):
         """Levels sigma = sigma(F^-1(u)) for u in [0, 1], same shape and dtype as u (float)."""
@@ -85,9 +96,8 @@ class TimeWarp:
         u64 = u.double().clamp(0.0, 1.0)
         hi = torch.searchsorted(cdf, u64.contiguous(), right=True).clamp(1, len(cdf) - 1)
         lo = hi - 1
-        w = (u64 - cdf[lo]) / (cdf[hi] - cdf[lo])  # the floor keeps every slope positive
-        s = s_knots[lo] + w * (s_knots[hi] - s_knots[lo])
-        return rho_schedule(1.0 - s, self.sigma_min, self.sigma_max, self.rho).to(u.dtype)
+        w = ((u64 - cdf[lo]) / (cdf[hi] - cdf[lo]).clamp_min(1e-300)).clamp(0.0, 1.0)
+        return self.level(s_knots[lo] + w * (s_knots[hi] - s_knots[lo])).to(u.dtype)
 
     def observe(self, sigma, ce, weight):
         """Add per-token cross-entropies (nats) ce at levels sigma, counted with weight (1 for a loss position, 0
@@ -97,28 +107,35 @@ class TimeWarp:
         self.window[0].index_add_(0, index, ce.detach().float().flatten() * weight)
         self.window[1].index_add_(0, index, weight)
 
+    def fitted_levels(self):
+        """The non-decreasing fit of the bins' mean cross-entropies (nats), a list of `bins` floats."""
+        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
+        return pool_adjacent_violators(means, self.counts.tolist())
+
     def fit(self):
         """Fold the observed window into the running totals and refit F (a host sync); the window restarts."""
         window = self.window.double().cpu()
         self.sums = self.decay * self.sums + window[0]
         self.counts = self.decay * self.counts + window[1]
         self.window.zero_()
-        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
-        level = pool_adjacent_violators(means, self.counts.tolist())  # CE at the bin centres, non-decreasing
-        rise = level[-1] - level[0]
-        cdf = torch.tensor([(v - level[0]) / rise if rise > 0 else c for v, c in zip(level, self.s_knots[1:-1].tolist())],
-                           dtype=torch.float64)
-        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), cdf, torch.ones(1, dtype=torch.float64)])
-        self.cdf_knots = (1 - self.floor) * cdf + self.floor * self.s_knots
+        level = torch.tensor(self.fitted_levels(), dtype=torch.float64)  # at the bin centres
+        if self.bins > 1:
+            inner = (level[1:] + level[:-1]) / 2
+            first, last = level[0] - (inner[0] - level[0]), level[-1] + (level[-1] - inner[-1])
+            edges = torch.cat([first[None], inner, last[None]])  # non-decreasing, at the bin edges
+        else:
+            edges = torch.stack([level[0], level[0]])
+        rise = float(edges[-1] - edges[0])
+        fitted = (edges - edges[0]) / rise if rise > 0 else self.unwarped_cdf(self.s_knots)
+        self.cdf_knots = (1 - self.floor) * fitted + self.floor * self.unwarped_cdf(self.s_knots)
 
     def fitted_loss(self):
         """(sigma at the bin centres, mean observed cross-entropy, its non-decreasing fit), lists of floats, for
         plots; bins never observed are left out."""
         seen = (self.counts > 0).tolist()
         means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
-        level = pool_adjacent_violators(means, self.counts.tolist())
-        sigmas = rho_schedule(1.0 - self.s_knots[1:-1], self.sigma_min, self.sigma_max, self.rho).tolist()
-        return tuple([v for v, keep in zip(values, seen) if keep] for values in (sigmas, means, level))
+        sigmas = self.level((self.s_knots[1:] + self.s_knots[:-1]) / 2).tolist()
+        return tuple([v for v, keep in zip(values, seen) if keep] for values in (sigmas, means, self.fitted_levels()))
 
     def state_dict(self):
         """Everything that defines the warp and its fit, as plain floats and CPU tensors (checkpoint-safe)."""

@@ -174,8 +174,22 @@ def pyplot():
     return plt
 
 
+def save_figure(plt, fig, path):
+    """Write `fig` to `path`; False, with a warning naming the path, where it cannot be written (the figures are
+    still reported)."""
+    try:
+        fig.savefig(path, dpi=120)
+        return True
+    except OSError as e:
+        print(f"warning: {path}: cannot write the plot ({e.strerror or e}); use --plot_dir", file=sys.stderr)
+        return False
+    finally:
+        plt.close(fig)
+
+
 def plot_curve(curve, path):
-    """Draw cross-entropy and accuracy against sigma to `path`; returns False without matplotlib."""
+    """Draw cross-entropy and accuracy against sigma to `path`; returns False without matplotlib or where the
+    file cannot be written."""
     plt = pyplot()
     if plt is None:
         return False
@@ -190,9 +204,7 @@ def plot_curve(curve, path):
     right.set_ylabel("accuracy")
     fig.legend(loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 SWEEP_KEYS = ("steps", "schedule", "sampler", "grid")
@@ -290,7 +302,8 @@ def evaluate(args, device):
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
     if args.plot_dir and not os.path.isdir(args.plot_dir):
-        raise UsageError(f"--plot_dir {args.plot_dir}: no such folder")
+        problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
+        raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     generator = torch.Generator().manual_seed(args.seed)
     chars = sum(c for _, c in lines)
@@ -335,7 +348,7 @@ def evaluate(args, device):
 
 def plot_sweep(rows, path):
     """Generative perplexity (or, without a judge, entropy) against network evaluations, one labelled point a
-    setting; returns False without matplotlib."""
+    setting; returns False without matplotlib or where the file cannot be written."""
     plt = pyplot()
     if plt is None:
         return False
@@ -349,9 +362,7 @@ def plot_sweep(rows, path):
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("generative perplexity (judge)" if key == "gen_ppl" else "unigram entropy (nats)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def print_table(result):

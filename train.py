@@ -40,6 +40,8 @@ PRESETS = {
     "large": dict(model_dim=768, num_layers=14, num_heads=12, embedding_dim=128, batch_size=128, learning_rate=1e-4,
                   warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
 }
+# Defaults of the diffusion objective's quality flags (measured: README, Self-conditioning and time warping)
+DIFFUSION_DEFAULTS = {"self_cond": 0.0, "time_warp": False}
 SAMPLE_PROMPTS = ["", "", "the", "a person who"]
 CHECKPOINT = "ckpt.pt"
 
@@ -91,11 +93,13 @@ def parse_args(argv=None):
     diff.add_argument("-rho", "--rho", type=float, default=1.0, help="spacing of sigma between the ends (1: linear)")
     diff.add_argument("--multilevel_prob", type=float, default=0.5,
                       help="share of batches with an independent sigma per token instead of per sequence")
-    diff.add_argument("--self_cond", type=float, default=0.0, metavar="PROB",
-                      help="self-conditioning: the model also reads its previous estimate of the clean embeddings; "
-                           "this share of batches gets one from a first pass without gradient (0: off)")
-    diff.add_argument("--time_warp", action=argparse.BooleanOptionalAction, default=False,
-                      help="draw training noise levels from a warp fitted online to the loss by sigma (CDCD)")
+    diff.add_argument("--self_cond", type=float, metavar="PROB",
+                      help=f"self-conditioning: the model also reads its previous estimate of the clean embeddings; "
+                           f"this share of batches gets one from a first pass without gradient (0: off; default "
+                           f"{DIFFUSION_DEFAULTS['self_cond']:g})")
+    diff.add_argument("--time_warp", action=argparse.BooleanOptionalAction,
+                      help=f"draw training noise levels from a warp fitted online to the loss by sigma (CDCD; default "
+                           f"{'on' if DIFFUSION_DEFAULTS['time_warp'] else 'off'})")
     diff.add_argument("--expand_prob", type=float, default=0.1,
                       help="share of lines padded after eos to a random length (teaches where text ends)")
 
@@ -124,7 +128,12 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.objective == "ar":  # length expansion's pads after eos would be trivial next-token targets; no noise
+        if args.self_cond or args.time_warp:
+            p.error("--self_cond and --time_warp apply to the diffusion objective, not --objective ar")
         args.expand_prob, args.self_cond, args.time_warp = 0.0, 0.0, False
+    for name, value in DIFFUSION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     problem = check_args(args)
     if problem:
         p.error(problem)
@@ -360,6 +369,9 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args, warp
             warn(f"EMA {rate} is new in this run and starts from the step-{checkpoint['step']} weights")
         for name, tensor in (source or checkpoint["model"]).items():
             ema[name].copy_(tensor)
+    if warp is None and checkpoint.get("time_warp"):
+        warn("the run was trained with --time_warp and now without: its fitted warp is dropped from the next "
+             "checkpoint (sample.py --grid warped will refuse it); add --time_warp to keep it")
     dropped = sorted(set(checkpoint["ema"]) - {str(r) for r in emas})
     if dropped:
         warn(f"EMA rates {dropped} are not continued and will not be in the next checkpoint")
@@ -654,7 +666,8 @@ def run(args, rank, world_size, device):
                    warp) if os.path.exists(path) else 0
     if step >= args.max_steps:
         if rank == 0:
-            print(f"{path}: the run is at step {step}, --max_steps is {args.max_steps}: nothing to train",
+            print(f"{path}: the run is at step {step}, --max_steps is {args.max_steps}: nothing to train" if step
+                  else f"--max_steps {args.max_steps}: nothing to train, no checkpoint written",
                   file=sys.stderr)
         return
     runner = training_runner(model, args, world_size)

@@ -83,6 +83,13 @@ def test_eval_reports_the_bound_and_the_loss_by_noise_level(memorised_run, tmp_p
     assert [round(p["sigma"], 3) for p in (curve[0], curve[-1])] == [1.0, 5.0]
     assert curve[0]["ce"] < curve[-1]["ce"] and curve[0]["accuracy"] > curve[-1]["accuracy"]
     assert plot.stat().st_size > 0 and result["plot"] == str(plot)
+    # a plot that cannot be written costs a warning, not the figures
+    blocked = tmp_path / "blocked"
+    (blocked / "ce_by_sigma.png").mkdir(parents=True)
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2",
+                   "--plot_dir", str(blocked), "--json"])
+    out = capsys.readouterr()
+    assert json.loads(out.out)["plot"] is None and "cannot write the plot" in out.err
 
 
 def test_sample_metrics_equal_hand_computed_values():
