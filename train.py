@@ -41,7 +41,7 @@ PRESETS = {
                   warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
 }
 # Defaults of the diffusion objective's quality flags (measured: README, Self-conditioning and time warping)
-DIFFUSION_DEFAULTS = {"self_cond": 0.0, "time_warp": False}
+DIFFUSION_DEFAULTS = {"self_cond": 0.0, "time_warp": True}
 SAMPLE_PROMPTS = ["", "", "the", "a person who"]
 CHECKPOINT = "ckpt.pt"
 
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     diff = p.add_argument_group("diffusion")
     diff.add_argument("-slen", "--sequence_length", type=int, default=64, help="row length L in tokens")
     diff.add_argument("-smin", "--sigma_min", type=float, default=1.0, help="lowest training noise level (DDLM)")
-    diff.add_argument("-smax", "--sigma_max", type=float, default=10.0, help="highest training noise level (DDLM)")
+    diff.add_argument("-smax", "--sigma_max", type=float, default=50.0,
+                      help="highest training noise level (50: measured, README; DDLM used 10, CDCD about 300)")
     diff.add_argument("-rho", "--rho", type=float, default=1.0, help="spacing of sigma between the ends (1: linear)")
     diff.add_argument("--multilevel_prob", type=float, default=0.5,
                       help="share of batches with an independent sigma per token instead of per sequence")

@@ -191,7 +191,7 @@ def test_a_warped_self_conditioned_run_trains_samples_on_its_grid_and_plots_its_
 
 def test_the_warped_grid_needs_a_run_trained_with_a_warp(tmp_path, corpus_file, spm_path):
     run = tmp_path / "run"
-    run_train(corpus_file, spm_path, run, "--max_steps", "2")
+    run_train(corpus_file, spm_path, run, "--max_steps", "2", "--no-time_warp")
     with pytest.raises(UsageError, match="trained without --time_warp"):
         sample.main(["-mdir", str(run), "-n", "1", "--steps", "2", "--grid", "warped"])
     valid = tmp_path / "valid.txt"
