@@ -60,11 +60,11 @@ class TimeWarp:
     few steps, one host sync) folds those sums into decayed running totals (decay per fit), takes the
     non-decreasing fit of the bins' mean losses (pool_adjacent_violators), places it at the bin edges (the mean of
     neighbouring bins; the outer edges extend the outer slopes), normalises it to a CDF F(s) from 0 to 1, piecewise
-    linear between the edges, and mixes in a `floor` share of the unwarped CDF (rho_schedule's spacing with the
-    run's rho), so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)):
-    a monotone map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is
-    the unwarped CDF (to piecewise-linear accuracy). state_dict() holds every tensor, so a resumed run draws what a
-    straight one would.
+    linear between the edges, and mixes in a `floor` share of the uniform CDF in s (an equal share for every bin),
+    so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone
+    map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is the unwarped
+    CDF, rho_schedule's spacing with the run's rho (to piecewise-linear accuracy). state_dict() holds every
+    tensor, so a resumed run draws what a straight one would.
     """
 
     def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, device="cpu"):
@@ -126,8 +126,11 @@ class TimeWarp:
         else:
             edges = torch.stack([level[0], level[0]])
         rise = float(edges[-1] - edges[0])
-        fitted = (edges - edges[0]) / rise if rise > 0 else self.unwarped_cdf(self.s_knots)
-        self.cdf_knots = (1 - self.floor) * fitted + self.floor * self.unwarped_cdf(self.s_knots)
+        if rise > 0:  # the floor is uniform in s: an unwarped rho = 1 spacing would give the bins near sigma_min
+            # almost nothing, and their estimates would go stale while the fit pools them with their neighbours
+            self.cdf_knots = (1 - self.floor) * (edges - edges[0]) / rise + self.floor * self.s_knots
+        else:
+            self.cdf_knots = self.unwarped_cdf(self.s_knots)
 
     def fitted_loss(self):
         """(sigma at the bin centres, mean observed cross-entropy, its non-decreasing fit), lists of floats, for
@@ -274,8 +277,9 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
                    + KL(q(z_sigma_max | x) || N(0, (sigma_max^2 + sigma_data^2) I))   (prior)
                    + 1/2 int_{sigma_min}^{sigma_max} -SNR'(sigma) E_eps |x - D(z_sigma; sigma)|^2 dsigma,
     and -SNR'(sigma) = 2 sigma^-3, so the diffusion term is int sigma^-3 E|x - D(z_sigma; sigma)|^2 dsigma, with
-    D the score-interpolation denoiser (for a self-conditioned model, denoiser_logits' two passes). The decoder p(w | z) is the network's softmax at sigma_min (its
-    cross-entropy there). The prior term per free token, with e its embedding, is
+    D the score-interpolation denoiser (for a self-conditioned model, denoiser_logits' two passes). The decoder
+    p(w | z) is the network's softmax at sigma_min (its cross-entropy there). The prior term per free token, with e
+    its embedding, is
     1/2 [(E sigma_max^2 + |e|^2) / s^2 - E + E ln(s^2 / sigma_max^2)], s^2 = sigma_max^2 + sigma_data^2
     (= E/2 ln(1 + sigma_data^2 / sigma_max^2) for |e|^2 = E sigma_data^2).
     The integral is estimated by importance sampling, sigma log-uniform on [sigma_min, sigma_max] (density

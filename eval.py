@@ -298,7 +298,7 @@ def evaluate(args, device):
     if model.cfg.causal and (args.samples or args.sweep):
         raise UsageError(f"{args.model_dir}: an autoregressive run; --samples and --sweep score a diffusion run's "
                          "samples")
-    grids = {args.grid, *dict(args.sweep or []).get("grid", [])} if args.samples else set()
+    grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
     if args.plot_dir and not os.path.isdir(args.plot_dir):

@@ -1,5 +1,6 @@
 """Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG, and, for a run
-trained with --time_warp, its fitted warp from the checkpoint to time_warp.png beside it.
+trained with --time_warp, its fitted warp from the checkpoint to MODEL_DIR/time_warp.png (with -o FILE.EXT:
+FILE_time_warp.EXT).
 
     python plot.py -mdir out [-o out/metrics.png]
 
@@ -99,14 +100,19 @@ def main(argv=None):
         raise UsageError(f"-o {out_path}: give a file name ending in .png, .pdf or .svg")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
-    plot(read_metrics(os.path.join(args.model_dir, "metrics.jsonl")), out_path, args.model_dir)
-    print(out_path)
+    lines = read_metrics(os.path.join(args.model_dir, "metrics.jsonl"))
     checkpoint = os.path.join(args.model_dir, "ckpt.pt")
     warp = load_checkpoint(checkpoint).get("time_warp") if os.path.isfile(checkpoint) else None
-    if warp:
-        warp_path = os.path.join(os.path.dirname(out_path), "time_warp" + os.path.splitext(out_path)[1])
-        plot_warp(TimeWarp.from_state_dict(warp), warp_path, f"{args.model_dir}: time warp")
-        print(warp_path)
+    stem, extension = os.path.splitext(out_path)
+    warp_path = f"{stem}_time_warp{extension}" if args.output else os.path.join(args.model_dir, "time_warp.png")
+    try:
+        plot(lines, out_path, args.model_dir)
+        print(out_path)
+        if warp:
+            plot_warp(TimeWarp.from_state_dict(warp), warp_path, f"{args.model_dir}: time warp")
+            print(warp_path)
+    except OSError as e:
+        raise UsageError(f"{e.filename or out_path}: cannot write the plot ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

@@ -129,8 +129,9 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.objective == "ar":  # length expansion's pads after eos would be trivial next-token targets; no noise
-        if args.self_cond or args.time_warp:
-            p.error("--self_cond and --time_warp apply to the diffusion objective, not --objective ar")
+        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp)) if value]
+        if given:
+            p.error(f"{' and '.join(given)}: only for the diffusion objective, not --objective ar")
         args.expand_prob, args.self_cond, args.time_warp = 0.0, 0.0, False
     for name, value in DIFFUSION_DEFAULTS.items():
         if getattr(args, name) is None:
@@ -152,8 +153,10 @@ def check_args(args):
     for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
-    if not 0 < args.sigma_min < args.sigma_max < float("inf"):
-        return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 0 < sigma_min < sigma_max"
+    if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
+        return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
+    if not 0.1 <= args.rho <= 100:
+        return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
     if not (args.rho > 0 and args.learning_rate > 0 and args.weight_decay >= 0 and args.gradient_clipping >= 0):
         return "-rho and -lr must be positive, -wd and -gc not negative (and none NaN)"
     if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
@@ -294,6 +297,11 @@ def print_samples(model, tokenizer, args, device, step):
     model.train()
 
 
+# The flag that sets each ModelConfig field, for resume errors
+MODEL_FLAGS = {"vocab_size": "the vocabulary of -spm", "embedding_dim": "-emb", "model_dim": "-dim",
+               "num_layers": "-nl", "num_heads": "-nh", "dropout": "-dop", "causal": "--objective ar",
+               "self_cond": "--self_cond > 0"}
+
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep", "max_bad_steps"}
@@ -343,8 +351,9 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args, warp
     config = dataclasses.asdict(model.cfg)
     saved = {**dataclasses.asdict(ModelConfig()), **checkpoint["config"]}  # fields added since read as defaults
     if saved != config:
-        changed = {k: (v, config.get(k)) for k, v in saved.items() if config.get(k) != v}
-        raise UsageError(f"{path}: the model flags differ from the checkpoint's (checkpoint, now): {changed}")
+        changed = ", ".join(f"{MODEL_FLAGS.get(k, k)} {v} (now {config.get(k)})" for k, v in saved.items()
+                            if config.get(k) != v)
+        raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}")
     load_state_dict_strict(model, checkpoint["model"], f"{path} [model]")
     loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before any warning
     if checkpoint["step"] >= args.max_steps:
@@ -362,6 +371,10 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args, warp
              "examples (the rest of the current one was packed with the old value)")
     if changed:
         warn(f"resuming with changed flags (checkpoint, now): {changed}")
+        keep = [f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" if v else f"--no-{k}"
+                for k, (v, _) in changed.items() if k in ("sigma_min", "sigma_max", "rho", "time_warp")]
+        if keep:
+            warn(f"to continue with the checkpoint's noise levels, add: {' '.join(keep)}")
     for rate, source in checkpoint["ema"].items():
         check_state_dict(checkpoint["model"], source, f"{path} [ema {rate}]")
     for rate, ema in emas.items():
@@ -380,12 +393,13 @@ def restore(checkpoint, path, model, emas, optimizer, scaler, loader, args, warp
     for param, state in optimizer.state.items():
         if any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
             raise UsageError(f"{path} [optimizer]: moment tensors of other shapes than their parameters")
-    if warp is not None and checkpoint.get("time_warp"):
-        if checkpoint["time_warp"]["bins"] != warp.bins:
-            raise UsageError(f"{path}: a time warp of {checkpoint['time_warp']['bins']} bins, not {warp.bins}")
-        warp.load_state_dict(checkpoint["time_warp"])
-    elif warp is not None:
+    saved_warp = checkpoint.get("time_warp")
+    if warp is not None and not saved_warp:
         warn("--time_warp is new in this run: its warp is fitted from here")
+    elif warp is not None and any(saved_warp[k] != getattr(warp, k) for k in ("sigma_min", "sigma_max", "rho", "bins")):
+        warn("the noise range or -rho changed: the checkpoint's time warp is dropped and fitted afresh")
+    elif warp is not None:
+        warp.load_state_dict(saved_warp)
     if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         scaler.load_state_dict(checkpoint["scaler"])
     ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
@@ -468,9 +482,9 @@ WARP_FIT_INTERVAL = 10  # steps between refits of the time warp (each a host syn
 def optimizer_step(model, optimizer, scaler, emas, loader, args, device, step, runner=None, warp=None):
     """One optimiser step over args.accumulation_steps micro-batches: gradients unscaled (fp16), clipped, checked,
     then the AdamW update and the EMAs; `runner` (default: training_runner(model, args)) is what the forward
-    calls. A step whose loss or gradient is not finite changes neither weights, EMA,
-    optimizer state nor (the caller's) schedule; `warp` (--time_warp) draws the noise levels, observes the losses
-    of applied steps only, and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status "applied", "overflow" (fp16:
+    calls. A step whose loss or gradient is not finite changes neither weights, EMA, optimizer state nor (the
+    caller's) schedule; `warp` (--time_warp) draws the noise levels, observes the losses of applied steps only,
+    and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status "applied", "overflow" (fp16:
     finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of device tensors (loss,
     correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
@@ -552,9 +566,9 @@ class IntervalMetrics:
 
 def train(model, runner, optimizer, scaler, emas, loader, tokenizer, args, device, step, save, stop, warp=None):
     """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals (logs and
-    samples on rank 0 only). `runner` is what the forward calls (DDP, compiled); `warp` the time warp or None. Returns the step reached
-    (earlier than max_steps if `stop` was requested on any rank). Raises Diverged after args.max_bad_steps steps
-    in a row with a non-finite loss or gradient (nothing is saved then)."""
+    samples on rank 0 only). `runner` is what the forward calls (DDP, compiled); `warp` the time warp or None.
+    Returns the step reached (earlier than max_steps if `stop` was requested on any rank). Raises Diverged after
+    args.max_bad_steps steps in a row with a non-finite loss or gradient (nothing is saved then)."""
     main_rank = loader.rank == 0
     metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), tensorboard=args.tensorboard) \
         if main_rank else None

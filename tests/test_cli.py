@@ -171,7 +171,10 @@ def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-smin", "5", "-smax", "2"], "need 0 < sigma_min < sigma_max"),
+    (["-smin", "5", "-smax", "2"], "need 1e-4 <= sigma_min < sigma_max <= 1e4"),
+    (["-smax", "1e300"], "sigma_max <= 1e4"),
+    (["-rho", "inf"], "-rho inf: must be in [0.1, 100]"),
+    (["-rho", "1e-300"], "must be in [0.1, 100]"),
     (["-bsz", "0"], "--batch_size 0: must be at least 1"),
     (["-ema", "0.9,x"], "expected comma-separated numbers"),
     (["-ema", "1.5"], "every rate must be in (0, 1)"),
