@@ -57,7 +57,9 @@ class TimeWarp:
     Levels are placed on the coordinate s = ln(sigma / sigma_min) / ln(sigma_max / sigma_min) in [0, 1], cut into
     `bins` equal bins (equal in log sigma, so that a wide range such as 1 to 300 still resolves the low levels where
     tokens are decided). observe() adds each step's per-token cross-entropy to its bin on the device; fit() (every
-    few steps, one host sync) folds those sums into decayed running totals (decay per fit), takes the
+    few steps, one host sync) moves each observed bin's running mean a share `rate` towards the window's mean
+    (however few tokens the window had there, so that an early burst of an untrained model's losses cannot outweigh
+    later, sparser draws) and decays its token count (decay per fit, the bin's weight), takes the
     non-decreasing fit of the bins' mean losses (pool_adjacent_violators), places it at the bin edges (the mean of
     neighbouring bins; the outer edges extend the outer slopes), normalises it to a CDF F(s) from 0 to 1, piecewise
     linear between the edges, and mixes in a `floor` share of the uniform CDF in s (an equal share for every bin),
@@ -67,10 +69,10 @@ class TimeWarp:
     tensor, so a resumed run draws what a straight one would.
     """
 
-    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, device="cpu"):
+    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, rate=0.2, device="cpu"):
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self.bins, self.decay, self.floor = bins, decay, floor
-        self.sums, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+        self.bins, self.decay, self.floor, self.rate = bins, decay, floor, rate
+        self.means, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
         self.window = torch.zeros(2, bins, device=device)  # this fit's summed cross-entropy and tokens per bin
         self.s_knots = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # the bin edges
         self.cdf_knots = self.unwarped_cdf(self.s_knots)  # F at the edges: no warp until the first fit
@@ -109,13 +111,15 @@ class TimeWarp:
 
     def fitted_levels(self):
         """The non-decreasing fit of the bins' mean cross-entropies (nats), a list of `bins` floats."""
-        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
-        return pool_adjacent_violators(means, self.counts.tolist())
+        return pool_adjacent_violators(self.means.tolist(), self.counts.tolist())
 
     def fit(self):
         """Fold the observed window into the running totals and refit F (a host sync); the window restarts."""
         window = self.window.double().cpu()
-        self.sums = self.decay * self.sums + window[0]
+        observed = window[1] > 0
+        mean = window[0] / window[1].clamp_min(1e-12)
+        share = torch.where(self.counts > 0, self.rate, 1.0)  # a bin's first observation sets its mean
+        self.means = torch.where(observed, (1 - share) * self.means + share * mean, self.means)
         self.counts = self.decay * self.counts + window[1]
         self.window.zero_()
         level = torch.tensor(self.fitted_levels(), dtype=torch.float64)  # at the bin centres
@@ -136,19 +140,19 @@ class TimeWarp:
         """(sigma at the bin centres, mean observed cross-entropy, its non-decreasing fit), lists of floats, for
         plots; bins never observed are left out."""
         seen = (self.counts > 0).tolist()
-        means = (self.sums / self.counts.clamp_min(1e-12)).tolist()
         sigmas = self.level((self.s_knots[1:] + self.s_knots[:-1]) / 2).tolist()
-        return tuple([v for v, keep in zip(values, seen) if keep] for values in (sigmas, means, self.fitted_levels()))
+        return tuple([v for v, keep in zip(values, seen) if keep]
+                     for values in (sigmas, self.means.tolist(), self.fitted_levels()))
 
     def state_dict(self):
         """Everything that defines the warp and its fit, as plain floats and CPU tensors (checkpoint-safe)."""
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "bins": self.bins,
-                "decay": self.decay, "floor": self.floor, "sums": self.sums.clone(), "counts": self.counts.clone(),
-                "window": self.window.cpu().clone(), "cdf_knots": self.cdf_knots.clone()}
+                "decay": self.decay, "floor": self.floor, "rate": self.rate, "means": self.means.clone(),
+                "counts": self.counts.clone(), "window": self.window.cpu().clone(), "cdf_knots": self.cdf_knots.clone()}
 
     def load_state_dict(self, state):
         """Take the fit of state_dict() (of a warp with the same bins)."""
-        self.sums, self.counts = state["sums"].double().clone(), state["counts"].double().clone()
+        self.means, self.counts = state["means"].double().clone(), state["counts"].double().clone()
         self.window.copy_(state["window"])
         self.cdf_knots = state["cdf_knots"].double().clone()
 
@@ -156,7 +160,7 @@ class TimeWarp:
     def from_state_dict(cls, state, device="cpu"):
         """The TimeWarp that state_dict() described."""
         warp = cls(state["sigma_min"], state["sigma_max"], state["rho"], state["bins"], state["decay"],
-                   state["floor"], device)
+                   state["floor"], state["rate"], device)
         warp.load_state_dict(state)
         return warp
 

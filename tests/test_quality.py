@@ -158,10 +158,11 @@ def test_levels_the_fit_has_left_behind_are_still_drawn_and_their_estimate_refre
     generator = torch.Generator().manual_seed(0)
     sigma = torch.linspace(1, 50, 5000)
     warp.observe(sigma, torch.where(sigma < 3, 8.0, 2 + 3 * (sigma - 3) / 47), torch.ones_like(sigma))
+    warp.observe(torch.full((900,), 1.01), torch.full((900,), 10.0), torch.ones(900))  # an early burst at sigma_min
     warp.fit()
     assert (warp.cdf_knots.diff() >= 0.05 / 64 - 1e-12).all()  # every bin keeps its share of the floor
-    for _ in range(30):  # 300 steps of 4,096 tokens
-        sigma = warp(torch.rand(40_960, generator=generator))
+    for _ in range(30):  # 300 steps of 2,048 loss tokens (the tiny preset's rows): a few draws a bin a fit
+        sigma = warp(torch.rand(20_480, generator=generator))
         warp.observe(sigma, 5 * (1 - torch.exp(-(sigma - 1) / 3)), torch.ones_like(sigma))
         warp.fit()
     sigmas, means, _ = warp.fitted_loss()
