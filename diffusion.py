@@ -66,10 +66,12 @@ class TimeWarp:
     so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone
     map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is the unwarped
     CDF, rho_schedule's spacing with the run's rho (to piecewise-linear accuracy). state_dict() holds every
-    tensor, so a resumed run draws what a straight one would.
+    tensor, so a resumed run draws what a straight one would. Raises ValueError for fewer than 2 bins.
     """
 
     def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, rate=0.2, device="cpu"):
+        if bins < 2:
+            raise ValueError(f"a time warp needs at least 2 bins, got {bins}")
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.bins, self.decay, self.floor, self.rate = bins, decay, floor, rate
         self.means, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
@@ -123,12 +125,9 @@ class TimeWarp:
         self.counts = self.decay * self.counts + window[1]
         self.window.zero_()
         level = torch.tensor(self.fitted_levels(), dtype=torch.float64)  # at the bin centres
-        if self.bins > 1:
-            inner = (level[1:] + level[:-1]) / 2
-            first, last = level[0] - (inner[0] - level[0]), level[-1] + (level[-1] - inner[-1])
-            edges = torch.cat([first[None], inner, last[None]])  # non-decreasing, at the bin edges
-        else:
-            edges = torch.stack([level[0], level[0]])
+        inner = (level[1:] + level[:-1]) / 2
+        first, last = level[0] - (inner[0] - level[0]), level[-1] + (level[-1] - inner[-1])
+        edges = torch.cat([first[None], inner, last[None]])  # non-decreasing, at the bin edges
         rise = float(edges[-1] - edges[0])
         if rise > 0:  # the floor is uniform in s: an unwarped rho = 1 spacing would give the bins near sigma_min
             # almost nothing, and their estimates would go stale while the fit pools them with their neighbours
