@@ -1,26 +1,24 @@
-"""Measure the project's speed on this machine; the README's figures come from here.
+"""Measure the project's speed on this machine; RESULTS.md's speed figures come from here.
 
     python bench.py data -d corpus.txt -spm bpe.model [-slen 64] [-bsz 128] [--json]
     python bench.py train -d corpus.txt -spm bpe.model [--preset small] [--precision bf16] [--compile] [--json]
     python bench.py sample [-mdir out | --preset small] [--steps 200] [-bsz 64] [-slen 64] [--json]
 """
-import argparse
 import json
-import os
 import resource
-import sys
 import tempfile
 import time
-from functools import partial
 
 import torch
 
-import sample
-import train
-from data import ENCODING_ERRORS, PackedBatches, PackedRows, Tokenizer, load_corpus, sample_rows
-from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, generate
+import training
+from checkpoint import load_model
+from corpus import ENCODING_ERRORS, Tokenizer, load_corpus
+from data import PackedBatches, PackedRows, sample_rows
+from diffusion import SAMPLERS, SCHEDULES, Grid, generate
 from model import ModelConfig, ScoreLM
-from utils import PRECISIONS, UsageError, die, keep_freed_memory, resolve_device, seed_all
+from sampling import sampler_settings
+from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
 
 
 def bench_data(args):
@@ -82,33 +80,29 @@ def bench_train(args):
     """Training throughput in real (non-fill) tokens/s over --steps after --warmup steps, model FLOP/s at
     6 N_mm + 12 layers D T_att per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's
     peak where known, and peak memory (MB; CUDA: allocated, else the process's resident set)."""
-    targs = train.parse_args(args.train_flags + ["-mdir", "unused", "--no-progress", "--sample_interval", "0",
-                                                 "-ema", ""])
+    targs = training.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
+                                required=("data_path", "spm_model"))
     seed_all(targs.seed)
     device = resolve_device(targs.device)
     tokenizer = Tokenizer(targs.spm_model)
-    loader = train.build_loader(targs, tokenizer)
-    model = train.build_model(targs, tokenizer.vocab_size, device)
-    runner = train.training_runner(model, targs)
-    optimizer = train.build_optimizer(model, targs)
-    scaler = torch.amp.GradScaler(device.type, enabled=targs.precision == "fp16")
-    warp = train.build_warp(targs, device)
+    state = training.build_state(targs, tokenizer, device)
+    state.runner = training.training_runner(state.model, targs)
     keys = []
     try:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 sync(device)
                 started, tokens = time.perf_counter(), 0
-            status, stats = train.optimizer_step(model, optimizer, scaler, {}, loader, targs, device, step, runner,
-                                                 warp)
+            status, stats = training.optimizer_step(state, targs, device, step)
             if step >= args.warmup:
                 tokens += stats["tokens"]
         sync(device)
         elapsed = time.perf_counter() - started
         for _ in range(8):
-            keys.append(attended_keys(next(loader)["segment_ids"]))
+            keys.append(attended_keys(next(state.loader)["segment_ids"]))
     finally:
-        loader.close()
+        state.loader.close()
+    model = state.model
     n_mm = matmul_params(model)
     flops_per_token = 6 * n_mm + 12 * targs.num_layers * targs.model_dim * sum(keys) / len(keys)
     tokens_per_s = tokens / elapsed
@@ -134,7 +128,7 @@ def bench_sample(args):
     device = resolve_device(args.device)
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
-        model, tokenizer, sampling = sample.load_model(args.model_dir, device=device)
+        model, tokenizer, sampling = load_model(args.model_dir, device=device)
         if model.cfg.causal:
             raise UsageError(f"-mdir {args.model_dir}: an autoregressive run; the samplers need a diffusion run")
         sigma_min, sigma_max, what = sampling["sigma_min"], sampling["sigma_max"], args.model_dir
@@ -142,18 +136,20 @@ def bench_sample(args):
     else:
         seed_all(0)
         preset = args.preset or "small"
-        shape = {k: v for k, v in train.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
+        shape = {k: v for k, v in training.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
         model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
         sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
     ids, cond_mask, _ = sample_rows([layout] * args.batch_size, pad)
     ids, cond_mask = ids.to(device), cond_mask.to(device)
     results = {}
-    for name, step in SAMPLERS.items():
+    for name in SAMPLERS:
         def run(steps):
-            bound = partial(step, steps=steps, **sample.SAMPLER_FLAGS[name]) if name in sample.SAMPLER_FLAGS else step
-            return generate(model, bound, SCHEDULES[args.schedule], ids, cond_mask, range(args.batch_size), steps,
-                            sigma_min, sigma_max, SAMPLING_RHO, early_exit=args.early_exit, precision=args.precision)
+            settings = sampler_settings(name, steps, args.schedule, early_exit=args.early_exit,
+                                        precision=args.precision)
+            return generate(model, settings.step(), settings.schedule_function(), Grid(sigma_min, sigma_max), ids,
+                            cond_mask, range(args.batch_size), steps, early_exit=settings.exit(),
+                            precision=args.precision)
         run(2)
         sync(device)
         started = time.perf_counter()
@@ -177,10 +173,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def parse_args(argv=None):
-    """Subcommand and its flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser():
+    """bench.py's command line: a subcommand and its flags."""
+    p = ArgumentParser(prog="bench.py", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, help="what to measure")
     d = sub.add_parser("data", help="token cache build, loader throughput and packing efficiency")
     d.add_argument("-d", "--data_path", required=True, help="corpus, one example a line")
     d.add_argument("-spm", "--spm_model", required=True, help="SentencePiece model")
@@ -202,7 +198,7 @@ def parse_args(argv=None):
     t.add_argument("--steps", type=int, default=30, help="steps timed")
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
-    s.add_argument("--preset", choices=train.PRESETS, help="architecture without -mdir (default: small)")
+    s.add_argument("--preset", choices=training.PRESETS, help="architecture without -mdir (default: small)")
     s.add_argument("--vocab_size", type=int, help="vocabulary without -mdir (at least 4; default 8000)")
     s.add_argument("--steps", type=int, default=200, help="sampler steps")
     s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")
@@ -213,6 +209,12 @@ def parse_args(argv=None):
     s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     for sub_parser in (d, t, s):
         sub_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def parse_args(argv=None):
+    """The subcommand and its flags, checked; for train, the flags left over go to train.py's parser."""
+    p = build_parser()
     args, rest = p.parse_known_args(argv)
     if args.command == "train":
         args.train_flags = rest
@@ -255,12 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        die(str(e))
-    except BrokenPipeError:
-        sys.stderr.close()
-        os._exit(0)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(main)

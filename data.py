@@ -1,325 +1,15 @@
-"""Text to batches: tokenizer, a pre-tokenised on-disk cache of the corpus, crops, length expansion,
-conditioning masks, and dense packing of several examples into one row with segment ids, served by
-DataLoader worker processes. Knows nothing of models or noise."""
-import hashlib
-import json
+"""Tokens to batches: crops, length expansion, conditioning masks and dense packing of several examples into one
+row with segment ids, served by DataLoader worker processes; and the rows that sampling starts from (prompts,
+infill templates, suffixes). Reads the token cache of corpus.py; knows nothing of models or noise."""
 import math
-import multiprocessing
-import os
 import random
 import re
 import signal
-import socket
 
 import numpy as np
-import sentencepiece as spm
 import torch
-from tqdm import tqdm
 
 from utils import UsageError
-
-
-class Tokenizer:
-    """A SentencePiece model with the special ids this project needs (bos, eos, pad, unk), checked on load.
-
-    Raises UsageError naming `path` if the file is missing or unreadable, if any special id is missing
-    (-1; SentencePiece trains without a pad id unless asked), or if two special ids clash.
-    """
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise UsageError(f"{path}: no SentencePiece model there")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-        except Exception as e:
-            raise UsageError(f"{path}: not a readable SentencePiece model ({e})") from None
-        self.path = path
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
-        ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
-        missing = [name for name, i in ids.items() if i < 0]
-        if missing:
-            raise UsageError(
-                f"{path}: the tokenizer has no {', '.join(missing)} id; retrain it with "
-                "bos_id=0 eos_id=1 pad_id=2 unk_id=3 (prepare.py does)")
-        if len(set(ids.values())) < len(ids):
-            raise UsageError(f"{path}: special ids clash ({ids}); bos, eos, pad and unk must be distinct")
-
-    @property
-    def model_proto(self):
-        """The serialised model (bytes): what worker processes load, and part of the corpus cache key."""
-        return self.sp.serialized_model_proto()
-
-    def encode(self, text, bos=True, eos=True):
-        """Token ids of `text` (a list of int), with bos and eos added as asked."""
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids):
-        """Text of `ids`: cut at the first eos; bos and pad dropped; ids outside the vocabulary refused."""
-        ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids outside the vocabulary of {self.vocab_size}: {bad[:5]}")
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
-
-    def decode_sample(self, ids, held):
-        """Text of a sample whose `held` positions (list of bool) were given: every held token is kept, each
-        generated span is cut at its first eos (the model ended the text there); then as decode."""
-        kept, ended = [], False
-        for i, is_held in zip(ids, held):
-            ended = not is_held and (ended or int(i) == self.eos_id)
-            if not ended:
-                kept.append(i)
-        return self.decode([i for i in kept if int(i) != self.eos_id])
-
-
-BOM = "\ufeff"
-ENCODING_ERRORS = ("strict", "replace")
-CACHE_VERSION = 1
-SPAN_BYTES = 4 << 20  # text per tokenisation task: a worker holds about this much at a time
-ENCODE_LINES = 8192  # lines per SentencePiece call inside a task (bounds the Python lists it returns)
-KEY_BYTES = 1 << 20  # bytes of the corpus's head and of its tail hashed into the cache key
-
-
-def default_cache_dir():
-    """$XDG_CACHE_HOME/score-diffusion-lm, else ~/.cache/score-diffusion-lm."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "score-diffusion-lm")
-
-
-def decode_line(raw, errors="strict"):
-    """Text of one corpus line (bytes): UTF-8, byte-order marks dropped, surrounding whitespace (Unicode's,
-    non-breaking spaces included) stripped. With errors="replace", invalid bytes become U+FFFD and a carriage
-    return inside the line a space; with "strict" both raise (UnicodeDecodeError, ValueError)."""
-    text = raw.decode("utf-8", errors).replace(BOM, "").strip()
-    if "\r" in text:
-        if errors == "strict":
-            raise ValueError("carriage return inside a line (old Mac line ends?)")
-        text = text.replace("\r", " ")
-    return text
-
-
-def lines_starting_in(f, start, end):
-    """The lines (bytes) of an open binary file that start in the byte range [start, end)."""
-    f.seek(max(start - 1, 0))
-    if start > 0:
-        f.readline()  # the rest of a line that began before `start` belongs to the previous range
-    position = f.tell()
-    while position < end:
-        raw = f.readline()
-        if not raw:
-            return
-        yield raw
-        position += len(raw)
-
-
-def tokenize_span(task):
-    """Tokenise the lines starting in one byte range of a corpus; runs in a worker process.
-
-    task: (path, serialised SentencePiece model, start, end, encoding errors, numpy dtype name).
-    Returns (lines in the range, lengths int64 (N,) of its N lines with tokens, their ids concatenated
-    (sum of lengths,) in the dtype, the first problem as (line number within the range, reason) or None).
-    """
-    path, model_proto, start, end, errors, dtype = task
-    sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    lengths, ids, texts, problem, number = [], [], [], None, 0
-
-    def encode_waiting():
-        for pieces in sp.encode(texts):
-            if pieces:  # a line of characters the tokenizer drops (zero-width spaces, controls) has no text
-                lengths.append(len(pieces))
-                ids.append(np.asarray(pieces, dtype=dtype))
-        texts.clear()
-
-    with open(path, "rb") as f:
-        for number, raw in enumerate(lines_starting_in(f, start, end), start=1):
-            try:
-                text = decode_line(raw, errors)
-            except UnicodeDecodeError as e:
-                problem = problem or (number, f"not UTF-8 ({e.reason} at byte {e.start} of the line)")
-                continue
-            except ValueError as e:
-                problem = problem or (number, str(e))
-                continue
-            if text:
-                texts.append(text)
-            if len(texts) == ENCODE_LINES:
-                encode_waiting()
-    encode_waiting()
-    return number, np.asarray(lengths, dtype=np.int64), np.concatenate(ids or [np.zeros(0, dtype)]), problem
-
-
-def cache_prefix(path, tokenizer, cache_dir, errors):
-    """Where the cache of `path` lives: cache_dir/<file name>.<key>, the key hashing the corpus's size,
-    modification time, first and last MiB, the tokenizer model and the encoding-error mode."""
-    stat = os.stat(path)
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{stat.st_size}|{stat.st_mtime_ns}|{errors}|".encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(KEY_BYTES))
-        f.seek(max(stat.st_size - KEY_BYTES, 0))
-        digest.update(f.read())
-    digest.update(tokenizer.model_proto)
-    return os.path.join(cache_dir, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}")
-
-
-def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progress=True):
-    """Tokenise `path` once into prefix.ids (flat, uint16 if the vocabulary fits, else uint32),
-    prefix.offsets (int64, N + 1) and prefix.json (written last: its presence marks a finished cache).
-
-    Streams the corpus in SPAN_BYTES ranges over `num_proc` processes (default: every core), so memory does not
-    grow with the corpus. Raises UsageError naming file and line for invalid UTF-8 or a carriage return inside
-    a line (unless errors="replace"), and naming the file if no line gives any token.
-    """
-    size = os.path.getsize(path)
-    spans = [(start, min(start + SPAN_BYTES, size)) for start in range(0, size, SPAN_BYTES)]
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    tasks = [(path, tokenizer.model_proto, start, end, errors, dtype) for start, end in spans]
-    num_proc = min(num_proc or os.cpu_count() or 1, len(tasks))
-    temporary = f"{prefix}.{os.getpid()}@{socket.gethostname()}.tmp"  # a cache folder may be shared by hosts
-    lines = examples = tokens = 0
-    # Ctrl-C reaches the whole process group: the tokenising processes leave it to this one, which cleans up
-    pool = multiprocessing.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if num_proc > 1 else None
-    try:
-        with open(temporary + ".ids", "wb") as ids_file, open(temporary + ".offsets", "wb") as offsets_file, \
-                tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenising {os.path.basename(path)}",
-                     disable=not progress, leave=False, delay=1.0) as bar:
-            offsets_file.write(np.zeros(1, np.int64).tobytes())
-            results = pool.imap(tokenize_span, tasks) if pool else map(tokenize_span, tasks)
-            for (start, end), (span_lines, lengths, ids, problem) in zip(spans, results):
-                if problem:
-                    raise UsageError(f"{path}:{lines + problem[0]}: {problem[1]}; fix the file (prepare.py "
-                                     "cleans it) or pass --encoding_errors replace")
-                ids_file.write(ids.tobytes())
-                offsets_file.write((tokens + np.cumsum(lengths)).tobytes())
-                lines, examples, tokens = lines + span_lines, examples + len(lengths), tokens + len(ids)
-                bar.update(end - start)
-        if examples == 0:
-            raise UsageError(f"{path}: no line with text to train on ({lines:,} lines, all blank or made only of "
-                             "characters the tokenizer drops)")
-        os.replace(temporary + ".ids", prefix + ".ids")
-        os.replace(temporary + ".offsets", prefix + ".offsets")
-        meta = {"version": CACHE_VERSION, "corpus": os.path.abspath(path), "tokenizer": tokenizer.path,
-                "dtype": dtype, "lines": lines, "examples": examples, "tokens": tokens, "encoding_errors": errors}
-        with open(temporary + ".json", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(temporary + ".json", prefix + ".json")
-    finally:
-        if pool:
-            pool.terminate()
-        for suffix in (".ids", ".offsets", ".json"):
-            if os.path.exists(temporary + suffix):
-                os.remove(temporary + suffix)
-
-
-def load_corpus(path, tokenizer, cache_dir=None, errors="strict", num_proc=None, progress=True):
-    """The TokenCache of a line-per-example corpus, built on first use and reused while neither the corpus nor
-    the tokenizer changes. Raises UsageError naming the path for a missing, unreadable or empty corpus, a
-    directory or other non-file, an unwritable cache folder, and (with errors="strict") invalid UTF-8 with its
-    line. A cache whose files are cut short or half written is rebuilt."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory, expected a text file with one example a line")
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: not a regular file (a pipe or a device?); the corpus must be a file on disk")
-    if errors not in ENCODING_ERRORS:
-        raise UsageError(f"--encoding_errors {errors}: expected one of {', '.join(ENCODING_ERRORS)}")
-    cache_dir = cache_dir or default_cache_dir()
-    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
-        raise UsageError(f"--cache_dir {cache_dir}: exists and is not a folder")
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--cache_dir {cache_dir}: {e.strerror}") from None
-    try:
-        prefix = cache_prefix(path, tokenizer, cache_dir, errors)
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror}") from None
-    if not cache_is_whole(prefix):
-        remove_abandoned_builds(cache_dir)
-        try:
-            build_cache(path, tokenizer, prefix, errors, num_proc, progress)
-        except OSError as e:
-            where = f"--cache_dir {cache_dir}" if e.filename and e.filename.startswith(prefix) else e.filename or path
-            raise UsageError(f"{where}: {e.strerror} (while building the token cache)") from None
-    return TokenCache(prefix)
-
-
-def cache_is_whole(prefix):
-    """Whether prefix.json exists and the .ids and .offsets files have the sizes and end offsets its counts give
-    (a cache cut short or half written is rebuilt, not read; contents are not checked further)."""
-    try:
-        with open(prefix + ".json") as f:
-            meta = json.load(f)
-        offsets = np.memmap(prefix + ".offsets", dtype=np.int64, mode="r")
-        return (os.path.getsize(prefix + ".ids") == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-                and len(offsets) == meta["examples"] + 1 and offsets[0] == 0 and offsets[-1] == meta["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def remove_abandoned_builds(cache_dir):
-    """Delete the temporary files of cache builds on this host whose process no longer runs (killed mid-build),
-    whatever corpus version they were building."""
-    for entry in os.listdir(cache_dir):
-        match = re.search(r"\.(\d+)@(.+)\.tmp\.(ids|offsets|json)$", entry)
-        if not match or match[2] != socket.gethostname():
-            continue
-        try:
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(cache_dir, entry))
-        except PermissionError:
-            pass  # alive, another user's
-
-
-class TokenCache:
-    """A tokenised corpus on disk: example i holds the token ids of the i-th non-blank line (no bos, eos).
-
-    The ids are a flat memory map; each process maps the files itself on first use, so DataLoader workers
-    share no file handle. `meta` holds the counts of lines, examples and tokens.
-    """
-
-    def __init__(self, prefix):
-        self.prefix = prefix
-        with open(prefix + ".json") as f:
-            self.meta = json.load(f)
-        self._pid, self._ids, self._offsets = None, None, None
-
-    def __getstate__(self):
-        return {"prefix": self.prefix, "meta": self.meta, "_pid": None, "_ids": None, "_offsets": None}
-
-    def _map(self):
-        if self._pid != os.getpid():
-            empty = self.meta["tokens"] == 0  # numpy cannot map an empty file
-            self._ids = (np.zeros(0, self.meta["dtype"]) if empty else
-                         np.memmap(self.prefix + ".ids", dtype=self.meta["dtype"], mode="r"))
-            self._offsets = np.memmap(self.prefix + ".offsets", dtype=np.int64, mode="r")
-            self._pid = os.getpid()
-        return self._ids, self._offsets
-
-    def __len__(self):
-        return self.meta["examples"]
-
-    def lengths(self):
-        """Tokens of every example, int64 (N,)."""
-        return np.diff(self._map()[1])
-
-    def length(self, i):
-        """Tokens of example i (int)."""
-        offsets = self._map()[1]
-        return int(offsets[i + 1] - offsets[i])
-
-    def ids(self, i, start=0, stop=None):
-        """Token ids [start, stop) of example i, int64 (stop - start,); only that window is read."""
-        ids, offsets = self._map()
-        begin = int(offsets[i])
-        stop = self.length(i) if stop is None else stop
-        return ids[begin + start:begin + stop].astype(np.int64)
 
 
 def example_window(length, seq_len, expand_prob, rng):
@@ -436,21 +126,21 @@ def parse_template(template, where="--infill"):
 
 def sample_layout(tokenizer, pieces, length=None, suffix=None, where="--prompt"):
     """One sample's token ids and held flags, two lists as long as the sample: bos, then the pieces in order
-    (str: its tokens, held; int n: n free positions; None, last: free positions up to `length` tokens in all),
-    then with a `suffix` (str) its tokens and eos, held at the end. Raises UsageError naming `where` if the
-    held tokens leave no free position."""
+    (str: its tokens, held; list: these token ids, held; int n: n free positions; None, last: free positions up
+    to `length` tokens in all), then with a `suffix` (str) its tokens and eos, held at the end. Raises
+    UsageError naming `where` if the held tokens leave no free position."""
     tail = [] if suffix is None else tokenizer.encode(suffix, bos=False, eos=True)
     ids, held = [tokenizer.bos_id], [True]
     for piece in pieces:
-        if isinstance(piece, str):
-            text = tokenizer.encode(piece, bos=False, eos=False)
+        if isinstance(piece, (str, list)):
+            text = tokenizer.encode(piece, bos=False, eos=False) if isinstance(piece, str) else piece
             ids, held = ids + text, held + [True] * len(text)
         else:
             n = length - len(ids) - len(tail) if piece is None else piece
             ids, held = ids + [tokenizer.pad_id] * max(n, 0), held + [False] * max(n, 0)
     ids, held = ids + tail, held + [True] * len(tail)
     if all(held):
-        text = any(isinstance(piece, str) and piece for piece in pieces)
+        text = any(isinstance(piece, (str, list)) and piece for piece in pieces)
         what = ", ".join(["bos"] + ["text"] * text + ["suffix and eos"] * bool(tail))
         raise UsageError(f"{where}: {len(ids)} held tokens ({what}) leave nothing to generate"
                          f"{f' in --length {length}' if length else ''}")

@@ -1,7 +1,8 @@
-"""The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training loss,
-the samplers, the per-token sampling schedules and generate(), which drives them. The network is received as an
-argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `embed`, `embedding_table` and
-`__call__(x, c_noise, segment_ids, self_cond) -> logits`); model.py is never imported here.
+"""The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training losses,
+the likelihood bound, the samplers, the per-token sampling schedules, the sampling grid and generate(), which drives
+them. The network is received as an argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `embed`,
+`embedding_table` and `__call__(x, c_noise, segment_ids, self_cond) -> logits`), and a time warp (timewarp.py) as
+any callable u -> sigma; neither module is imported here.
 
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
 at its clean embedding). Process maths runs in float32 (float64 on request) whatever the network's precision.
@@ -34,134 +35,6 @@ def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, gener
     u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
     u = u[:, :L] if per_token else u.gather(1, segment_ids)
     return rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)
-
-
-def pool_adjacent_violators(values, weights):
-    """The non-decreasing sequence closest to `values` in weighted least squares (isotonic regression by pooling
-    adjacent violators, Ayer et al. 1955); values with weight 0 take their neighbours' level. Lists of floats in,
-    a list out."""
-    blocks = []  # [weighted mean, weight, length]
-    for value, weight in zip(values, weights):
-        blocks.append([value, weight, 1])
-        while len(blocks) > 1 and (blocks[-1][1] == 0 or blocks[-2][1] == 0 or blocks[-2][0] > blocks[-1][0]):
-            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks.pop()
-            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2) if w1 + w2 else m1, w1 + w2, n1 + n2]
-    return [mean for mean, _, length in blocks for _ in range(length)]
-
-
-class TimeWarp:
-    """CDCD's time warping (Dieleman et al. 2022, section 4), fitted online: training draws noise levels so that
-    the cross-entropy rises evenly with the drawn quantile, i.e. each level in proportion to how fast the loss
-    changes there (how much is decided there).
-
-    Levels are placed on the coordinate s = ln(sigma / sigma_min) / ln(sigma_max / sigma_min) in [0, 1], cut into
-    `bins` equal bins (equal in log sigma, so that a wide range such as 1 to 300 still resolves the low levels where
-    tokens are decided). observe() adds each step's per-token cross-entropy to its bin on the device; fit() (every
-    few steps, one host sync) moves each observed bin's running mean a share `rate` towards the window's mean
-    (however few tokens the window had there, so that an early burst of an untrained model's losses cannot outweigh
-    later, sparser draws) and decays its token count (decay per fit, the bin's weight), takes the
-    non-decreasing fit of the bins' mean losses (pool_adjacent_violators), places it at the bin edges (the mean of
-    neighbouring bins; the outer edges extend the outer slopes), normalises it to a CDF F(s) from 0 to 1, piecewise
-    linear between the edges, and mixes in a `floor` share of the uniform CDF in s (an equal share for every bin),
-    so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone
-    map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is the unwarped
-    CDF, rho_schedule's spacing with the run's rho (to piecewise-linear accuracy). state_dict() holds every
-    tensor, so a resumed run draws what a straight one would. Raises ValueError for fewer than 2 bins.
-    """
-
-    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, rate=0.2, device="cpu"):
-        if bins < 2:
-            raise ValueError(f"a time warp needs at least 2 bins, got {bins}")
-        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self.bins, self.decay, self.floor, self.rate = bins, decay, floor, rate
-        self.means, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
-        self.window = torch.zeros(2, bins, device=device)  # this fit's summed cross-entropy and tokens per bin
-        self.s_knots = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # the bin edges
-        self.cdf_knots = self.unwarped_cdf(self.s_knots)  # F at the edges: no warp until the first fit
-
-    def level(self, s):
-        """sigma at coordinate s (tensor, any shape): sigma_min (sigma_max / sigma_min)^s."""
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** s
-
-    def coordinate(self, sigma):
-        """The coordinate s in [0, 1] of levels sigma (any shape): 0 at sigma_min, 1 at sigma_max."""
-        ratio = sigma.clamp(self.sigma_min, self.sigma_max) / self.sigma_min
-        return (ratio.log() / math.log(self.sigma_max / self.sigma_min)).clamp(0.0, 1.0)
-
-    def unwarped_cdf(self, s):
-        """The share of unwarped training levels (u ~ U(0, 1) through rho_schedule) below sigma(s)."""
-        inv_rho = 1.0 / self.rho
-        low, high = self.sigma_min ** inv_rho, self.sigma_max ** inv_rho
-        return ((self.level(s) ** inv_rho - low) / (high - low)).clamp(0.0, 1.0)
-
-    def __call__(self, u):
-        """Levels sigma = sigma(F^-1(u)) for u in [0, 1], same shape and dtype as u (float)."""
-        cdf, s_knots = self.cdf_knots.to(u.device, torch.float64), self.s_knots.to(u.device, torch.float64)
-        u64 = u.double().clamp(0.0, 1.0)
-        hi = torch.searchsorted(cdf, u64.contiguous(), right=True).clamp(1, len(cdf) - 1)
-        lo = hi - 1
-        w = ((u64 - cdf[lo]) / (cdf[hi] - cdf[lo]).clamp_min(1e-300)).clamp(0.0, 1.0)
-        return self.level(s_knots[lo] + w * (s_knots[hi] - s_knots[lo])).to(u.dtype)
-
-    def observe(self, sigma, ce, weight):
-        """Add per-token cross-entropies (nats) ce at levels sigma, counted with weight (1 for a loss position, 0
-        otherwise), to this fit's bins; all (B, L), on the device, without a host sync."""
-        index = (self.coordinate(sigma.detach().float()) * self.bins).long().clamp(0, self.bins - 1).flatten()
-        weight = weight.float().flatten()
-        self.window[0].index_add_(0, index, ce.detach().float().flatten() * weight)
-        self.window[1].index_add_(0, index, weight)
-
-    def fitted_levels(self):
-        """The non-decreasing fit of the bins' mean cross-entropies (nats), a list of `bins` floats."""
-        return pool_adjacent_violators(self.means.tolist(), self.counts.tolist())
-
-    def fit(self):
-        """Fold the observed window into the running totals and refit F (a host sync); the window restarts."""
-        window = self.window.double().cpu()
-        observed = window[1] > 0
-        mean = window[0] / window[1].clamp_min(1e-12)
-        share = torch.where(self.counts > 0, self.rate, 1.0)  # a bin's first observation sets its mean
-        self.means = torch.where(observed, (1 - share) * self.means + share * mean, self.means)
-        self.counts = self.decay * self.counts + window[1]
-        self.window.zero_()
-        level = torch.tensor(self.fitted_levels(), dtype=torch.float64)  # at the bin centres
-        inner = (level[1:] + level[:-1]) / 2
-        first, last = level[0] - (inner[0] - level[0]), level[-1] + (level[-1] - inner[-1])
-        edges = torch.cat([first[None], inner, last[None]])  # non-decreasing, at the bin edges
-        rise = float(edges[-1] - edges[0])
-        if rise > 0:  # the floor is uniform in s: an unwarped rho = 1 spacing would give the bins near sigma_min
-            # almost nothing, and their estimates would go stale while the fit pools them with their neighbours
-            self.cdf_knots = (1 - self.floor) * (edges - edges[0]) / rise + self.floor * self.s_knots
-        else:
-            self.cdf_knots = self.unwarped_cdf(self.s_knots)
-
-    def fitted_loss(self):
-        """(sigma at the bin centres, mean observed cross-entropy, its non-decreasing fit), lists of floats, for
-        plots; bins never observed are left out."""
-        seen = (self.counts > 0).tolist()
-        sigmas = self.level((self.s_knots[1:] + self.s_knots[:-1]) / 2).tolist()
-        return tuple([v for v, keep in zip(values, seen) if keep]
-                     for values in (sigmas, self.means.tolist(), self.fitted_levels()))
-
-    def state_dict(self):
-        """Everything that defines the warp and its fit, as plain floats and CPU tensors (checkpoint-safe)."""
-        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "bins": self.bins,
-                "decay": self.decay, "floor": self.floor, "rate": self.rate, "means": self.means.clone(),
-                "counts": self.counts.clone(), "window": self.window.cpu().clone(), "cdf_knots": self.cdf_knots.clone()}
-
-    def load_state_dict(self, state):
-        """Take the fit of state_dict() (of a warp with the same bins)."""
-        self.means, self.counts = state["means"].double().clone(), state["counts"].double().clone()
-        self.window.copy_(state["window"])
-        self.cdf_knots = state["cdf_knots"].double().clone()
-
-    @classmethod
-    def from_state_dict(cls, state, device="cpu"):
-        """The TimeWarp that state_dict() described."""
-        warp = cls(state["sigma_min"], state["sigma_max"], state["rho"], state["bins"], state["decay"],
-                   state["floor"], state["rate"], device)
-        warp.load_state_dict(state)
-        return warp
 
 
 def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
@@ -198,24 +71,17 @@ def denoiser_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
         return network_logits(model, x, sigma, segment_ids, sigma_data)
     with torch.no_grad():
         first = network_logits(model, x, sigma, segment_ids, sigma_data)
-        estimate = score_interpolation(first, x, sigma, model.embedding_table())
+        estimate = score_interpolation(first.softmax(dim=-1), x, sigma, model.embedding_table())
     return network_logits(model, x, sigma, segment_ids, sigma_data, estimate)
 
 
-def score_interpolation(logits, x, sigma, table):
-    """D(x; sigma) from the network's logits (B, L, V): the expected clean embedding under the predicted token
-    distribution, softmax(logits) @ table (Dieleman et al. 2022, section 3), and exactly x where sigma = 0.
-    x (B, L, E), sigma (B, L), table (V, E) -> (B, L, E) float32 (float64 for float64 logits)."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    x0_hat = logits.to(dtype).softmax(dim=-1) @ table.to(dtype)  # (B, L, E)
+def score_interpolation(probs, x, sigma, table):
+    """D(x; sigma) from the network's predicted token distribution probs = softmax(logits) (B, L, V): the expected
+    clean embedding, probs @ table (Dieleman et al. 2022, section 3), and exactly x where sigma = 0.
+    x (B, L, E), sigma (B, L), table (V, E) -> (B, L, E) float32 (float64 for float64 probs)."""
+    dtype = torch.promote_types(probs.dtype, torch.float32)
+    x0_hat = probs.to(dtype) @ table.to(dtype)  # (B, L, E)
     return torch.where(append_dims(sigma == 0, x.ndim), x.to(dtype), x0_hat)
-
-
-def denoise(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
-    """The denoiser D(x; sigma) by score interpolation: x (B, L, E) float, sigma (B, L) float ->
-    denoised (B, L, E) float32, exactly x where sigma = 0."""
-    logits = denoiser_logits(model, x, sigma, segment_ids, sigma_data)
-    return score_interpolation(logits, x, sigma, model.embedding_table())
 
 
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
@@ -239,10 +105,11 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     if self_cond:
         with torch.no_grad():
             first = network_logits(model, x, sigma, segment_ids, sigma_data)
-            estimate = score_interpolation(first, x, sigma, model.embedding_table())  # (B, L, E), clean where held
+            estimate = score_interpolation(first.softmax(dim=-1), x, sigma, model.embedding_table())  # (B, L, E)
     logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate)  # (B, L, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)  # softmax over
-    # the contiguous last dimension: on the CPU about twice as fast as over dim 1 of a transposed view
+    # (B L, V): the softmax runs over the contiguous last dimension, far faster on the CPU than over dim 1 of a
+    # transposed (B, V, L) view
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
     return (ce, logits) if return_logits else ce
 
 
@@ -315,7 +182,7 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
             z = x + append_dims(sigma_tok, 3) * eps
             logits = denoiser_logits(model, z, sigma_tok, segment_ids, sigma_data).double()  # (B, L, V)
             if diffusion_term:
-                denoised = score_interpolation(logits, z, sigma_tok, model.embedding_table().double())
+                denoised = score_interpolation(logits.softmax(dim=-1), z, sigma_tok, model.embedding_table().double())
                 error = (((x - denoised) ** 2).sum(-1) * free).sum(-1)  # (B,)
                 diffusion = log_ratio * error / sigma ** 2
             else:
@@ -424,10 +291,10 @@ class ScheduleState:
 
 
 # Per-token schedules: schedule(u, state) -> t (B, L), every position's progress after the step that brings
-# the uniform progress to u in (0, 1] (state.u before it). Progress becomes sigma through rho_schedule.
+# the uniform progress to u in (0, 1] (state.u before it). Progress becomes sigma through a Grid.
 # advance() keeps each position monotone and puts every one at sigma_min when u = 1, so a schedule only
-# decides who moves how far. Adding one is adding a function here, its name to SCHEDULES, and its flags to
-# sample.py's build_schedule.
+# decides who moves how far. Adding one is adding a function here, its name to SCHEDULES, and its parameters to
+# sampling.py's SCHEDULE_PARAMETERS (sample.py's flags follow from there).
 
 
 def uniform_schedule(u, state):
@@ -468,108 +335,126 @@ def advance(schedule, u, state):
     return torch.maximum(schedule(u, state).to(state.t.dtype), state.t).clamp_max(1.0)
 
 
-def noise_levels(t, free, sigma_min, sigma_max, rho, dtype=torch.float32, warp=None):
-    """Per-token sigma (B, L) `dtype` at progress t (B, L): rho_schedule on free positions, or with a TimeWarp
-    `warp` the training warp's level warp(1 - t) (CDCD's warped sampling grid); 0 on the others."""
-    sigma = rho_schedule(t, sigma_min, sigma_max, rho) if warp is None else warp(1.0 - t)
-    return torch.where(free, sigma, 0.0).to(dtype)
+@dataclass(frozen=True)
+class Grid:
+    """Where sampling progress puts the noise levels: a free position at progress t in [0, 1] is at
+    rho_schedule(t, sigma_min, sigma_max, rho), sigma_max at t = 0 and sigma_min at t = 1 (Karras et al. 2022,
+    eq. 5), or, with a fitted TimeWarp `warp`, at the training warp's level warp(1 - t) (CDCD's warped grid)."""
+    sigma_min: float
+    sigma_max: float
+    rho: float = SAMPLING_RHO
+    warp: object = None
+
+    def sigma(self, t, free, dtype=torch.float32):
+        """Per-token sigma (B, L) `dtype` at progress t (B, L) float64; 0 where `free` (B, L) bool is False."""
+        sigma = rho_schedule(t, self.sigma_min, self.sigma_max, self.rho) if self.warp is None else self.warp(1.0 - t)
+        return torch.where(free, sigma, 0.0).to(dtype)
 
 
-def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho, warp=None):
-    """The levels (steps + 1, B, L) float32 that `schedule` gives a batch, step by step: sigma_max on free
-    positions at first, sigma_min at index steps - 1 (for steps >= 2), then 0; 0 throughout on conditioned ones.
-    For a schedule that reads predictions (confidence) these are the levels when no position turns confident.
-    Raises ValueError if steps < 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    state = ScheduleState.start(cond_mask)
-    levels = [noise_levels(state.t, state.free, sigma_min, sigma_max, rho, warp=warp)]
-    for i in range(1, steps):
-        state.t, state.u = advance(schedule, i / (steps - 1), state), i / (steps - 1)
-        levels.append(noise_levels(state.t, state.free, sigma_min, sigma_max, rho, warp=warp))
-    return torch.stack(levels + [torch.zeros_like(levels[0])])
+@dataclass(frozen=True)
+class EarlyExit:
+    """Stop a row once its argmax tokens have not changed for `patience` steps in a row (the patience criterion of
+    Lo Cicero Vaina et al. 2023), counting only steps whose latest prediction has a mean top probability over the
+    free positions of at least `confidence`: near sigma_max the prediction barely depends on x, so its argmax stands
+    still long before anything is decided (0 counts every step)."""
+    patience: int
+    confidence: float = 0.5
+
+    def count(self, unchanged, changed, state):
+        """Steps in a row without a change (b,) int64, after a step that changed the tokens `changed` (b, L) bool."""
+        moved = (changed & state.free).any(dim=1)
+        confidence = (state.confidence * state.free).sum(dim=1) / state.free.sum(dim=1).clamp_min(1)
+        return torch.where(moved | (confidence < self.confidence), 0, unchanged + 1)
+
+
+class SamplingRows:
+    """The rows of one generate() call still being sampled: their noise generators (one per row, seeded by its seed,
+    so that a sample does not depend on its batch: EDM's StackedRandomGenerator), segment ids, latest argmax tokens,
+    schedule state and network evaluations. noise() and denoiser() are what a sampler step calls."""
+
+    def __init__(self, model, ids, cond_mask, seeds, segment_ids, precision, dtype):
+        self.model, self.precision, self.dtype, self.device = model, precision, dtype, ids.device
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        # a row draws noise for its own length only, so that its stream does not depend on the longest row beside it
+        self.lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
+        self.table = model.embedding_table().to(dtype)  # (V, E)
+        self.rows = torch.arange(len(ids))  # the rows still sampling, as indices into the batch
+        self.segment_ids, self.tokens = segment_ids, ids.clone()
+        self.state = ScheduleState.start(cond_mask)
+        self.evaluations = torch.zeros(len(ids), dtype=torch.long)
+
+    def noise(self):
+        """Fresh standard normal noise (b, L, E) in `dtype`, each row from its own generator, zero past its length."""
+        L, E = self.tokens.shape[1], self.model.cfg.embedding_dim
+        drawn = [torch.randn(self.lengths[r], E, generator=self.generators[r], dtype=self.dtype)
+                 for r in self.rows.tolist()]
+        return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(self.device)  # any device alike
+
+    def denoiser(self, x, sigma):
+        """D(x; sigma) (b, L, E) by score interpolation, the network under `precision`'s autocast; records each free
+        position's argmax token, its probability and whether it changed, for the schedules and early exit."""
+        state = self.state
+        estimate = state.denoised if self.model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
+        with autocast(self.device, self.precision):
+            logits = network_logits(self.model, x, sigma, self.segment_ids, self_cond=estimate)
+        probs = logits.to(self.dtype).softmax(dim=-1)  # (b, L, V)
+        confidence, argmax = probs.max(dim=-1)
+        state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
+        state.confidence, state.argmax = confidence, argmax
+        self.tokens.copy_(torch.where(sigma > 0, argmax, self.tokens))
+        self.evaluations[self.rows] += 1
+        state.denoised = score_interpolation(probs, x, sigma, self.table)
+        return state.denoised
+
+    def keep(self, keep):
+        """Go on with the rows `keep` (b,) bool alone."""
+        self.rows, self.tokens = self.rows[keep.cpu()], self.tokens[keep]
+        self.segment_ids = None if self.segment_ids is None else self.segment_ids[keep]
+        self.state = self.state.select(keep)
 
 
 @torch.no_grad()
-def generate(model, step, schedule, ids, cond_mask, seeds, steps, sigma_min, sigma_max, rho, segment_ids=None,
-             early_exit=None, exit_confidence=0.5, precision="fp32", dtype=torch.float32, callback=None,
-             sigma_data=SIGMA_DATA, warp=None):
+def generate(model, step, schedule, grid, ids, cond_mask, seeds, steps, segment_ids=None, early_exit=None,
+             precision="fp32", dtype=torch.float32, callback=None):
     """Sample the free positions of a batch; conditioned ids come back exactly as given.
 
-    ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; seeds: B ints, one noise
-    generator per row, so that a sample does not depend on its batch (EDM's StackedRandomGenerator); step: a
-    SAMPLERS function with its parameters bound; schedule: a SCHEDULES function likewise; `steps` steps on the
-    progress grid u = i / (steps - 1), the last from sigma_min to 0; progress t becomes sigma through
-    rho_schedule(t, sigma_min, sigma_max, rho), or, with a TimeWarp `warp`, through the training warp (noise_levels);
-    segment_ids (B, L) int or None for rows
-    shorter than the batch (attention stays within equal ids). early_exit K: a row stops once its argmax tokens
-    have not changed for K steps in a row (the patience criterion of Lo Cicero Vaina et al. 2023), counting
-    only steps whose latest prediction has a mean top probability over the free positions of at least
-    exit_confidence: near sigma_max the prediction barely depends on x, so its argmax stands still long before
-    anything is decided (0 counts every step). The network runs under `precision`'s autocast; x, sigma, the
-    softmax and score interpolation in `dtype` (torch.float32 or torch.float64). A self-conditioned model reads
-    the estimate of the row's previous network evaluation (none at the first). callback(i, rows, tokens, sigma),
-    if given, sees every step i: the rows still sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
+    step: a SAMPLERS function with its parameters bound; schedule: a SCHEDULES function likewise; grid: a Grid;
+    ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; seeds: B ints, one noise generator
+    per row; `steps` steps on the progress grid u = i / (steps - 1), the last from sigma_min to 0; segment_ids
+    (B, L) int or None for rows shorter than the batch (attention stays within equal ids); early_exit: an EarlyExit
+    or None (finished rows leave the batch). The network runs under `precision`'s autocast; x, sigma, the softmax
+    and score interpolation in `dtype` (torch.float32 or torch.float64). A self-conditioned model reads the estimate
+    of the row's previous network evaluation (none at the first). callback(i, rows, tokens, sigma), if given, sees
+    every step i: the rows still sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
 
     Each free token is the argmax of its logits at the last evaluation where its sigma was above 0 (CDCD decodes
     the final logits; the nearest embedding to a score-interpolated mean can be a token no step predicted).
     Returns ids (B, L) int64, and per row the network evaluations and the steps taken, each (B,) int64 on the CPU.
     """
-    device, (B, L), E = ids.device, ids.shape, model.cfg.embedding_dim
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    table = model.embedding_table().to(dtype)  # (V, E)
-    out, tokens = ids.clone(), ids.clone()
-    evaluations, steps_taken = torch.zeros(B, dtype=torch.long), torch.full((B,), steps, dtype=torch.long)
-    rows = torch.arange(B)  # the rows still sampling, as indices into the batch
-    state = ScheduleState.start(cond_mask)
-    unchanged = torch.zeros(B, dtype=torch.long, device=device)
-
-    # a row draws noise for its own length only, so that its stream does not depend on the longest row beside it
-    lengths = [L] * B if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
-
-    def noise():
-        drawn = [torch.randn(lengths[r], E, generator=generators[r], dtype=dtype) for r in rows.tolist()]
-        return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(device)  # (b, L, E), any device alike
-
-    def denoiser(x, sigma):
-        estimate = state.denoised if model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
-        with autocast(device, precision):
-            logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate)
-        probs = logits.to(dtype).softmax(dim=-1)  # (b, L, V)
-        confidence, argmax = probs.max(dim=-1)
-        state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
-        state.confidence, state.argmax = confidence, argmax
-        tokens.copy_(torch.where(sigma > 0, argmax, tokens))
-        evaluations[rows] += 1
-        state.denoised = torch.where(append_dims(sigma == 0, x.ndim), x, probs @ table)
-        return state.denoised
-
-    sigma = noise_levels(state.t, state.free, sigma_min, sigma_max, rho, dtype, warp)
-    x = model.embed(ids).to(dtype) * append_dims(cond_mask, 3) + append_dims(sigma, 3) * noise()  # (B, L, E)
+    rows = SamplingRows(model, ids, cond_mask, seeds, segment_ids, precision, dtype)
+    out, steps_taken = ids.clone(), torch.full((len(ids),), steps, dtype=torch.long)
+    unchanged = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+    sigma = grid.sigma(rows.state.t, rows.state.free, dtype)
+    x = model.embed(ids).to(dtype) * append_dims(cond_mask, 3) + append_dims(sigma, 3) * rows.noise()  # (B, L, E)
     for i in range(steps):
         last = i == steps - 1
         u = 1.0 if last else (i + 1) / (steps - 1)
-        t_next = advance(schedule, u, state)
-        sigma_next = torch.zeros_like(sigma) if last else noise_levels(t_next, state.free, sigma_min, sigma_max, rho,
-                                                                       dtype, warp)
-        before = tokens.clone()
-        x = step(denoiser, x, sigma, sigma_next, noise)
-        sigma, state.t, state.u = sigma_next, t_next, u
+        t_next = advance(schedule, u, rows.state)
+        sigma_next = torch.zeros_like(sigma) if last else grid.sigma(t_next, rows.state.free, dtype)
+        before = rows.tokens.clone()
+        x = step(rows.denoiser, x, sigma, sigma_next, rows.noise)
+        sigma, rows.state.t, rows.state.u = sigma_next, t_next, u
         if callback is not None:
-            callback(i, rows, tokens, sigma)
+            callback(i, rows.rows, rows.tokens, sigma)
         done = torch.full_like(unchanged, last, dtype=torch.bool)
-        if early_exit:
-            changed = ((tokens != before) & state.free).any(dim=1)
-            confidence = (state.confidence * state.free).sum(dim=1) / state.free.sum(dim=1).clamp_min(1)
-            unchanged = torch.where(changed | (confidence < exit_confidence), 0, unchanged + 1)
-            done |= unchanged >= early_exit
+        if early_exit is not None:
+            unchanged = early_exit.count(unchanged, rows.tokens != before, rows.state)
+            done |= unchanged >= early_exit.patience
         if done.any():  # a host sync once a step
-            finished = rows[done.cpu()]
-            out[finished.to(device)], steps_taken[finished] = tokens[done], i + 1  # held tokens were never touched
-            keep = ~done
-            rows, x, sigma, tokens, unchanged = rows[keep.cpu()], x[keep], sigma[keep], tokens[keep], unchanged[keep]
-            state = state.select(keep)
-            segment_ids = None if segment_ids is None else segment_ids[keep]
-            if not len(rows):
+            finished = rows.rows[done.cpu()]
+            out[finished.to(ids.device)], steps_taken[finished] = rows.tokens[done], i + 1  # held tokens untouched
+            x, sigma, unchanged = x[~done], sigma[~done], unchanged[~done]
+            rows.keep(~done)
+            if not len(rows.rows):
                 break
-    return out, evaluations, steps_taken
+    return out, rows.evaluations, steps_taken

@@ -6,14 +6,15 @@ FILE_time_warp.EXT).
 
 Needs matplotlib (pip install matplotlib), which training does not.
 """
-import argparse
 import json
 import os
 
 import torch
 
-from diffusion import TimeWarp, rho_schedule
-from utils import UsageError, die, load_checkpoint
+from checkpoint import CHECKPOINT
+from diffusion import rho_schedule
+from timewarp import TimeWarp
+from utils import ArgumentParser, UsageError, load_checkpoint, run_command
 
 
 def read_metrics(path):
@@ -87,12 +88,17 @@ def plot_warp(warp, out_path, title):
     plt.close(fig)
 
 
-def main(argv=None):
-    """Read -mdir's metrics.jsonl and write the PNG; raises UsageError on bad input."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """plot.py's command line."""
+    p = ArgumentParser(prog="plot.py", description=__doc__)
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("-o", "--output", help="image to write, .png, .pdf or .svg (default: MODEL_DIR/metrics.png)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    """Read -mdir's metrics.jsonl and write the PNG; raises UsageError on bad input."""
+    args = build_parser().parse_args(argv)
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"-mdir {args.model_dir}: no such folder")
     out_path = args.output or os.path.join(args.model_dir, "metrics.png")
@@ -101,7 +107,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
     lines = read_metrics(os.path.join(args.model_dir, "metrics.jsonl"))
-    checkpoint = os.path.join(args.model_dir, "ckpt.pt")
+    checkpoint = os.path.join(args.model_dir, CHECKPOINT)
     warp = load_checkpoint(checkpoint).get("time_warp") if os.path.isfile(checkpoint) else None
     stem, extension = os.path.splitext(out_path)
     warp_path = f"{stem}_time_warp{extension}" if args.output else os.path.join(args.model_dir, "time_warp.png")
@@ -116,7 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        die(str(e))
+    run_command(main)

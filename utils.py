@@ -1,4 +1,6 @@
-"""Leaf helpers: seeding, devices, shapes, EMA, learning rate, checkpoints, metrics. No project imports."""
+"""Leaf helpers: command lines, seeding, devices, shapes, EMA, learning rate, checkpoints, metrics. No project
+imports."""
+import argparse
 import ctypes
 import json
 import math
@@ -11,14 +13,56 @@ import warnings
 import torch
 
 
-class UsageError(Exception):
-    """Bad input from the user (a flag, a file, a checkpoint); entry points print it on one line and exit 2."""
+class CommandError(Exception):
+    """An error that ends a command with its message on one line of stderr and exit status `status`."""
+    status = 1
 
 
-def die(message):
-    """Print `message` to stderr as one line and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+class UsageError(CommandError):
+    """Bad input from the user (a flag, a file, a checkpoint): one line naming it, exit status 2."""
+    status = 2
+
+
+def run_command(main, interrupted=None):
+    """Run an entry point's main() as a command: a CommandError ends it with "error: <message>" on one line and its
+    status; a reader that closed the pipe (head, a pager) ends it quietly; Ctrl-C ends it with status 130 and the
+    message `interrupted`, if any, instead of a traceback."""
+    try:
+        main()
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.status) from None
+    except BrokenPipeError:
+        sys.stderr.close()
+        os._exit(0)
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that keeps the description's line breaks and adds each flag's default where it has one (not None, not
+    a switch that is off) and its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or off or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for this project's commands: --help as HelpFormatter writes it, and an error is one line on stderr
+    naming the flag ("error: ...; see --help"), exit status 2, without the usage of every flag before it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def seed_all(seed):
@@ -50,8 +94,8 @@ def resolve_device(name):
 def keep_freed_memory(pad_bytes=1 << 30):
     """Ask glibc's malloc to keep up to `pad_bytes` of freed heap memory for reuse rather than hand it back to the
     system (mallopt M_TOP_PAD). Every sampling or training step frees and allocates the same large tensors, such as
-    the (B, L, V) logits; returning those pages and faulting them back in took 40% of a CPU sampling step
-    (bench.py sample, tiny preset: 4.2 -> 7.0 evaluations/s) and 7% of a training step. No-op without glibc."""
+    the (B, L, V) logits, and returning those pages only to fault them back in is slow on the CPU (RESULTS.md
+    measures it). No-op without glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-2, pad_bytes)  # -2: M_TOP_PAD
     except (OSError, AttributeError):

@@ -1,3 +1,5 @@
+"""Fixtures shared by the tests. Every corpus and tokenizer is built here, from nothing outside the repository: the
+demo corpus (English sentences from this Python's standard-library docstrings) and a tokenizer trained on it."""
 import os
 import sys
 
@@ -6,12 +8,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-WORDNET = os.path.join(ROOT, "..", "shared", "data", "wordnet")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
-from data import Tokenizer  # noqa: E402
+from corpus import Tokenizer, demo_sentences, prepare_corpus  # noqa: E402
+from diffusion import Grid, ScheduleState, advance, denoiser_logits, score_interpolation  # noqa: E402
 from model import ModelConfig, ScoreLM  # noqa: E402
 
 torch.set_num_threads(2)
+VOCAB_SIZE = 2000  # the demo's tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,11 +25,17 @@ def token_cache_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def spm_path():
-    path = os.path.join(WORDNET, "bpe.model")
-    if not os.path.isfile(path):
-        pytest.skip(f"shared corpus missing: {path}")
-    return path
+def demo_corpus(tmp_path_factory):
+    """The demo corpus split into train.txt and valid.txt, with bpe.model (2,000 pieces) trained on it, in a
+    folder of its own (about 5 s, once a session)."""
+    folder = tmp_path_factory.mktemp("demo_corpus")
+    prepare_corpus(demo_sentences(), str(folder), valid_fraction=0.02, vocab_size=VOCAB_SIZE)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def spm_path(demo_corpus):
+    return str(demo_corpus / "bpe.model")
 
 
 @pytest.fixture(scope="session")
@@ -34,19 +44,24 @@ def tokenizer(spm_path):
 
 
 @pytest.fixture(scope="session")
-def wordnet_lines():
-    """The first 400 lines of the shared WordNet training corpus."""
-    path = os.path.join(WORDNET, "train.txt")
-    if not os.path.isfile(path):
-        pytest.skip(f"shared corpus missing: {path}")
-    with open(path, encoding="utf-8") as f:
+def corpus_lines(demo_corpus):
+    """The first 400 lines of the demo corpus's train split."""
+    with open(demo_corpus / "train.txt", encoding="utf-8") as f:
         return [next(f).strip() for _ in range(400)]
 
 
+@pytest.fixture(scope="session")
+def four_lines(corpus_lines, tokenizer):
+    """Four short lines of the corpus (6 to 14 tokens with bos and eos), distinct, for the runs that memorise them."""
+    lines = list(dict.fromkeys(line for line in corpus_lines if 6 <= len(tokenizer.encode(line)) <= 14))[:4]
+    assert len(lines) == 4, "the demo corpus has too few short lines"
+    return lines
+
+
 @pytest.fixture
-def corpus_file(tmp_path, wordnet_lines):
+def corpus_file(tmp_path, corpus_lines):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(wordnet_lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(corpus_lines) + "\n", encoding="utf-8")
     return str(path)
 
 
@@ -56,6 +71,27 @@ def small_model(vocab_size=8000, seed=0, **kwargs):
                fourier_dim=16, time_dim=32)
     cfg.update(kwargs)
     return ScoreLM(ModelConfig(**cfg))
+
+
+def denoise(model, x, sigma, segment_ids=None):
+    """The denoiser D(x; sigma) by score interpolation: x (B, L, E), sigma (B, L) -> (B, L, E), x where sigma = 0."""
+    probs = denoiser_logits(model, x, sigma, segment_ids).softmax(dim=-1)
+    return score_interpolation(probs, x, sigma, model.embedding_table())
+
+
+def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho, warp=None):
+    """The levels (steps + 1, B, L) float32 that `schedule` gives a batch step by step, as generate() walks them:
+    sigma_max on free positions at first, sigma_min at index steps - 1 (for steps >= 2), then 0; 0 throughout on
+    conditioned ones. For a schedule that reads predictions (confidence), the levels when none turns confident.
+    Raises ValueError if steps < 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    grid, state = Grid(sigma_min, sigma_max, rho, warp), ScheduleState.start(cond_mask)
+    levels = [grid.sigma(state.t, state.free)]
+    for i in range(1, steps):
+        state.t, state.u = advance(schedule, i / (steps - 1), state), i / (steps - 1)
+        levels.append(grid.sigma(state.t, state.free))
+    return torch.stack(levels + [torch.zeros_like(levels[0])])
 
 
 TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
@@ -69,26 +105,25 @@ def run_train(corpus, spm, model_dir, *extra):
     return torch.load(os.path.join(model_dir, "ckpt.pt"), weights_only=True)
 
 
-def train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, name, *flags):
-    """A run of train.py on the first four WordNet lines with `flags`: (run folder, the four lines)."""
-    lines = wordnet_lines[:4]
+def train_on_four_lines(tmp_path_factory, four_lines, spm_path, name, *flags):
+    """A run of train.py on the four short lines with `flags`: (run folder, the four lines)."""
     folder = tmp_path_factory.mktemp(name)
     corpus = folder / "four.txt"
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus.write_text("\n".join(four_lines) + "\n")
     run_train(str(corpus), spm_path, folder / "run", "-dim", "64", "-lr", "5e-3", "--log_interval", "20", "-ema", "",
               *flags)
-    return folder / "run", lines
+    return folder / "run", four_lines
 
 
 @pytest.fixture(scope="session")
-def memorised_run(tmp_path_factory, wordnet_lines, spm_path):
-    """A tiny model trained to memorise four WordNet lines (about 8 s): (run folder, the four lines)."""
-    return train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, "memorised", "--max_steps", "400", "-smax",
+def memorised_run(tmp_path_factory, four_lines, spm_path):
+    """A tiny model trained to memorise four lines (about 8 s): (run folder, the four lines)."""
+    return train_on_four_lines(tmp_path_factory, four_lines, spm_path, "memorised", "--max_steps", "400", "-smax",
                                "5", "--expand_prob", "0.5")
 
 
 @pytest.fixture(scope="session")
-def memorised_ar_run(tmp_path_factory, wordnet_lines, spm_path):
+def memorised_ar_run(tmp_path_factory, four_lines, spm_path):
     """The autoregressive baseline trained on the same four lines (about 5 s): (run folder, the four lines)."""
-    return train_on_four_lines(tmp_path_factory, wordnet_lines, spm_path, "memorised_ar", "--objective", "ar",
+    return train_on_four_lines(tmp_path_factory, four_lines, spm_path, "memorised_ar", "--objective", "ar",
                                "--max_steps", "200")

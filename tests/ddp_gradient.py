@@ -6,8 +6,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from data import Tokenizer  # noqa: E402
+import training  # noqa: E402
+from corpus import Tokenizer  # noqa: E402
 
 
 class GradientCapture(torch.optim.SGD):
@@ -20,29 +20,27 @@ class GradientCapture(torch.optim.SGD):
 
 def gradient(args, tokenizer, rank, world_size):
     torch.manual_seed(0)
-    model = train.build_model(args, tokenizer.vocab_size, torch.device("cpu"))
-    optimizer = GradientCapture(model.parameters(), lr=0.0)
-    loader = train.build_loader(args, tokenizer, rank, world_size)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    runner = train.training_runner(model, args, world_size)
-    train.optimizer_step(model, optimizer, scaler, {}, loader, args, torch.device("cpu"), 0, runner)
-    loader.close()
-    return optimizer.grads
+    state = training.build_state(args, tokenizer, torch.device("cpu"), rank, world_size)
+    state.optimizer = GradientCapture(state.model.parameters(), lr=0.0)
+    state.runner = training.training_runner(state.model, args, world_size)
+    training.optimizer_step(state, args, torch.device("cpu"), 0)
+    state.loader.close()
+    return state.optimizer.grads
 
 
 def main(corpus, spm, cache_dir, out):
     torch.distributed.init_process_group("gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     # one noise level, no noise: the loss depends on the rows alone, whichever process computes it
-    train.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
-    train.torch.randn = lambda *shape, **kwargs: torch.zeros(*shape)
+    training.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
+    training.torch.randn = lambda *shape, **kwargs: torch.zeros(*shape)
     flags = ["-d", corpus, "-spm", spm, "-mdir", "unused", "--cache_dir", cache_dir, "-dim", "32", "-nl", "2",
-             "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0"]
+             "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0", "-ema", ""]
     tokenizer = Tokenizer(spm)
-    distributed = gradient(train.parse_args(flags + ["-bsz", "4"]), tokenizer, rank, world_size)
+    distributed = gradient(training.parse_args(flags + ["-bsz", "4"]), tokenizer, rank, world_size)
     if rank == 0:  # the same global batch (2 micro-batches of 8 rows) in one process
         torch.distributed.destroy_process_group()
-        single = gradient(train.parse_args(flags + ["-bsz", "8"]), tokenizer, 0, 1)
+        single = gradient(training.parse_args(flags + ["-bsz", "8"]), tokenizer, 0, 1)
         difference = max(float((a - b).abs().max()) for a, b in zip(distributed, single))
         scale = max(float(b.abs().max()) for b in single)
         with open(out, "w") as f:

@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import data
-from conftest import WORDNET
-from data import (PackedBatches, PackedRows, Tokenizer, collate_rows, conditioning_mask, example_window,
-                  fullest_subset, load_corpus, minimum_bin_slack)
+import corpus as corpus_module
+from corpus import Tokenizer, load_corpus, prepare_corpus
+from data import (PackedBatches, PackedRows, collate_rows, conditioning_mask, example_window, fullest_subset,
+                  minimum_bin_slack)
 from utils import UsageError
-
-KJV = os.path.join(WORDNET, "..", "kjv")
 
 
 def packed_rows(cache, tokenizer, seq_len=64, **kwargs):
@@ -30,12 +28,12 @@ def test_tokenizer_reads_special_ids_and_decodes_up_to_eos(tokenizer):
     assert ids[0] == 0 and ids[-1] == 1
     assert tokenizer.decode(ids + [2, 2, 57, 1]) == "a tangible entity"
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        tokenizer.decode([0, 8000])
+        tokenizer.decode([0, tokenizer.vocab_size])
 
 
-def test_tokenizer_trained_with_default_ids_or_unreadable_is_refused(tmp_path, wordnet_lines):
+def test_tokenizer_trained_with_default_ids_or_unreadable_is_refused(tmp_path, corpus_lines):
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(wordnet_lines), encoding="utf-8")
+    corpus.write_text("\n".join(corpus_lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "default"), vocab_size=300,
                                    minloglevel=2)
     with pytest.raises(UsageError, match=r"default\.model: the tokenizer has no pad id"):
@@ -48,38 +46,39 @@ def test_tokenizer_trained_with_default_ids_or_unreadable_is_refused(tmp_path, w
 
 # Corpus cache
 
-def test_cache_holds_exactly_what_direct_tokenisation_gives(tmp_path, corpus_file, wordnet_lines, tokenizer):
+def test_cache_holds_exactly_what_direct_tokenisation_gives(tmp_path, corpus_file, corpus_lines, tokenizer):
     cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
-    assert len(cache) == len(wordnet_lines) == cache.meta["lines"]
+    assert len(cache) == len(corpus_lines) == cache.meta["lines"]
     assert cache.meta["dtype"] == "uint16"
-    for i, line in enumerate(wordnet_lines):
+    for i, line in enumerate(corpus_lines):
         assert cache.ids(i).tolist() == tokenizer.encode(line, bos=False, eos=False)
-    assert cache.lengths().sum() == cache.meta["tokens"]
+    assert sum(cache.length(i) for i in range(len(cache))) == cache.meta["tokens"]
 
 
 def test_cache_built_over_processes_equals_one_built_in_one(tmp_path, corpus_file, tokenizer, monkeypatch):
     one = load_corpus(corpus_file, tokenizer, str(tmp_path / "one"), progress=False, num_proc=1)
-    monkeypatch.setattr(data, "SPAN_BYTES", 997)  # many ranges, most starting inside a line
+    monkeypatch.setattr(corpus_module, "SPAN_BYTES", 997)  # many ranges, most starting inside a line
     many = load_corpus(corpus_file, tokenizer, str(tmp_path / "many"), progress=False, num_proc=2)
     assert len(many) == len(one)
-    assert (many.lengths() == one.lengths()).all()
+    assert [many.length(i) for i in range(len(many))] == [one.length(i) for i in range(len(one))]
     assert all((many.ids(i) == one.ids(i)).all() for i in range(len(one)))
 
 
 def test_cache_is_reused_when_unchanged_and_rebuilt_when_corpus_or_tokenizer_change(tmp_path, corpus_file,
-                                                                                   tokenizer, monkeypatch):
+                                                                                   corpus_lines, tokenizer,
+                                                                                   monkeypatch):
     cache_dir = str(tmp_path / "cache")
     first = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
     builds = []
-    real_build = data.build_cache
-    monkeypatch.setattr(data, "build_cache", lambda *a, **k: builds.append(a[0]) or real_build(*a, **k))
+    real_build = corpus_module.build_cache
+    monkeypatch.setattr(corpus_module, "build_cache", lambda *a, **k: builds.append(a[0]) or real_build(*a, **k))
     assert load_corpus(corpus_file, tokenizer, cache_dir, progress=False).prefix == first.prefix
     assert builds == []
-    kjv_path = os.path.join(KJV, "bpe.model")
-    if os.path.isfile(kjv_path):
-        other = load_corpus(corpus_file, Tokenizer(kjv_path), cache_dir, progress=False)
-        assert other.prefix != first.prefix and len(builds) == 1
-        assert other.ids(0).tolist() == Tokenizer(kjv_path).encode(open(corpus_file).readline().strip(), False, False)
+    prepare_corpus(corpus_lines, str(tmp_path / "other"), 0.0, 300)  # another tokenizer for the same corpus
+    another = Tokenizer(str(tmp_path / "other" / "bpe.model"))
+    other = load_corpus(corpus_file, another, cache_dir, progress=False)
+    assert other.prefix != first.prefix and len(builds) == 1
+    assert other.ids(0).tolist() == another.encode(corpus_lines[0], False, False) != first.ids(0).tolist()
     with open(corpus_file, "a") as f:
         f.write("one more line\n")
     changed = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
@@ -102,7 +101,7 @@ def test_invalid_utf8_is_reported_with_its_line_or_replaced(tmp_path, tokenizer,
     lines = [f"line number {i}".encode() for i in range(40)]
     lines[29] = b"broken \xff byte"
     path = write(tmp_path / "bad.txt", b"\n".join(lines) + b"\n")
-    monkeypatch.setattr(data, "SPAN_BYTES", 64)  # the bad line is in a later range: numbering must carry over
+    monkeypatch.setattr(corpus_module, "SPAN_BYTES", 64)  # the bad line is in a later range: numbering must carry over
     with pytest.raises(UsageError, match=r"bad.txt:30: not UTF-8 \(invalid start byte at byte 7 of the line\)"):
         load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False, num_proc=2)
     assert os.listdir(tmp_path / "cache") == []  # nothing half-built is left
@@ -152,7 +151,7 @@ def test_unwritable_cache_folder_is_named(tmp_path, corpus_file, tokenizer):
 
 
 @pytest.mark.parametrize("damage", ["delete ids", "cut ids", "cut offsets", "bad json", "wrong end offset"])
-def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, wordnet_lines, tokenizer, damage):
+def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, corpus_lines, tokenizer, damage):
     cache_dir = str(tmp_path / "cache")
     prefix = load_corpus(corpus_file, tokenizer, cache_dir, progress=False).prefix
     target = prefix + (".offsets" if "offsets" in damage else ".json" if "json" in damage else ".ids")
@@ -169,7 +168,7 @@ def test_a_damaged_cache_is_rebuilt_not_read(tmp_path, corpus_file, wordnet_line
         os.truncate(target, os.path.getsize(target) - 3)
     cache = load_corpus(corpus_file, tokenizer, cache_dir, progress=False)
     assert cache.prefix == prefix and len(cache) == 400
-    assert cache.ids(399).tolist() == tokenizer.encode(wordnet_lines[399], False, False)
+    assert cache.ids(399).tolist() == tokenizer.encode(corpus_lines[399], False, False)
 
 
 def test_files_of_a_killed_build_are_removed_at_the_next_build(tmp_path, corpus_file, tokenizer):
@@ -302,22 +301,17 @@ def test_every_example_is_placed_once_per_epoch_in_rows_that_fit(corpus_file, to
     assert rows.chunk_rows(0) != rows.chunk_rows(7)  # another epoch, another order
 
 
-@pytest.mark.parametrize("corpus, target", [("wordnet", 0.98), ("kjv", 0.97)])
-def test_packing_efficiency_on_shared_corpora(tmp_path, corpus, target):
-    folder = os.path.join(WORDNET, "..", corpus)
-    if not os.path.isfile(os.path.join(folder, "bpe.model")):
-        pytest.skip(f"shared corpus missing: {folder}")
-    with open(os.path.join(folder, "train.txt"), "rb") as f:  # every third line: the whole corpus's mix of lengths
-        path = write(tmp_path / "slice.txt", b"".join(line for i, line in enumerate(f) if i % 3 == 0 and i < 30_000))
-    tokenizer = Tokenizer(os.path.join(folder, "bpe.model"))
-    cache = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+def test_rows_of_the_demo_corpus_are_packed_almost_full(tmp_path, demo_corpus, tokenizer):
+    # lines of about 22 tokens, up to 169, in rows of 64: next-fit in corpus order fills 80% of the slots, so a
+    # packer that gives up on filling rows fails here (RESULTS.md has WordNet's and KJV's figures, bench.py data)
+    cache = load_corpus(str(demo_corpus / "train.txt"), tokenizer, str(tmp_path / "cache"), progress=False)
     batches = PackedBatches(packed_rows(cache, tokenizer, 64, expand_prob=0.0), 128)
     real = slots = 0
     for _ in range(20):
         batch = next(batches)
         real += int(((batch["segment_ids"] > 0) & (batch["ids"] != tokenizer.pad_id)).sum())
         slots += batch["ids"].numel()
-    assert real / slots >= target
+    assert real / slots >= 0.99
 
 
 # Loader
@@ -357,7 +351,8 @@ def test_resuming_on_another_corpus_or_row_length_is_refused(tmp_path, corpus_fi
     next(batches)
     smaller = load_corpus(write(tmp_path / "smaller.txt", b"one line\nanother line\n"), tokenizer,
                           str(tmp_path / "cache"), progress=False)
-    with pytest.raises(UsageError, match="has 2 examples and 4 tokens, the run was started on 400 and 4,282"):
+    with pytest.raises(UsageError, match=f"has 2 examples and 4 tokens, the run was started on 400 and "
+                                         f"{cache.meta['tokens']:,}"):
         PackedBatches(packed_rows(smaller, tokenizer, 32), 4).load_state_dict(batches.state_dict())
     with pytest.raises(UsageError, match="-slen/--sequence_length 64: the run was started with 32"):
         PackedBatches(packed_rows(cache, tokenizer, 64), 4).load_state_dict(batches.state_dict())

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from conftest import small_model
-from diffusion import (denoise, draw_training_sigma, edm_preconditioning, network_logits, rho_schedule,
+from conftest import denoise, small_model
+from diffusion import (draw_training_sigma, edm_preconditioning, network_logits, rho_schedule,
                        score_interpolation_loss)
 
 
@@ -65,7 +65,7 @@ def test_fully_conditioned_batch_gives_a_finite_loss_and_gradient():
     ids = torch.randint(0, 50, (2, 5))
     cond = torch.ones(2, 5, dtype=torch.bool)
     ce = score_interpolation_loss(model, ids, torch.full((2,), 3.0), torch.randn(2, 5, 16), cond_mask=cond)
-    loss = (ce * ~cond).sum() / (~cond).sum().clamp_min(1)  # as train.optimizer_step weighs it: no 0 / 0
+    loss = (ce * ~cond).sum() / (~cond).sum().clamp_min(1)  # as training.optimizer_step weighs it: no 0 / 0
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,6 +1,7 @@
 """Several processes: torchrun with 2 CPU processes and the gloo backend."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,12 +33,15 @@ def test_torchrun_trains_writes_once_and_resumes_like_a_straight_run(tmp_path, c
         torchrun("train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *flags, *extra)
         return torch.load(model_dir / "ckpt.pt", weights_only=True)
 
-    straight = train_ddp(tmp_path / "straight", "--max_steps", "4")
-    stopped = train_ddp(tmp_path / "resumed", "--max_steps", "2")
-    assert len(stopped["rng_ranks"]) == 2
-    resumed = train_ddp(tmp_path / "resumed", "--max_steps", "4")
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    straight = train_ddp(tmp_path / "straight", "--max_steps", "4", "--save_interval", "2", "--keep", "2")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]  # rank 0 alone writes
+    stopped = tmp_path / "resumed"  # the run as it was after step 2
+    stopped.mkdir()
+    shutil.copyfile(tmp_path / "straight" / "ckpt-00000002.pt", stopped / "ckpt.pt")
+    shutil.copyfile(tmp_path / "straight" / "tokenizer.model", stopped / "tokenizer.model")
+    assert len(torch.load(stopped / "ckpt.pt", weights_only=True)["rng_ranks"]) == 2
+    resumed = train_ddp(stopped, "--max_steps", "4", "--save_interval", "2", "--keep", "2")
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert resumed["data_state"] == straight["data_state"]

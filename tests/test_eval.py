@@ -7,6 +7,7 @@ import torch
 
 import eval as evaluate
 import sample
+from checkpoint import load_model
 from data import sample_rows
 from diffusion import nll_bound
 from model import ScoreLM
@@ -51,7 +52,7 @@ def test_bound_arguments_are_checked():
 
 def test_training_lowers_the_bound_on_the_lines_it_learned(memorised_run):
     model_dir, lines = memorised_run
-    trained, tokenizer, sampling = sample.load_model(str(model_dir))
+    trained, tokenizer, sampling = load_model(str(model_dir))
     torch.manual_seed(0)
     untrained = ScoreLM(trained.cfg).eval()
     layouts = [(ids, [True] + [False] * (len(ids) - 1)) for ids in (tokenizer.encode(line)[:32] for line in lines)]
@@ -108,14 +109,14 @@ def test_the_autoregressive_baseline_learns_and_its_perplexity_is_exp_of_its_mea
                                                                                       capsys):
     model_dir, lines = memorised_ar_run
     losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl")]
-    assert losses[-1] < losses[0] - 3, losses
+    assert losses[-1] < losses[0] / 5, losses  # the first interval's mean, over 20 steps from near ln V
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
     evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["objective"] == "ar" and result["perplexity"] == pytest.approx(math.exp(result["nll_nats_per_token"]))
     # the same NLL, one line at a time, by feeding each prefix to the model and reading off its next token
-    model, tokenizer, _ = sample.load_model(str(model_dir))
+    model, tokenizer, _ = load_model(str(model_dir))
     nats = tokens = 0
     with torch.no_grad():
         for line in lines:
@@ -134,7 +135,7 @@ def test_the_autoregressive_baseline_learns_and_its_perplexity_is_exp_of_its_mea
 def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorised_ar_run, memorised_run, tmp_path,
                                                                         capsys):
     ar_dir, lines = memorised_ar_run
-    judge, tokenizer, _ = sample.load_model(str(ar_dir))
+    judge, tokenizer, _ = load_model(str(ar_dir))
     real = [tokenizer.encode(line) for line in lines]
     generator = torch.Generator().manual_seed(0)
     shuffled = [[ids[0]] + [ids[1:-1][i] for i in torch.randperm(len(ids) - 2, generator=generator)] + [ids[-1]]
@@ -184,3 +185,20 @@ def test_an_autoregressive_run_has_no_samples_to_score(memorised_ar_run, tmp_pat
     with pytest.raises(UsageError, match="--samples and --sweep score a diffusion run"):
         evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2"])
     assert json.load(open(model_dir / "args.json"))["expand_prob"] == 0.0  # no pads after eos to predict
+
+
+def test_progress_goes_to_stderr_and_lines_too_long_for_the_rows_are_counted_loudly(memorised_run, tmp_path, capsys):
+    model_dir, lines = memorised_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines + ["word " * 60, "word " * 70]) + "\n")
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--samples", "2",
+                   "--steps", "2", "--plot_dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert all(f"{name}: 100%" in err for name in ("bound", "loss by sigma", "sampling")), err
+    assert f"2 of 6 lines read from {valid} (33.3%) are longer than the 32-token rows and are not scored" in err
+    assert out.splitlines()[0] == "4 valid lines scored; 2 longer than the rows (33.3%) not scored"
+    assert "%|" not in out  # the figures alone
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--json",
+                   "--no-progress", "--plot_dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["skipped_share"] == pytest.approx(2 / 6) and "%|" not in err

@@ -9,10 +9,11 @@ import eval as evaluate
 import plot
 import sample
 import train
-from conftest import run_train, small_model
-from diffusion import (TimeWarp, generate, iterative_step, nll_bound, pool_adjacent_violators, rho_schedule,
-                       schedule_sigmas, uniform_schedule)
+import training
+from conftest import run_train, schedule_sigmas, small_model
+from diffusion import Grid, generate, iterative_step, nll_bound, rho_schedule, uniform_schedule
 from model import ScoreLM
+from timewarp import TimeWarp, pool_adjacent_violators
 from utils import UsageError
 
 
@@ -43,7 +44,7 @@ def train_step_args(self_cond):
 def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_otherwise():
     torch.manual_seed(0)
     model = small_model(vocab_size=50, self_cond=True)
-    runner = train.TrainingForward(model)
+    runner = training.TrainingForward(model)
     batch = {"ids": torch.randint(4, 50, (2, 8)), "segment_ids": torch.ones(2, 8, dtype=torch.long),
              "cond_mask": torch.zeros(2, 8, dtype=torch.bool)}
     batch["cond_mask"][:, 0] = True
@@ -51,7 +52,7 @@ def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_
     calls = count_calls(model)
     for share, expected in ((1.0, 2), (0.0, 1)):
         calls.clear()
-        train.train_step(model, runner, batch, train_step_args(share), torch.device("cpu"), scaler, 1.0)
+        training.train_step(model, runner, batch, train_step_args(share), torch.device("cpu"), scaler, 1.0)
         assert len(calls) == expected
         if expected == 2:  # a first pass without gradient, then the trained one reading its estimate
             (first_grad, first_estimate), (second_grad, estimate) = calls
@@ -65,7 +66,7 @@ def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_
     twice = 0
     for _ in range(400):
         calls.clear()
-        train.train_step(model, runner, batch, train_step_args(0.3), torch.device("cpu"), scaler, 1.0)
+        training.train_step(model, runner, batch, train_step_args(0.3), torch.device("cpu"), scaler, 1.0)
         twice += len(calls) == 2
     assert 90 <= twice <= 150, twice
 
@@ -77,7 +78,7 @@ def test_sampling_passes_each_evaluation_the_previous_estimate():
     ids = torch.randint(4, 50, (2, 6))
     cond = torch.zeros(2, 6, dtype=torch.bool)
     cond[:, :2] = True  # a held prompt
-    generate(model, iterative_step, uniform_schedule, ids, cond, [0, 1], 4, 1.0, 10.0, 7.0)
+    generate(model, iterative_step, uniform_schedule, Grid(1.0, 10.0), ids, cond, [0, 1], 4)
     assert len(calls) == 4 and len(calls[0][0]) == 3  # the first evaluation has no estimate
     table = model.embedding_table()
     for (_, previous_logits), (args, _) in zip(calls, calls[1:]):
@@ -91,11 +92,11 @@ def test_a_self_conditioned_sample_alone_equals_it_padded_in_a_batch_with_a_prom
     long_ids, long_cond = torch.randint(4, 50, (1, 8)), torch.zeros(1, 8, dtype=torch.bool)
     long_cond[:, :3] = True
     short_ids, short_cond = long_ids[:, :5], long_cond[:, :5]
-    alone, _, _ = generate(model, iterative_step, uniform_schedule, short_ids, short_cond, [7], 5, 1.0, 10.0, 7.0)
+    alone, _, _ = generate(model, iterative_step, uniform_schedule, Grid(1.0, 10.0), short_ids, short_cond, [7], 5)
     ids = torch.cat([torch.cat([short_ids, torch.full((1, 3), 2)], 1), long_ids])
     cond = torch.cat([torch.cat([short_cond, torch.ones(1, 3, dtype=torch.bool)], 1), long_cond])
     segment_ids = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
-    batched, _, _ = generate(model, iterative_step, uniform_schedule, ids, cond, [7, 8], 5, 1.0, 10.0, 7.0,
+    batched, _, _ = generate(model, iterative_step, uniform_schedule, Grid(1.0, 10.0), ids, cond, [7, 8], 5,
                              segment_ids=segment_ids)
     assert torch.equal(batched[0, :5], alone[0]) and torch.equal(batched[:, :3], ids[:, :3])
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import sample
-from data import Tokenizer, decode_line, parse_template, sample_layout, sample_rows
-from diffusion import euler_step, generate, uniform_schedule
+from checkpoint import load_model
 from conftest import ROOT
+from corpus import Tokenizer, decode_line
+from data import parse_template, sample_layout, sample_rows
+from diffusion import EarlyExit, Grid, euler_step, generate, uniform_schedule
 from utils import UsageError
 
 
@@ -123,11 +125,13 @@ def test_prompt_file_one_prompt_a_line(memorised_run, capsys, tmp_path):
 
 def test_unusable_text_and_sizes_end_with_one_line_errors(memorised_run, capsys):
     model_dir, _ = memorised_run
+    suffix = len(Tokenizer(str(model_dir / "tokenizer.model")).encode("entity that", bos=False))  # with eos
     cases = [(["--prompt", "ab\udcffc"], "--prompt: not valid UTF-8"),
              (["--infill", "a [99999999999]"], "a blank asks for 1 to 4,096 tokens"),
              (["--length", "4:12", "--prompt", "an entity that has physical existence"],
               "leave nothing to generate in --length 4 (the shortest of --length 4:12)"),
-             (["--length", "4", "--suffix", "entity that"], "an unprompted sample: 4 held tokens (bos, suffix and eos)")]
+             (["--length", "4", "--suffix", "entity that"],
+              f"an unprompted sample: {1 + suffix} held tokens (bos, suffix and eos)")]
     for flags, message in cases:
         with pytest.raises(UsageError, match=re.escape(message)):
             sample.main(["-mdir", str(model_dir), *flags])
@@ -171,15 +175,15 @@ def test_bad_sampling_flags_are_refused(memorised_run, capsys, flags, message):
 
 def test_early_exit_saves_evaluations_on_a_trained_model_and_keeps_converged_samples(memorised_run):
     model_dir, _ = memorised_run
-    model, tokenizer, sampling = sample.load_model(str(model_dir))
+    model, tokenizer, sampling = load_model(str(model_dir))
     ids, cond_mask, _ = sample_rows([sample_layout(tokenizer, [None], 24)] * 16, tokenizer.pad_id)
     trajectory = []
-    args = (model, euler_step, uniform_schedule, ids, cond_mask, range(16), 60, sampling["sigma_min"],
-            sampling["sigma_max"], 7.0)
+    args = (model, euler_step, uniform_schedule, Grid(sampling["sigma_min"], sampling["sigma_max"]), ids, cond_mask,
+            range(16), 60)
     full, full_evals, _ = generate(*args, callback=lambda i, rows, tokens, sigma: trajectory.append(tokens.clone()))
     trajectory = torch.stack(trajectory)  # (steps, B, L): every row runs to the end
-    K = 5
-    early, evals, steps = generate(*args, early_exit=K)  # counting steps with a mean top probability >= 0.5
+    K = 5  # counting steps whose mean top probability is at least 0.8 (this model is sure early, then changes)
+    early, evals, steps = generate(*args, early_exit=EarlyExit(K, 0.8))
     assert evals.sum() < full_evals.sum()
     converged = 0
     for b in range(16):
@@ -187,7 +191,7 @@ def test_early_exit_saves_evaluations_on_a_trained_model_and_keeps_converged_sam
         assert torch.equal(early[b], trajectory[s - 1, b])
         if s < 60:
             assert (trajectory[s - 1 - K:s, b] == trajectory[s - 1, b]).all()
-        if (trajectory[s - 1:, b] == full[b]).all():  # nothing changed after the exit: a converged sample
+        if s < 60 and (trajectory[s - 1:, b] == full[b]).all():  # nothing changed after the exit: converged
             assert torch.equal(early[b], full[b])
             converged += 1
     assert converged >= 1
@@ -205,3 +209,18 @@ def test_bench_sample_reports_every_sampler(memorised_run, capsys):
                 "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == str(model_dir) and result["early_exit"] == 2 and result["sequence_length"] == 16
+
+
+def test_eval_draws_the_samples_sample_py_draws(memorised_run, capsys):
+    import eval as evaluate
+    from types import SimpleNamespace
+    from sampling import sampler_settings
+    model_dir, _ = memorised_run
+    out, err = run_sample(capsys, model_dir, "-n", "3", "--jsonl", "--seed", "5", "--batch_size", "2")
+    assert "sampling: 100%" in err  # progress of the steps on stderr, the samples alone on stdout
+    model, tokenizer, sampling = load_model(str(model_dir))
+    eos = tokenizer.eos_id
+    expected = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in (r["ids"] for r in records(out))]
+    args = SimpleNamespace(samples=3, seed=5, batch_size=3, progress=False)
+    sequences, evaluations = evaluate.draw_samples(model, tokenizer, sampling, sampler_settings(steps=8), args, "cpu")
+    assert sequences == expected and evaluations == 8

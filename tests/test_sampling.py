@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_model
-from diffusion import (SAMPLERS, SCHEDULES, ScheduleState, ar_schedule, confidence_schedule, euler_step, generate,
-                       heun_step, iterative_step, schedule_sigmas, stochastic_step, uniform_schedule)
+from conftest import schedule_sigmas, small_model
+from diffusion import (SAMPLERS, SCHEDULES, EarlyExit, Grid, ScheduleState, ar_schedule, confidence_schedule,
+                       euler_step, generate, heun_step, iterative_step, stochastic_step, uniform_schedule)
 
 ALL_SCHEDULES = {"uniform": uniform_schedule, "ar": partial(ar_schedule, skew=2.0),
                  "confidence": partial(confidence_schedule, threshold=0.5, patience=0.5)}
@@ -50,7 +50,7 @@ def exact_model():
 
 
 def run(model, step, schedule, ids, cond, seeds, steps=12, **kwargs):
-    return generate(model, step, schedule, ids, cond, seeds, steps, 0.5, 10.0, 7.0, **kwargs)
+    return generate(model, step, schedule, Grid(0.5, 10.0, 7.0), ids, cond, seeds, steps, **kwargs)
 
 
 @pytest.mark.parametrize("name", ALL_SCHEDULES)
@@ -219,7 +219,8 @@ def test_early_exit_with_the_exact_denoiser_saves_evaluations_and_changes_nothin
     model, rows = exact_model()
     ids, cond = torch.zeros(8, 12, dtype=torch.long), torch.zeros(8, 12, dtype=torch.bool)
     full, full_evals, _ = run(model, euler_step, uniform_schedule, ids, cond, range(8), steps=100)
-    early, evals, steps = run(model, euler_step, uniform_schedule, ids, cond, range(8), steps=100, early_exit=5)
+    early, evals, steps = run(model, euler_step, uniform_schedule, ids, cond, range(8), steps=100,
+                              early_exit=EarlyExit(5))
     assert torch.equal(early, full)
     assert full_evals.tolist() == [100] * 8 and evals.float().mean() < 60 and torch.equal(evals, steps)
 

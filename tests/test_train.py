@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-import train
-from conftest import small_model
-from data import PackedBatches, PackedRows, load_corpus
-from test_cli import run_train
+import training
+from conftest import run_train, small_model
+from corpus import load_corpus
+from data import PackedBatches, PackedRows
 from utils import UsageError, load_checkpoint, load_state_dict_strict, save_checkpoint
 
 
@@ -24,41 +24,42 @@ def test_bf16_training_on_cpu_gives_finite_losses_and_every_metric(tmp_path, cor
 
 
 def engine(tmp_path, corpus_file, tokenizer, precision):
-    args = train.parse_args(["-d", corpus_file, "-spm", "x", "-mdir", "y", "-bsz", "4", "-slen", "32",
-                             "--precision", precision, "-ema", "0.9"])
+    args = training.parse_args(["-d", corpus_file, "-spm", "x", "-mdir", "y", "-bsz", "4", "-slen", "32",
+                                "--precision", precision, "-ema", "0.9"])
     cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
     loader = PackedBatches(PackedRows(cache, 32, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id), 4)
-    model = small_model()
-    optimizer = train.build_optimizer(model, args)
+    model = small_model(vocab_size=tokenizer.vocab_size)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     emas = {0.9: {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    return args, loader, model, optimizer, scaler, emas
+    state = training.TrainingState(model, training.build_optimizer(model, args), scaler, emas, loader,
+                                   runner=training.TrainingForward(model))
+    return args, state
 
 
-def snapshot(model, optimizer, emas):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in emas[0.9].items()},
-            len(optimizer.state))
+def snapshot(state):
+    return ({k: v.clone() for k, v in state.model.state_dict().items()},
+            {k: v.clone() for k, v in state.emas[0.9].items()}, len(state.optimizer.state))
 
 
 @pytest.mark.parametrize("precision, poison, status", [("fp16", float("inf"), "overflow"),
                                                         ("fp32", float("nan"), "bad")])
 def test_a_step_with_a_non_finite_gradient_changes_nothing(tmp_path, corpus_file, tokenizer, precision, poison,
                                                           status):
-    args, loader, model, optimizer, scaler, emas = engine(tmp_path, corpus_file, tokenizer, precision)
+    args, state = engine(tmp_path, corpus_file, tokenizer, precision)
     device = torch.device("cpu")
-    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 0)[0] == "applied"
-    before, scale = snapshot(model, optimizer, emas), scaler.get_scale()
-    step_before = {k: v["step"].clone() for k, v in optimizer.state.items()}
-    handle = model.input_proj.weight.register_hook(lambda grad: grad * poison)
-    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 1)[0] == status
+    assert training.optimizer_step(state, args, device, 0)[0] == "applied"
+    before, scale = snapshot(state), state.scaler.get_scale()
+    step_before = {k: v["step"].clone() for k, v in state.optimizer.state.items()}
+    handle = state.model.input_proj.weight.register_hook(lambda grad: grad * poison)
+    assert training.optimizer_step(state, args, device, 1)[0] == status
     handle.remove()
-    after = snapshot(model, optimizer, emas)
+    after = snapshot(state)
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # weights
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # EMA
-    assert all(torch.equal(step_before[k], v["step"]) for k, v in optimizer.state.items())  # Adam's step count
+    assert all(torch.equal(step_before[k], v["step"]) for k, v in state.optimizer.state.items())  # Adam's step count
     if precision == "fp16":
-        assert scaler.get_scale() == scale / 2  # the scaler backs off
-    assert train.optimizer_step(model, optimizer, scaler, emas, loader, args, device, 1)[0] == "applied"
+        assert state.scaler.get_scale() == scale / 2  # the scaler backs off
+    assert training.optimizer_step(state, args, device, 1)[0] == "applied"
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path, corpus_file, spm_path,
@@ -66,13 +67,13 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp
     model_dir = tmp_path / "run"
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
     saved = load_checkpoint(str(model_dir / "ckpt.pt"))
-    real_step = train.train_step
+    real_step = training.train_step
 
     def nan_step(model, runner, batch, args, device, scaler, weight, warp=None):
         ce_sum, correct, targets, losses = real_step(model, runner, batch, args, device, scaler, weight, warp)
         return ce_sum * float("nan"), correct, targets, losses
-    monkeypatch.setattr(train, "train_step", nan_step)
-    with pytest.raises(train.Diverged, match="3 attempts in a row at step 3 had a non-finite loss or gradient; "
+    monkeypatch.setattr(training, "train_step", nan_step)
+    with pytest.raises(training.Diverged, match="3 attempts in a row at step 3 had a non-finite loss or gradient; "
                                              "the last checkpoint is intact"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "6", "--max_bad_steps", "3")
     kept = load_checkpoint(str(model_dir / "ckpt.pt"))
@@ -203,3 +204,16 @@ def test_a_checkpoint_with_a_misshapen_ema_or_optimizer_tensor_is_refused_at_res
     torch.save(checkpoint, model_dir / "ckpt.pt")
     with pytest.raises(UsageError, match="ema 0.999.*other shapes" if damage == "ema" else "optimizer.*other shapes"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "4")
+
+
+def test_bench_times_training_and_the_loader_on_a_corpus(tmp_path, corpus_file, spm_path, capsys):
+    import bench
+    bench.main(["train", "-d", corpus_file, "-spm", spm_path, "-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16",
+                "-bsz", "4", "-slen", "32", "--num_workers", "0", "--warmup", "1", "--steps", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens_per_s"] > 0 and result["steps"] == 2 and result["batch_size"] == 4
+    assert 1 <= result["mean_attended_keys"] <= 32 and result["mfu"] is None  # no known peak for a CPU
+    bench.main(["data", "-d", corpus_file, "-spm", spm_path, "--batches", "3", "-slen", "32", "--num_workers", "0",
+                "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples_in_corpus"] == 400 and 0.9 < result["packing_efficiency"] <= 1

@@ -1,0 +1,280 @@
+"""The run folder: what a checkpoint holds and how a run is restored from it, the random generators' states, the
+files written beside it (config.json, args.json, the tokenizer's copy, kept checkpoints), and load_model(), which
+rebuilds a trained model from the folder alone for sampling and evaluation."""
+import dataclasses
+import filecmp
+import json
+import os
+import random
+import re
+import shutil
+import sys
+
+import torch
+
+from corpus import Tokenizer
+from model import ModelConfig, ScoreLM
+from timewarp import TimeWarp
+from utils import UsageError, check_state_dict, load_checkpoint, load_state_dict_strict, seed_all
+
+CHECKPOINT = "ckpt.pt"
+KEPT = re.compile(r"ckpt-\d{8}\.pt")  # the checkpoints --keep leaves beside ckpt.pt
+RESUME_KEYS = ("model", "config", "sampling", "step", "optimizer", "ema", "args", "data_state", "rng")
+# The flag that sets each ModelConfig field, for resume errors
+MODEL_FLAGS = {"vocab_size": "the vocabulary of -spm", "embedding_dim": "-emb", "model_dim": "-dim",
+               "num_layers": "-nl", "num_heads": "-nh", "dropout": "-dop", "causal": "--objective ar",
+               "self_cond": "--self_cond > 0"}
+# Flags that may change between a run and its resumption without changing what it is
+RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
+             "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
+             "max_bad_steps"}
+
+
+def load_model(model_dir, ema=None, device="cpu"):
+    """Rebuild the model of `model_dir` from its checkpoint alone, with the raw weights or those of EMA rate
+    `ema`. Returns (model in eval mode, tokenizer, the checkpoint's sampling settings: a dict of sigma_min,
+    sigma_max, rho, sequence_length and warp, its TimeWarp or None). Raises UsageError if the folder, checkpoint,
+    tokenizer or EMA rate is missing or does not match."""
+    path = os.path.join(model_dir, CHECKPOINT)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = ScoreLM(ModelConfig(**checkpoint["config"]))
+    if ema is None:
+        state, what = checkpoint["model"], f"{path} [model]"
+    else:
+        rates = {float(r): r for r in checkpoint["ema"]}
+        try:
+            ema = float(ema)
+        except ValueError:
+            raise UsageError(f"--ema {ema!r}: expected a rate such as 0.999") from None
+        if ema not in rates:
+            raise UsageError(f"--ema {ema}: {path} has EMA rates {sorted(rates) or 'none'}")
+        state, what = checkpoint["ema"][rates[ema]], f"{path} [ema {ema}]"
+    load_state_dict_strict(model, state, what)
+    tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
+                         f"{model.cfg.vocab_size}")
+    warp = checkpoint.get("time_warp")
+    return model.to(device).eval(), tokenizer, {**checkpoint["sampling"],
+                                                "warp": warp and TimeWarp.from_state_dict(warp)}
+
+
+def sampling_config(args):
+    """What sampling needs besides the model: the noise range, rho and the row length."""
+    return {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
+            "sequence_length": args.sequence_length}
+
+
+def checkpoint_dict(state, step, args, rng_states):
+    """Everything to resume or sample a training.TrainingState at `step`, as a plain dict of tensors, numbers,
+    strings and lists; rng_states: every rank's rng_state(), in rank order."""
+    model = state.model
+    return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in state.emas.items()},
+            "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "step": step,
+            "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args),
+            "data_state": state.loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
+            "time_warp": None if state.warp is None else state.warp.state_dict()}
+
+
+def rng_state():
+    """Torch (CPU and, where present, CUDA) and Python generator states, as tensors and lists."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_rng_states(world_size):
+    """Every rank's rng_state(), in rank order (a list of one in a single process)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+# Restoring a run: restore() and the pieces it calls, in order
+
+def restore(checkpoint, path, state, args):
+    """Load a checkpoint (from `path`) into a training.TrainingState built for the run `args`; returns the step to
+    continue from. Raises UsageError if the model flags, corpus, row length or seed differ, or a tensor does not fit;
+    warns (on rank 0) about other changed flags, EMA rates and the time warp."""
+    rank = state.loader.rank
+
+    def warn(message):
+        if rank == 0:
+            print(f"warning: {message}", file=sys.stderr)
+
+    check_model_config(checkpoint, state.model, path)
+    load_state_dict_strict(state.model, checkpoint["model"], f"{path} [model]")
+    state.loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before warnings
+    if checkpoint["step"] >= args.max_steps:
+        return checkpoint["step"]  # nothing to train: the caller says so, without warnings about the flags
+    warn_changed_flags(checkpoint, args, warn)
+    restore_emas(checkpoint, state.emas, path, warn)
+    restore_optimizer(checkpoint, state.optimizer, path)
+    restore_warp(checkpoint, state.warp, warn)
+    if state.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint, args, rank, state.loader.world_size, warn)
+    return checkpoint["step"]
+
+
+def check_model_config(checkpoint, model, path):
+    """Raise UsageError naming the model flags whose values differ from the checkpoint's (fields added to
+    ModelConfig since it was written read as their defaults)."""
+    config = dataclasses.asdict(model.cfg)
+    saved = {**dataclasses.asdict(ModelConfig()), **checkpoint["config"]}
+    if saved != config:
+        changed = ", ".join(f"{MODEL_FLAGS.get(k, k)} {v} (now {config.get(k)})" for k, v in saved.items()
+                            if config.get(k) != v)
+        raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}")
+
+
+def warn_changed_flags(checkpoint, args, warn):
+    """Refuse another --seed (it fixes the data order); warn about every other flag that changed, saying what
+    follows from a new --max_steps or --expand_prob and which flags keep the checkpoint's noise levels."""
+    saved = checkpoint["args"]
+    changed = {k: (v, vars(args).get(k)) for k, v in saved.items() if k not in RUN_FLAGS and vars(args).get(k) != v}
+    if "seed" in changed:
+        raise UsageError(f"--seed {args.seed}: the run was started with --seed {saved['seed']}, which fixes its data "
+                         "order; resume with the same seed")
+    if "max_steps" in changed:
+        warn(f"the cosine decay now ends at step {args.max_steps}, not {saved['max_steps']}; the learning rate "
+             "follows the new schedule from here")
+    if "expand_prob" in changed and checkpoint["data_state"]["row"]:
+        warn("--expand_prob changed: the data stream continues at the start of the next chunk of examples (the rest "
+             "of the current one was packed with the old value)")
+    if changed:
+        warn(f"resuming with changed flags (checkpoint, now): {changed}")
+        keep = [f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" if v else f"--no-{k}"
+                for k, (v, _) in changed.items() if k in ("sigma_min", "sigma_max", "rho", "time_warp")]
+        if keep:
+            warn(f"to continue with the checkpoint's noise levels, add: {' '.join(keep)}")
+
+
+def restore_emas(checkpoint, emas, path, warn):
+    """Copy each EMA rate's weights from the checkpoint (a rate new in this run starts from the model's weights);
+    raises UsageError for an EMA whose tensors do not fit the model."""
+    for rate, source in checkpoint["ema"].items():
+        check_state_dict(checkpoint["model"], source, f"{path} [ema {rate}]")
+    for rate, ema in emas.items():
+        source = checkpoint["ema"].get(str(rate))
+        if source is None:
+            warn(f"EMA {rate} is new in this run and starts from the step-{checkpoint['step']} weights")
+        for name, tensor in (source or checkpoint["model"]).items():
+            ema[name].copy_(tensor)
+    dropped = sorted(set(checkpoint["ema"]) - {str(r) for r in emas})
+    if dropped:
+        warn(f"EMA rates {dropped} are not continued and will not be in the next checkpoint")
+
+
+def restore_optimizer(checkpoint, optimizer, path):
+    """Load the optimizer's state; raises UsageError for moment tensors of other shapes than their parameters."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for param, state in optimizer.state.items():
+        if any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
+            raise UsageError(f"{path} [optimizer]: moment tensors of other shapes than their parameters")
+
+
+def restore_warp(checkpoint, warp, warn):
+    """Take the checkpoint's time-warp fit into `warp`, unless the run drops the warp, adds it, or changed the
+    noise range or -rho (then the fit starts afresh); each of those is warned about."""
+    saved = checkpoint.get("time_warp")
+    if warp is None:
+        if saved:
+            warn("the run was trained with --time_warp and now without: its fitted warp is dropped from the next "
+                 "checkpoint (sample.py --grid warped will refuse it); add --time_warp to keep it")
+    elif not saved:
+        warn("--time_warp is new in this run: its warp is fitted from here")
+    elif any(saved[k] != getattr(warp, k) for k in ("sigma_min", "sigma_max", "rho", "bins")):
+        warn("the noise range or -rho changed: the checkpoint's time warp is dropped and fitted afresh")
+    else:
+        warp.load_state_dict(saved)
+
+
+def restore_rng(checkpoint, args, rank, world_size, warn):
+    """Restore this rank's generators; under another number of processes, seed new ones per rank and step (each
+    rank still draws its own noise) and say what that changes."""
+    ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
+    if len(ranks) == world_size:
+        set_rng_state(ranks[rank])
+        return
+    warn(f"the run had {len(ranks)} process(es), now {world_size}: the data position continues, each step now takes "
+         f"{args.batch_size * world_size} rows (-bsz is per process) with the same learning rate, and the noise is "
+         "drawn afresh, so the run no longer matches an uninterrupted one")
+    seed_all(args.seed + 1_000_003 * rank + 7919 * checkpoint["step"])
+
+
+# The folder itself
+
+def prepare_model_dir(args, tokenizer_path):
+    """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume, a folder that
+    cannot take a checkpoint (read-only, or a directory where a file goes) before step 1, and kept checkpoints
+    without ckpt.pt; move aside the metrics of an earlier run that never saved."""
+    folder = args.model_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"-mdir {folder}: exists and is not a folder")
+    for name in (CHECKPOINT, "tokenizer.model", "args.json", "config.json", "metrics.jsonl"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UsageError(f"-mdir {folder}: {name} there is not a file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, CHECKPOINT + ".tmp"), "wb"):  # found now, not at the first save
+            pass
+        os.remove(os.path.join(folder, CHECKPOINT + ".tmp"))
+        copy_tokenizer(tokenizer_path, os.path.join(folder, "tokenizer.model"), folder)
+        resumable = os.path.exists(os.path.join(folder, CHECKPOINT))
+        kept = sorted(f for f in os.listdir(folder) if KEPT.fullmatch(f))
+        if kept and not resumable:
+            raise UsageError(f"-mdir {folder}: holds {kept[-1]} and others but no {CHECKPOINT}; copy the one to "
+                             f"resume from to {CHECKPOINT}, or train in another folder")
+        metrics = os.path.join(folder, "metrics.jsonl")
+        if os.path.exists(metrics) and not resumable:
+            old = next(name for name in (f"{metrics}.old{n or ''}" for n in range(10**6)) if not os.path.exists(name))
+            os.replace(metrics, old)  # a run that never saved: its lines would mix with this one's
+            print(f"warning: {metrics} of an earlier run without a checkpoint moved to {os.path.basename(old)}",
+                  file=sys.stderr)
+    except OSError as e:
+        raise UsageError(f"-mdir {folder}: {e.strerror}") from None
+
+
+def copy_tokenizer(tokenizer_path, copy, folder):
+    """Copy the tokenizer into the run folder; UsageError if a different one is there already."""
+    if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
+        raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {folder} was started with")
+    if not os.path.exists(copy):
+        shutil.copyfile(tokenizer_path, copy)
+
+
+def write_run_files(args, model):
+    """args.json (the exact arguments) and config.json (the model and sampling settings) beside the checkpoint."""
+    with open(os.path.join(args.model_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(model.cfg), "sampling": sampling_config(args)}, f, indent=2)
+
+
+def keep_recent(path, step, keep):
+    """Keep the checkpoint just written to `path` also as ckpt-<step>.pt beside it (a hard link where the file
+    system allows, else a copy), and delete all but the `keep` most recent of those."""
+    folder = os.path.dirname(path)
+    kept = os.path.join(folder, f"ckpt-{step:08d}.pt")
+    try:
+        if os.path.exists(kept + ".tmp"):
+            os.remove(kept + ".tmp")
+        os.link(path, kept + ".tmp")
+    except OSError:
+        shutil.copyfile(path, kept + ".tmp")
+    os.replace(kept + ".tmp", kept)
+    for old in sorted(f for f in os.listdir(folder) if KEPT.fullmatch(f))[:-keep]:
+        os.remove(os.path.join(folder, old))

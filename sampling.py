@@ -1,0 +1,163 @@
+"""What the commands that sample share: flag values become checked SamplerSettings (the sampler step and the
+per-token schedule with their parameters bound, the sigma grid, early exit), and draw() samples a list of layouts
+in batches through diffusion.generate, one noise seed per sample, with progress on stderr."""
+import math
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import sample_rows
+from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, EarlyExit, Grid, generate
+from utils import UsageError
+
+# The parameters of one sampler or schedule (each a flag of sample.py), with their defaults
+SAMPLER_PARAMETERS = {"stochastic": {"S_churn": 40.0, "S_tmin": 0.0, "S_tmax": math.inf, "S_noise": 1.0}}
+SCHEDULE_PARAMETERS = {"ar": {"skew": 1.0}, "confidence": {"threshold": 0.9, "patience": 0.5}}
+GRIDS = ("rho", "warped")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How samples are drawn; build it with sampler_settings(), which checks the values. `parameters` holds the
+    chosen sampler's and schedule's (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS), defaults filled in."""
+    sampler: str = "iterative"
+    steps: int = 200
+    schedule: str = "uniform"
+    grid: str = "rho"
+    rho: float = SAMPLING_RHO
+    parameters: dict = field(default_factory=dict)
+    early_exit: int = None
+    exit_confidence: float = 0.5
+    precision: str = "fp32"
+    fp64: bool = False
+
+    def step(self):
+        """The sampler step with its parameters bound (diffusion.SAMPLERS)."""
+        own = {k: self.parameters[k] for k in SAMPLER_PARAMETERS.get(self.sampler, {})}
+        if self.sampler == "stochastic":  # gamma = min(S_churn / steps, sqrt(2) - 1) needs the step count
+            own["steps"] = self.steps
+        return partial(SAMPLERS[self.sampler], **own) if own else SAMPLERS[self.sampler]
+
+    def schedule_function(self):
+        """The per-token schedule with its parameters bound (diffusion.SCHEDULES)."""
+        own = {k: self.parameters[k] for k in SCHEDULE_PARAMETERS.get(self.schedule, {})}
+        return partial(SCHEDULES[self.schedule], **own) if own else SCHEDULES[self.schedule]
+
+    def sigma_grid(self, sampling, where):
+        """The Grid for a run whose checkpoint's sampling settings are `sampling` (sigma_min, sigma_max, warp).
+        Raises UsageError naming `where` (the run folder) for --grid warped on a run trained without a warp."""
+        if self.grid == "warped" and sampling.get("warp") is None:
+            raise UsageError(f"--grid warped: {where} was trained without --time_warp")
+        warp = sampling["warp"] if self.grid == "warped" else None
+        return Grid(sampling["sigma_min"], sampling["sigma_max"], self.rho, warp)
+
+    def exit(self):
+        """The EarlyExit of --early_exit, or None."""
+        return None if self.early_exit is None else EarlyExit(self.early_exit, self.exit_confidence)
+
+
+def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="rho", rho=None, early_exit=None,
+                     exit_confidence=None, precision="fp32", fp64=False, **parameters):
+    """SamplerSettings from the values of sample.py's flags, None meaning "not given" (so that the defaults of the
+    chosen sampler and schedule apply). Raises UsageError naming the flag for an unknown name, a parameter of
+    another sampler or schedule, or a value out of range."""
+    unknown = [(flag, value, allowed) for flag, value, allowed in (("--sampler", sampler, SAMPLERS),
+               ("--schedule", schedule, SCHEDULES), ("--grid", grid, GRIDS)) if value not in allowed]
+    if unknown:
+        flag, value, allowed = unknown[0]
+        raise UsageError(f"{flag} {value}: not one of {', '.join(allowed)}")
+    chosen = {}
+    owners = (("--sampler", sampler, SAMPLER_PARAMETERS), ("--schedule", schedule, SCHEDULE_PARAMETERS))
+    for kind, name, table in owners:
+        for owner, defaults in table.items():
+            for key, default in defaults.items():
+                if owner != name and parameters.get(key) is not None:
+                    raise UsageError(f"--{key} applies to {kind} {owner}, not {name}")
+                if owner == name:
+                    chosen[key] = default if parameters.get(key) is None else parameters[key]
+    extra = sorted(set(parameters) - {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)
+                                      for defaults in table.values() for k in defaults})
+    if extra:
+        raise TypeError(f"sampler_settings() got unknown parameters {extra}")
+    if grid == "warped" and rho is not None:
+        raise UsageError("--rho applies to --grid rho, not warped")
+    if exit_confidence is not None and early_exit is None:
+        raise UsageError("--exit_confidence applies to --early_exit")
+    settings = SamplerSettings(sampler, steps, schedule, grid, SAMPLING_RHO if rho is None else rho, chosen,
+                               early_exit, 0.5 if exit_confidence is None else exit_confidence, precision, fp64)
+    check_ranges(settings)
+    return settings
+
+
+def check_ranges(settings):
+    """Raise UsageError naming the first flag of `settings` whose value is out of its range."""
+    p = settings.parameters
+    problems = [
+        (settings.steps < 1, f"--steps {settings.steps}: must be at least 1"),
+        (settings.early_exit is not None and settings.early_exit < 1,
+         f"--early_exit {settings.early_exit}: must be at least 1 (steps without a change)"),
+        (not 0 <= settings.exit_confidence <= 1, f"--exit_confidence {settings.exit_confidence}: a probability in "
+                                                 "[0, 1]"),
+        (not 0.1 <= settings.rho <= 100, f"--rho {settings.rho}: must be in [0.1, 100] (1 is linear in sigma, 7 is "
+                                         "EDM's)"),
+        (not 0 <= p.get("skew", 0) < math.inf, f"--skew {p.get('skew')}: must be 0 (uniform) or more, and finite"),
+        (not 0 < p.get("threshold", 1) <= 1, f"--threshold {p.get('threshold')}: a probability in (0, 1]"),
+        (not 0 <= p.get("patience", 0) < 1, f"--patience {p.get('patience')}: a share of the steps in [0, 1)"),
+        (not (p.get("S_churn", 0) >= 0 and 0 <= p.get("S_noise", 1) < math.inf
+              and p.get("S_tmin", 0) <= p.get("S_tmax", math.inf)),
+         "--S_churn must be 0 or more, --S_noise finite and 0 or more, --S_tmin at most --S_tmax"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise UsageError(message)
+
+
+def sample_seed(seed, i):
+    """The noise seed of sample i of a run with --seed `seed` (>= 0): 64 bits of numpy's SeedSequence of
+    (seed, i), so that no two (seed, i) pairs share their noise in practice."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0])
+
+
+def sample_length(lengths, seed, i):
+    """Sample i's length: fixed, or drawn uniformly from the range (lo, hi) by a generator of its own (seed, i)."""
+    lo, hi = lengths
+    return lo if lo == hi else int(np.random.default_rng([seed, i]).integers(lo, hi + 1))
+
+
+def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False):
+    """Sample every layout (ids, held), as data.sample_layout makes them, in batches of `batch_size`; sample i is
+    drawn with the noise seed sample_seed(seed, i), so it depends on neither its batch nor the batch size. Yields,
+    in order, (i, token ids as long as its layout, steps taken, network evaluations). With `progress`, a bar on
+    stderr counts the sampler steps of all batches."""
+    batches = range(0, len(layouts), batch_size)
+    bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    step, schedule = settings.step(), settings.schedule_function()
+    dtype = torch.float64 if settings.fp64 else torch.float32
+    for start in batches:
+        batch = layouts[start:start + batch_size]
+        ids, cond_mask, segment_ids = sample_rows(batch, pad_id)
+        seeds = [sample_seed(seed, i) for i in range(start, start + len(batch))]
+        out, evaluations, steps_taken = generate_batch(model, step, schedule, grid, ids.to(device),
+                                                       cond_mask.to(device), seeds, settings, dtype, bar,
+                                                       None if segment_ids is None else segment_ids.to(device))
+        for b, row in enumerate(out.tolist()):
+            yield start + b, row[:len(batch[b][0])], int(steps_taken[b]), int(evaluations[b])
+    bar.close()
+
+
+def generate_batch(model, step, schedule, grid, ids, cond_mask, seeds, settings, dtype, bar, segment_ids):
+    """diffusion.generate on one batch with `settings`, moving `bar` one step per sampler step (the whole
+    settings.steps for the batch, also when every row exits early)."""
+    def tick(i, rows, tokens, sigma):
+        bar.update(1)
+
+    before = bar.n
+    result = generate(model, step, schedule, grid, ids, cond_mask, seeds, settings.steps, segment_ids,
+                      settings.exit(), settings.precision, dtype, callback=tick)
+    bar.update(before + settings.steps - bar.n)
+    return result

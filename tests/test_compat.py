@@ -1,0 +1,58 @@
+"""A run folder written by an earlier version of this project (tests/fixtures/main_run, see its README.md) still
+resumes, samples and evaluates, and gives what that version gave."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import eval as evaluate
+import sample
+import train
+from conftest import FIXTURES
+
+RUN_FLAGS = ["-dim", "32", "-nl", "1", "-nh", "2", "-emb", "8", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "0",
+             "-ema", "0.999", "--save_interval", "3", "--log_interval", "1", "--num_workers", "0", "--sample_interval",
+             "0", "--no-progress"]
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    """A copy of the fixture's run folder (stopped after step 3 of 6) and what the old version gave."""
+    run = tmp_path / "run"
+    shutil.copytree(f"{FIXTURES}/main_run", run)
+    return run, json.loads((run / "expected.json").read_text())
+
+
+def fingerprint(state_dict):
+    return {k: [float(v.double().sum()), float((v.double() ** 2).sum())] for k, v in state_dict.items()}
+
+
+def test_an_old_run_resumes_to_the_weights_the_old_version_reached(old_run, capsys):
+    run, expected = old_run
+    train.main(["-d", str(run / "corpus.txt"), "-spm", str(run / "tokenizer.model"), "-mdir", str(run),
+                "--max_steps", "6", *RUN_FLAGS])
+    assert "warning" not in capsys.readouterr().err  # no flag reads as changed
+    checkpoint = torch.load(run / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 6 and checkpoint["data_state"] == expected["step_6"]["data_state"]
+    for name, state in (("model", checkpoint["model"]), ("ema_0.999", checkpoint["ema"]["0.999"])):
+        got = fingerprint(state)
+        assert got.keys() == expected["step_6"][name].keys()
+        for key, values in expected["step_6"][name].items():
+            assert got[key] == pytest.approx(values, rel=1e-6, abs=1e-9), (name, key)
+    losses = {str(line["step"]): line["loss"] for line in map(json.loads, open(run / "metrics.jsonl"))}
+    assert {step: losses[step] for step in ("4", "5", "6")} == pytest.approx(expected["step_6"]["loss"], rel=1e-6)
+
+
+def test_an_old_run_samples_and_evaluates_as_the_old_version_did(old_run, capsys):
+    run, expected = old_run
+    sample.main(["-mdir", str(run), "-n", "3", "--steps", "5", "--jsonl", "--prompt", "the river"])
+    sample.main(["-mdir", str(run), "-n", "2", "--steps", "4", "--ema", "0.999", "--sampler", "heun", "--schedule",
+                 "ar", "--jsonl"])
+    samples = [json.loads(line)["ids"] for line in capsys.readouterr().out.splitlines()]
+    assert samples == expected["samples"]
+    evaluate.main(["-mdir", str(run), "--valid", str(run / "corpus.txt"), "--draws", "2", "--sigmas", "3",
+                   "--plot_dir", str(run), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    for key, value in expected["eval"].items():
+        assert result[key] == pytest.approx(value, rel=1e-9), key

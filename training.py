@@ -1,0 +1,441 @@
+"""The training run as train.py and bench.py share it: its flags and their defaults (one table, resolved in one
+function), the builders of its parts, and one optimiser step (forward, loss, backward, clipping, the update, the
+EMAs and the time warp's fit). The loop, checkpoints and samples stay in train.py."""
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from corpus import ENCODING_ERRORS, load_corpus
+from data import PackedBatches, PackedRows
+from diffusion import (autoregressive_loss, autoregressive_targets, draw_training_sigma,
+                       score_interpolation_loss)
+from model import ModelConfig, ScoreLM
+from timewarp import TimeWarp
+from utils import PRECISIONS, ArgumentParser, CommandError, all_reduce_sum, autocast, ema_update, lr_at
+
+DEMO_DIR = "demo"
+# Architecture, batch and optimiser of each --preset; "base" is the original project's size
+PRESETS = {
+    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
+                 warmup_steps=100),
+    "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=5e-4,
+                  warmup_steps=500),
+    "base": dict(model_dim=512, num_layers=8, num_heads=8, embedding_dim=128, batch_size=256, learning_rate=1e-4,
+                 warmup_steps=10000),
+    "large": dict(model_dim=768, num_layers=14, num_heads=12, embedding_dim=128, batch_size=128, learning_rate=1e-4,
+                  warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
+}
+# Every default of train.py's flags. A flag not given takes its value from the first row that has it: "demo"
+# (with --demo), "ar" (with --objective ar: no pads after eos to predict, no noise levels), the run's preset,
+# "every". The measurements behind the values are in RESULTS.md.
+DEFAULTS = {
+    "demo": dict(data_path=os.path.join(DEMO_DIR, "data", "train.txt"),
+                 spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
+                 preset="tiny", max_steps=1000, sample_interval=0),
+    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False),
+    **PRESETS,
+    "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
+                  accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
+                  max_steps=100_000, precision="fp32", max_bad_steps=10, sequence_length=64, sigma_min=1.0,
+                  sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.0, time_warp=True, expand_prob=0.1,
+                  seed=0, device="auto", log_interval=50, save_interval=1000, keep=0, sample_interval=1000,
+                  sample_steps=100, progress=True),
+}
+
+
+def default_text(name):
+    """How flag `name`'s default is decided, for its --help: every run's value, each preset's, and what --demo and
+    --objective ar change."""
+    def shown(value):
+        return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
+            else repr(value) if value == "" else str(value)
+    parts = [f"default {shown(DEFAULTS['every'][name])}"] if name in DEFAULTS["every"] else []
+    if name in PRESETS["tiny"]:
+        parts.append("from --preset: " + ", ".join(f"{p} {shown(v[name])}" for p, v in PRESETS.items()))
+    parts += [f"{shown(DEFAULTS[row][name])} with {flag}"
+              for row, flag in (("demo", "--demo"), ("ar", "--objective ar")) if name in DEFAULTS[row]]
+    return "; ".join(parts)
+
+
+def build_parser(description=None):
+    """train.py's command line; every default comes from DEFAULTS (argparse's own are None: "not given")."""
+    p = ArgumentParser(prog="train.py", description=description)
+    d = default_text
+    io = p.add_argument_group("data and output")
+    io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line; blank lines are "
+                                              "skipped, a line longer than -slen gives a random window of it")
+    io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos, eos, pad and unk ids (prepare.py "
+                                                "makes one)")
+    io.add_argument("-mdir", "--model_dir", help="folder for the checkpoint, config, tokenizer copy and "
+                                                 "metrics.jsonl; a run already there resumes")
+    io.add_argument("--cache_dir", help="folder for the tokenised corpus (default $XDG_CACHE_HOME or "
+                                        "~/.cache, in score-diffusion-lm/); safe to delete")
+    io.add_argument("--encoding_errors", choices=ENCODING_ERRORS,
+                    help=f"invalid UTF-8 or a carriage return inside a line: strict stops before step 1 naming "
+                         f"file:line, replace uses U+FFFD ({d('encoding_errors')})")
+    io.add_argument("--num_workers", type=int, help=f"DataLoader processes that crop, mask and pack rows (0: in "
+                                                    f"this process; batches do not depend on it; {d('num_workers')})")
+    io.add_argument("--demo", action="store_true",
+                    help=f"train on the demo corpus (built under {DEMO_DIR}/data/ if missing: English sentences "
+                         "from the standard library's docstrings, no download) with the demo's defaults")
+    arch = p.add_argument_group("model")
+    arch.add_argument("--preset", choices=PRESETS, help=f"architecture, batch and optimiser defaults; flags given "
+                                                        f"explicitly win ({d('preset')})")
+    arch.add_argument("-dim", "--model_dim", type=int, help=f"transformer width D ({d('model_dim')})")
+    arch.add_argument("-emb", "--embedding_dim", type=int, help=f"token embedding size E, the space the diffusion "
+                                                                f"runs in ({d('embedding_dim')})")
+    arch.add_argument("-nl", "--num_layers", type=int, help=f"transformer blocks ({d('num_layers')})")
+    arch.add_argument("-nh", "--num_heads", type=int, help=f"attention heads ({d('num_heads')})")
+    arch.add_argument("--objective", choices=("diffusion", "ar"),
+                      help=f"diffusion (this project's model) or ar: the autoregressive baseline, the same backbone "
+                           f"with causal attention, clean embeddings and a next-token loss, for eval.py's comparison "
+                           f"and judge ({d('objective')})")
+    arch.add_argument("-dop", "--dropout_prob", type=float, help=f"dropout in every block ({d('dropout_prob')})")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("-bsz", "--batch_size", type=int, help=f"rows per micro-batch and process; each row packs "
+                                                            f"several lines ({d('batch_size')})")
+    opt.add_argument("-acc", "--accumulation_steps", type=int, help=f"micro-batches per optimiser step "
+                                                                    f"({d('accumulation_steps')})")
+    opt.add_argument("-lr", "--learning_rate", type=float, help=f"peak AdamW learning rate ({d('learning_rate')})")
+    opt.add_argument("-wus", "--warmup_steps", type=int,
+                     help=f"linear warm-up, then a cosine decay to 10%% of -lr at --max_steps; at most a tenth of "
+                          f"--max_steps (a longer one is shortened, with a note) ({d('warmup_steps')})")
+    opt.add_argument("-wd", "--weight_decay", type=float, help=f"AdamW weight decay, on matrices only "
+                                                               f"({d('weight_decay')})")
+    opt.add_argument("-gc", "--gradient_clipping", type=float, help=f"largest global gradient norm, 0: no clipping "
+                                                                    f"({d('gradient_clipping')})")
+    opt.add_argument("-ema", "--ema_rate", help=f"comma-separated EMA decay rates, '' for none; each warms up as "
+                                                f"min(rate, (1 + step) / (10 + step)) ({d('ema_rate')})")
+    opt.add_argument("--max_steps", type=int, help=f"optimiser steps; the cosine decay ends here ({d('max_steps')})")
+    opt.add_argument("--precision", choices=PRECISIONS,
+                     help=f"autocast precision of the network (fp16 adds a gradient scaler, whose overflow steps are "
+                          f"skipped); noise levels, preconditioning and the softmax stay fp32 ({d('precision')})")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the training forward (compiles once, in "
+                                                            "the first step)")
+    opt.add_argument("--max_bad_steps", type=int, help=f"stop (exit status 3, last checkpoint intact) after this "
+                                                       f"many steps in a row with a non-finite loss or gradient, "
+                                                       f"each skipped ({d('max_bad_steps')})")
+    diff = p.add_argument_group("diffusion")
+    diff.add_argument("-slen", "--sequence_length", type=int, help=f"row length L in tokens "
+                                                                   f"({d('sequence_length')})")
+    diff.add_argument("-smin", "--sigma_min", type=float, help=f"lowest training noise level ({d('sigma_min')})")
+    diff.add_argument("-smax", "--sigma_max", type=float, help=f"highest training noise level ({d('sigma_max')})")
+    diff.add_argument("-rho", "--rho", type=float, help=f"spacing of the training levels between the ends, EDM "
+                                                        f"eq. 5 (1: uniform in sigma); the time warp starts from it "
+                                                        f"({d('rho')})")
+    diff.add_argument("--multilevel_prob", type=float, help=f"share of batches with an independent sigma per token "
+                                                            f"instead of one per sequence ({d('multilevel_prob')})")
+    diff.add_argument("--self_cond", type=float, metavar="PROB",
+                      help=f"self-conditioning: the model also reads its previous estimate of the clean embeddings; "
+                           f"this share of batches gets one from a first pass without gradient (0: a model without "
+                           f"it; {d('self_cond')})")
+    diff.add_argument("--time_warp", action=argparse.BooleanOptionalAction,
+                      help=f"draw training noise levels through a warp fitted online to the loss by sigma (CDCD), "
+                           f"kept in the checkpoint for plot.py and sample.py --grid warped; --no-time_warp draws "
+                           f"them through the -rho spacing ({d('time_warp')})")
+    diff.add_argument("--expand_prob", type=float, help=f"share of lines padded after eos to a random length, so that "
+                                                        f"the model learns where text ends ({d('expand_prob')})")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, help=f"seed of the weights, data order and noise; fixed for a run "
+                                              f"({d('seed')})")
+    run.add_argument("--device", help=f"auto (cuda, then mps, else cpu), cpu, cuda, cuda:1, ... ({d('device')})")
+    run.add_argument("--log_interval", type=int, help=f"steps between metrics.jsonl lines ({d('log_interval')})")
+    run.add_argument("--save_interval", type=int, help=f"steps between checkpoints; one is also written at the end "
+                                                       f"({d('save_interval')})")
+    run.add_argument("--keep", type=int, help=f"also keep the last K checkpoints as ckpt-<step>.pt; ckpt.pt is "
+                                              f"always the latest ({d('keep')})")
+    run.add_argument("--sample_interval", type=int, help=f"steps between samples printed during training, and at "
+                                                         f"the end; 0: never ({d('sample_interval')})")
+    run.add_argument("--sample_steps", type=int, help=f"sampler steps of those samples ({d('sample_steps')})")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                     help=f"show the progress bar with loss and tokens/s ({d('progress')})")
+    run.add_argument("--tensorboard", action="store_true", help="also write the metrics to MODEL_DIR/tensorboard "
+                                                                "(needs the tensorboard package)")
+    return p
+
+
+def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), description=None):
+    """train.py's arguments, every default resolved (resolve); exits with a one-line error on a bad value."""
+    p = build_parser(description)
+    args = p.parse_args(argv)
+    problem = resolve(args, required)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def resolve(args, required=("data_path", "spm_model", "model_dir")):
+    """Fill every flag of `args` that was not given from DEFAULTS, shorten a warm-up longer than a tenth of
+    --max_steps (with a note on stderr), and check the values; returns the first problem as a message, or None."""
+    rows = [DEFAULTS["demo"]] if args.demo else []
+    if (args.objective or DEFAULTS["every"]["objective"]) == "ar":
+        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp)) if value]
+        if given:
+            return f"{' and '.join(given)}: only for the diffusion objective, not --objective ar"
+        rows.append(DEFAULTS["ar"])
+    preset = args.preset or next(row["preset"] for row in rows + [DEFAULTS["every"]] if "preset" in row)
+    rows += [PRESETS[preset], DEFAULTS["every"]]
+    for name, value in vars(args).items():
+        if value is None:
+            setattr(args, name, next((row[name] for row in rows if name in row), None))
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        return f"--{missing[0]} is required (or use --demo)"
+    problem = check_args(args)
+    if problem is None and args.warmup_steps > args.max_steps // 10:
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"note: --warmup_steps {args.warmup_steps} shortened to {args.max_steps // 10}, a tenth of "
+                  f"--max_steps {args.max_steps}, so that the run trains at its learning rate", file=sys.stderr)
+        args.warmup_steps = args.max_steps // 10
+    return problem
+
+
+def check_args(args):
+    """The first flag whose value cannot work, as a message, or None."""
+    at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
+                "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
+                "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            return f"--{name} {getattr(args, name)}: must be at least {low}"
+    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond"):
+        if not 0 <= getattr(args, name) <= 1:
+            return f"--{name} {getattr(args, name)}: must be in [0, 1]"
+    if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
+        return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
+    if not 0.1 <= args.rho <= 100:
+        return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
+    if not (args.learning_rate > 0 and args.weight_decay >= 0 and args.gradient_clipping >= 0):
+        return "-lr must be positive, -wd and -gc not negative (and none NaN)"
+    if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
+        return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
+    try:
+        rates = ema_rates(args)
+    except ValueError:
+        return f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999"
+    if any(not 0 < r < 1 for r in rates):
+        return f"-ema {args.ema_rate!r}: every rate must be in (0, 1)"
+    return None
+
+
+def ema_rates(args):
+    """The -ema rates as floats; raises ValueError for a non-number (check_args turns it into a usage error)."""
+    return [float(r) for r in args.ema_rate.split(",") if r.strip()]
+
+
+# The parts of a run
+
+@dataclass
+class TrainingState:
+    """What an optimiser step changes and a checkpoint holds: the model, its optimizer and gradient scaler, the
+    EMA weights ({rate: state dict}), the data loader, the time warp (or None), and `runner`, what the forward
+    calls (training_runner: the model's training forward, in DDP and compiled where asked)."""
+    model: ScoreLM
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    emas: dict
+    loader: PackedBatches
+    warp: TimeWarp = None
+    runner: torch.nn.Module = None
+
+
+def build_loader(args, tokenizer, rank=0, world_size=1):
+    """Batches of packed rows from the corpus's token cache (built here on the first run over it); with
+    several processes, this rank's rows of each global batch."""
+    cache = load_corpus(args.data_path, tokenizer, args.cache_dir, args.encoding_errors, progress=args.progress)
+    rows = PackedRows(cache, args.sequence_length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                      seed=args.seed, expand_prob=args.expand_prob)
+    return PackedBatches(rows, args.batch_size, args.num_workers, rank, world_size)
+
+
+def build_model(args, vocab_size, device):
+    """ScoreLM of the run's architecture flags, on `device`."""
+    cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
+                      num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
+                      causal=args.objective == "ar", self_cond=args.self_cond > 0)
+    return ScoreLM(cfg).to(device)
+
+
+def build_optimizer(model, args):
+    """AdamW with weight decay on matrices only (biases, norms and frozen buffers excluded)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99))
+
+
+def build_state(args, tokenizer, device, rank=0, world_size=1):
+    """A fresh TrainingState for the run: loader, model (initialised from the global generator), optimizer, scaler,
+    one EMA per -ema rate and the time warp with --time_warp; its runner is set once the run is restored, by
+    training_runner."""
+    loader = build_loader(args, tokenizer, rank, world_size)
+    model = build_model(args, tokenizer.vocab_size, device)
+    emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
+    warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, warp)
+
+
+class TrainingForward(torch.nn.Module):
+    """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
+    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, self_cond) -> (ce (B, L), logits),
+    self_cond a bool (this batch takes a self-conditioning pass first). A causal model (--objective ar) takes the
+    autoregressive loss instead and ignores sigma, noise, cond_mask and self_cond."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, sigma, noise, segment_ids, cond_mask, self_cond=False):
+        if self.model.cfg.causal:
+            return autoregressive_loss(self.model, ids, segment_ids, return_logits=True)
+        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True,
+                                        self_cond=self_cond)
+
+
+def training_runner(model, args, world_size=1):
+    """What the training steps call: TrainingForward(model), in DistributedDataParallel with several processes,
+    compiled with --compile (rows have one fixed shape, so it compiles once). Weights, EMA and checkpoints
+    always come from `model` itself."""
+    runner = TrainingForward(model)
+    if world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    return torch.compile(runner, dynamic=False) if args.compile else runner
+
+
+# One optimiser step
+
+class Diverged(CommandError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient; the last checkpoint is intact (exit
+    status 3)."""
+    status = 3
+
+
+WARP_FIT_INTERVAL = 10  # steps between refits of the time warp (each a host sync)
+
+
+def loss_targets(segment_ids, cond_mask, causal=False):
+    """Positions whose cross-entropy is trained: in a packed sequence and not conditioned; for the causal
+    baseline, every token that follows one of its own sequence. (B, L) bool."""
+    return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
+
+
+def train_step(model, runner, batch, args, device, scaler, weight, warp=None):
+    """Forward (under the run's autocast) and backward of one micro-batch, the summed masked cross-entropy
+    multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss position of the
+    step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy (nats), right argmax
+    predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's fit."""
+    ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
+    per_token = bool(torch.rand(()) < args.multilevel_prob)
+    self_cond = model.cfg.self_cond and bool(torch.rand(()) < args.self_cond)  # no draw without: same stream
+    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp)
+    noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
+    with autocast(device, args.precision):
+        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask, self_cond)  # (B, L), (B, L, V) float32
+    targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
+    ce_sum = (ce * targets).sum()
+    scaler.scale(ce_sum * weight).backward()
+    correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
+    return ce_sum.detach(), correct, targets.sum(), (sigma, ce.detach(), targets)
+
+
+def host_counts(batches, pad_id):
+    """Real (non-fill) tokens, text tokens (neither fill nor padding) and row slots of the batches, counted on the
+    host (no device sync)."""
+    counts = {"tokens": 0, "text": 0, "slots": 0}
+    for batch in batches:
+        real = batch["segment_ids"] > 0
+        counts["tokens"] += int(real.sum())
+        counts["text"] += int((real & (batch["ids"] != pad_id)).sum())
+        counts["slots"] += batch["ids"].numel()
+    return counts
+
+
+def optimizer_step(state, args, device, step):
+    """One optimiser step of `state` over args.accumulation_steps micro-batches: gradients unscaled (fp16), clipped,
+    checked, then the AdamW update and the EMAs. A step whose loss or gradient is not finite changes neither
+    weights, EMA, optimizer state nor (the caller's) schedule; the time warp draws the noise levels, observes the
+    losses of applied steps only, and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status
+    "applied", "overflow" (fp16: finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of
+    device tensors (loss, correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
+    model, loader, optimizer, scaler = state.model, state.loader, state.optimizer, state.scaler
+    lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [next(loader) for _ in range(args.accumulation_steps)]
+    stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id)}
+    # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
+    local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"], model.cfg.causal).sum()) for b in batches)  # host
+    targets = all_reduce_sum(torch.tensor(float(local), device=device))
+    weight = loader.world_size / targets.clamp_min(1.0)
+    sums, observed = torch.zeros(2, device=device), []  # summed cross-entropy, right predictions
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or loader.world_size == 1 else state.runner.no_sync():
+            ce_sum, correct, _, losses = train_step(model, state.runner, batch, args, device, scaler, weight,
+                                                    state.warp)
+        sums += torch.stack([ce_sum, correct.float()])
+        observed.append(losses)
+    all_reduce_sum(sums)
+    stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=targets)
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))
+    # the one host sync of a step: whether to apply it (the metrics stay on the device until a log line)
+    finite_loss, finite_grad = torch.isfinite(torch.stack([stats["loss"], stats["grad_norm"].float()])).tolist()
+    status = "applied" if finite_loss and finite_grad else \
+        "overflow" if finite_loss and args.precision == "fp16" else "bad"
+    if status == "applied":
+        apply_step(state, params, step, observed)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return status, stats
+
+
+def apply_step(state, params, step, observed):
+    """The update of a finite step: AdamW (through the scaler), every EMA, and the time warp's observations of the
+    step's losses (observed: (sigma, ce, targets) per micro-batch), refitted every WARP_FIT_INTERVAL steps."""
+    state.scaler.step(state.optimizer)
+    names = [n for n, p in state.model.named_parameters() if p.requires_grad]
+    for rate, ema in state.emas.items():
+        ema_update([ema[n] for n in names], params, rate, step)
+    if state.warp is not None:
+        for sigma, ce, targets in observed:
+            state.warp.observe(sigma, ce, targets)
+        if (step + 1) % WARP_FIT_INTERVAL == 0:
+            all_reduce_sum(state.warp.window)  # every rank fits the same warp
+            state.warp.fit()
+
+
+class IntervalMetrics:
+    """Sums over the steps of one log interval, kept on the device until written (one host sync per line)."""
+
+    def __init__(self, device):
+        self.device, self.started, self.run_started = device, time.perf_counter(), time.perf_counter()
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(4, device=self.device)  # loss, correct, targets, grad_norm
+        self.steps = self.tokens = self.text = self.slots = self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, stats):
+        self.sums += torch.stack([stats["loss"], stats["correct"], stats["targets"], stats["grad_norm"].float()])
+        self.steps, self.tokens = self.steps + 1, self.tokens + stats["tokens"]
+        self.text, self.slots = self.text + stats["text"], self.slots + stats["slots"]
+
+    def line(self, step, lr, epoch):
+        """The metrics of the interval as a dict, and a fresh interval."""
+        loss, correct, targets, grad_norm = self.sums.tolist()  # the one host sync per log interval
+        elapsed = time.perf_counter() - self.started
+        line = {"step": step, "epoch": epoch, "loss": loss / self.steps, "accuracy": correct / max(targets, 1),
+                "lr": lr, "grad_norm": grad_norm / self.steps, "tokens_per_s": self.tokens / elapsed,
+                "packing_efficiency": self.text / max(self.slots, 1), "skipped_steps": self.skipped,
+                "seconds": time.perf_counter() - self.run_started, "time": time.time()}
+        self.reset()
+        return line
