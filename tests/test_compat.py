@@ -1,6 +1,7 @@
 """A run folder written by an earlier version of this project (tests/fixtures/main_run, see its README.md) still
 resumes, samples and evaluates, and gives what that version gave."""
 import json
+import platform
 import shutil
 
 import pytest
@@ -24,6 +25,13 @@ def old_run(tmp_path):
     return run, json.loads((run / "expected.json").read_text())
 
 
+def tolerance(expected):
+    """Relative tolerance of the comparisons: floating-point noise on the platform that wrote the fixture (its torch
+    build and machine), loose elsewhere, where other kernels round differently."""
+    same = torch.__version__ == expected["torch"] and platform.machine() == expected["machine"]
+    return 1e-6 if same else 1e-3
+
+
 def fingerprint(state_dict):
     return {k: [float(v.double().sum()), float((v.double() ** 2).sum())] for k, v in state_dict.items()}
 
@@ -39,9 +47,10 @@ def test_an_old_run_resumes_to_the_weights_the_old_version_reached(old_run, caps
         got = fingerprint(state)
         assert got.keys() == expected["step_6"][name].keys()
         for key, values in expected["step_6"][name].items():
-            assert got[key] == pytest.approx(values, rel=1e-6, abs=1e-9), (name, key)
+            assert got[key] == pytest.approx(values, rel=tolerance(expected), abs=1e-9), (name, key)
     losses = {str(line["step"]): line["loss"] for line in map(json.loads, open(run / "metrics.jsonl"))}
-    assert {step: losses[step] for step in ("4", "5", "6")} == pytest.approx(expected["step_6"]["loss"], rel=1e-6)
+    assert {step: losses[step] for step in ("4", "5", "6")} == pytest.approx(expected["step_6"]["loss"],
+                                                                             rel=tolerance(expected))
 
 
 def test_an_old_run_samples_and_evaluates_as_the_old_version_did(old_run, capsys):
@@ -50,9 +59,16 @@ def test_an_old_run_samples_and_evaluates_as_the_old_version_did(old_run, capsys
     sample.main(["-mdir", str(run), "-n", "2", "--steps", "4", "--ema", "0.999", "--sampler", "heun", "--schedule",
                  "ar", "--jsonl"])
     samples = [json.loads(line)["ids"] for line in capsys.readouterr().out.splitlines()]
-    assert samples == expected["samples"]
+    if tolerance(expected) < 1e-3:  # argmax tokens of an untrained model flip under another platform's rounding
+        assert samples == expected["samples"]
+    assert [len(ids) for ids in samples] == [len(ids) for ids in expected["samples"]]
+    assert all(ids[:5] == want[:5] for ids, want in zip(samples[:3], expected["samples"][:3]))  # bos, held prompt
     evaluate.main(["-mdir", str(run), "--valid", str(run / "corpus.txt"), "--draws", "2", "--sigmas", "3",
                    "--plot_dir", str(run), "--json"])
     result = json.loads(capsys.readouterr().out)
+    expected_curve = expected["eval"].pop("ce_by_sigma")
     for key, value in expected["eval"].items():
-        assert result[key] == pytest.approx(value, rel=1e-9), key
+        assert result[key] == pytest.approx(value, rel=tolerance(expected)), key
+    assert [point.keys() for point in result["ce_by_sigma"]] == [point.keys() for point in expected_curve]
+    for point, expected_point in zip(result["ce_by_sigma"], expected_curve):
+        assert point == pytest.approx(expected_point, rel=tolerance(expected))
