@@ -218,8 +218,7 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.command == "train":
         args.train_flags = rest
-        if args.steps < 1 or args.warmup < 0:
-            p.error("--steps must be at least 1 and --warmup at least 0")
+        check_at_least(p, {"--steps": (args.steps, 1), "--warmup": (args.warmup, 0)})
         return args
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -227,15 +226,22 @@ def parse_args(argv=None):
         if args.model_dir and (args.preset or args.vocab_size):
             p.error("--preset and --vocab_size apply without -mdir (the run folder fixes the architecture)")
         args.vocab_size = 8000 if args.vocab_size is None else args.vocab_size
-        if args.steps < 1 or args.batch_size < 1 or args.sequence_length < 2 or args.vocab_size < 4 \
-                or (args.early_exit is not None and args.early_exit < 1):
-            p.error("--steps, -bsz and --early_exit must be at least 1, -slen at least 2, --vocab_size at least 4")
+        check_at_least(p, {"--steps": (args.steps, 1), "-bsz": (args.batch_size, 1), "-slen": (args.sequence_length, 2),
+                           "--vocab_size": (args.vocab_size, 4), "--early_exit": (args.early_exit, 1)})
         return args
-    if args.sequence_length < 2 or args.batch_size < 1 or args.batches < 1 or args.num_workers < 0:
-        p.error("-slen must be at least 2, -bsz and --batches at least 1, --num_workers at least 0")
+    check_at_least(p, {"-slen": (args.sequence_length, 2), "-bsz": (args.batch_size, 1),
+                       "--batches": (args.batches, 1), "--num_workers": (args.num_workers, 0)})
     if not 0 <= args.expand_prob <= 1:
         p.error(f"--expand_prob {args.expand_prob}: must be in [0, 1]")
     return args
+
+
+def check_at_least(p, values):
+    """Refuse, naming the flag, the first of values {flag: (value, lowest allowed)} below its bound (None: not
+    given)."""
+    for flag, (value, low) in values.items():
+        if value is not None and value < low:
+            p.error(f"{flag} {value}: must be at least {low}")
 
 
 def main(argv=None):

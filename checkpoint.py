@@ -20,10 +20,12 @@ from utils import UsageError, check_state_dict, load_checkpoint, load_state_dict
 CHECKPOINT = "ckpt.pt"
 KEPT = re.compile(r"ckpt-\d{8}\.pt")  # the checkpoints --keep leaves beside ckpt.pt
 RESUME_KEYS = ("model", "config", "sampling", "step", "optimizer", "ema", "args", "data_state", "rng")
-# The flag that sets each ModelConfig field, for resume errors
-MODEL_FLAGS = {"vocab_size": "the vocabulary of -spm", "embedding_dim": "-emb", "model_dim": "-dim",
-               "num_layers": "-nl", "num_heads": "-nh", "dropout": "-dop", "causal": "--objective ar",
-               "self_cond": "--self_cond > 0"}
+# The flag that sets each ModelConfig field, and how its value reads on the command line, for resume errors
+MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": ("-emb", str),
+               "model_dim": ("-dim", str), "num_layers": ("-nl", str), "num_heads": ("-nh", str),
+               "dropout": ("-dop", str),
+               "causal": ("--objective", lambda v: "ar" if v else "diffusion"),
+               "self_cond": ("--self_cond", lambda v: "> 0" if v else "0")}
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
@@ -134,8 +136,9 @@ def check_model_config(checkpoint, model, path):
     config = dataclasses.asdict(model.cfg)
     saved = {**dataclasses.asdict(ModelConfig()), **checkpoint["config"]}
     if saved != config:
-        changed = ", ".join(f"{MODEL_FLAGS.get(k, k)} {v} (now {config.get(k)})" for k, v in saved.items()
-                            if config.get(k) != v)
+        flags = {k: MODEL_FLAGS.get(k, (k, str)) for k in saved}
+        changed = ", ".join(f"{flags[k][0]} {flags[k][1](v)} (now {flags[k][1](config.get(k))})"
+                            for k, v in saved.items() if config.get(k) != v)
         raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}")
 
 

@@ -386,26 +386,32 @@ def train_tokenizer(train_path, model_prefix, vocab_size, where):
 PREPARED = ("train.txt", "valid.txt", "bpe.model", "bpe.vocab")
 
 
-def prepare_corpus(lines, out_dir, valid_fraction, vocab_size):
+def prepare_corpus(lines, out_dir, valid_fraction, vocab_size, source="the corpus"):
     """Write out_dir/train.txt and valid.txt (the lines split by a hash of each) and bpe.model (with bpe.vocab)
     trained on the train split; returns the (train, valid) line counts. All four are written under temporary
-    names and renamed only once the tokenizer is trained, so a failure leaves out_dir as it was, and an input that
-    is one of them (prepare.py run on its own output) is read whole before it is replaced. Raises UsageError if
-    no training line is left or the tokenizer cannot be trained (train_tokenizer)."""
+    names and renamed only once the tokenizer is trained, so a failure leaves out_dir as it was (a folder made
+    for it is removed again), and an input that is one of them (prepare.py run on its own output) is read whole
+    before it is replaced. Raises UsageError naming `source` (the input as the user knows it) if no training line
+    is left or the tokenizer cannot be trained (train_tokenizer)."""
+    made = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     final = [os.path.join(out_dir, name) for name in PREPARED]
     temporary = [os.path.join(out_dir, f"tmp.{name}") for name in PREPARED]  # bpe.model: prefix tmp.bpe
+    done = False
     try:
         counts = write_splits(lines, temporary[0], temporary[1], valid_fraction)
         if counts[0] == 0:
-            raise UsageError(f"{final[0]}: no training line left after cleaning")
-        train_tokenizer(temporary[0], os.path.join(out_dir, "tmp.bpe"), vocab_size, final[0])
+            raise UsageError(f"{source}: no training line left after cleaning")
+        train_tokenizer(temporary[0], os.path.join(out_dir, "tmp.bpe"), vocab_size, source)
         for tmp, path in zip(temporary, final):
             os.replace(tmp, path)
+        done = True
     finally:
         for tmp in temporary:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if made and not done and not os.listdir(out_dir):
+            os.rmdir(out_dir)
     return counts
 
 
@@ -448,4 +454,5 @@ def demo_sentences():
 
 def build_demo(out_dir, vocab_size=2000):
     """The demo corpus, split, with its tokenizer, in out_dir (prepare_corpus); returns the (train, valid) counts."""
-    return prepare_corpus(demo_sentences(), out_dir, valid_fraction=0.02, vocab_size=vocab_size)
+    return prepare_corpus(demo_sentences(), out_dir, valid_fraction=0.02, vocab_size=vocab_size,
+                          source="the demo corpus")

@@ -49,8 +49,11 @@ def read_lines(path, tokenizer, length, max_lines):
                 lines.append((ids, len(text) + 1))
             if len(lines) == max_lines:
                 break
+    if not lines and skipped:
+        raise UsageError(f"--valid {path}: each of its {skipped:,} lines is longer than the training rows of {length} "
+                         "tokens")
     if not lines:
-        raise UsageError(f"--valid {path}: no non-blank line that fits the training rows of {length} tokens")
+        raise UsageError(f"--valid {path}: no line with text in it")
     return lines, skipped
 
 
@@ -287,10 +290,10 @@ def parse_args(argv=None):
     """eval.py's flags, checked."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.draws < 2 or args.sigmas < 2 or args.batch_size < 1 or args.max_lines < 0 or args.samples < 0 \
-            or args.steps < 1 or args.seed < 0:
-        p.error("--draws and --sigmas must be at least 2, --batch_size and --steps at least 1, --max_lines, "
-                "--samples and --seed 0 or more")
+    at_least = {"draws": 2, "sigmas": 2, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name} {getattr(args, name)}: must be at least {low}")
     keys = [key for key, _ in args.sweep or []]
     if len(set(keys)) < len(keys):
         p.error("--sweep: give each key once, with all its values (steps=16,32)")

@@ -38,22 +38,26 @@ def main(argv=None):
     if args.demo:
         vocab_size = args.vocab_size or 2000
         n_train, n_valid = build_demo(args.output_dir, vocab_size)
-        print(f"{args.output_dir}: {n_train:,} train and {n_valid:,} valid sentences, tokenizer of {vocab_size}",
-              file=sys.stderr)
+        print(f"{args.output_dir}: {n_train:,} train and {n_valid:,} valid sentences, tokenizer of {vocab_size:,} "
+              "pieces", file=sys.stderr)
         return
     if not args.input:
         p.error("--input is required (or use --demo)")
     if not 0 <= args.valid_fraction < 1:
         p.error(f"--valid_fraction {args.valid_fraction}: must be in [0, 1)")
     if not os.path.isfile(args.input):
-        raise UsageError(f"{args.input}: no such file")
+        raise UsageError(f"{args.input}: {'is a folder, not a file' if os.path.isdir(args.input) else 'no such file'}")
     counts = {"read": 0, "blank": 0, "undecodable": 0}
     vocab_size = 8000 if args.vocab_size is None else args.vocab_size
     n_train, n_valid = prepare_corpus(read_raw(args.input, args.lowercase, counts), args.output_dir,
-                                      args.valid_fraction, vocab_size)
+                                      args.valid_fraction, vocab_size, source=args.input)
     print(f"{args.output_dir}: {counts['read']:,} lines read; {n_train:,} train and {n_valid:,} valid; "
           f"{counts['blank']:,} blank lines dropped; {counts['undecodable']:,} lines had invalid UTF-8 "
           f"(replaced by U+FFFD); tokenizer of {vocab_size:,} pieces", file=sys.stderr)
+    if n_valid == 0 and args.valid_fraction > 0:
+        print(f"warning: {args.output_dir}/valid.txt is empty: no line fell to the --valid_fraction "
+              f"{args.valid_fraction} share of {n_train:,}; give a larger --valid_fraction, or hold out lines of your "
+              "own for eval.py", file=sys.stderr)
 
 
 if __name__ == "__main__":

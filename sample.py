@@ -39,7 +39,8 @@ def parse_length(text):
 def build_parser():
     """sample.py's command line; the defaults of a sampler's or schedule's own flags are in sampling.py."""
     p = ArgumentParser(prog="sample.py", description=__doc__)
-    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
+    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py (a diffusion run; "
+                                                               "eval.py scores the autoregressive baseline)")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples, per prompt or template when some are "
                                                                     "given")
     p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative "
@@ -67,7 +68,8 @@ def build_parser():
                                                        "range A:B drawn per sample (default: the training rows)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", nargs="+", action="extend", help="texts to continue; their tokens are kept "
-                                                                     "exactly (repeat the flag or give several)")
+                                                                     "exactly (repeat the flag or give several; '' "
+                                                                     "is an unprompted sample)")
     source.add_argument("--prompt_file", help="a file of prompts, one a line (blank lines skipped; - reads stdin)")
     source.add_argument("--infill", nargs="+", action="extend",
                         help="templates with blanks, e.g. 'the [5] of the [3]': [n] is n tokens to generate; the "
@@ -113,8 +115,9 @@ def parse_args(argv=None):
         args.settings = sampler_settings(**{name: getattr(args, name) for name in names})
     except UsageError as e:
         p.error(str(e))
-    if args.num_samples < 1 or args.batch_size < 1:
-        p.error("-n and --batch_size must be at least 1")
+    for flag, value in (("-n", args.num_samples), ("--batch_size", args.batch_size)):
+        if value < 1:
+            p.error(f"{flag} {value}: must be at least 1")
     if args.seed < 0:
         p.error(f"--seed {args.seed}: must be 0 or more")
     if args.infill and args.length is not None:
@@ -160,8 +163,13 @@ def read_prompts(args):
         if not prompts:
             raise UsageError(f"--prompt_file {path}: no prompt in it (one a line; blank lines are skipped)")
         return prompts
-    return [(checked_text(t, "--prompt"), [t, None], f"--prompt {t!r}") if t else ("", [None], "an unprompted sample")
-            for t in args.prompt or [""]]
+    return [(checked_text(t, "--prompt"), [t, None], f"--prompt {shortened(t)!r}") if t
+            else ("", [None], "an unprompted sample") for t in args.prompt or [""]]
+
+
+def shortened(text, width=40):
+    """`text` for an error message: whole up to `width` characters, else its start and an ellipsis."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def warn_unknown(tokenizer, texts, where):

@@ -107,9 +107,10 @@ def check_ranges(settings):
         (not 0 <= p.get("skew", 0) < math.inf, f"--skew {p.get('skew')}: must be 0 (uniform) or more, and finite"),
         (not 0 < p.get("threshold", 1) <= 1, f"--threshold {p.get('threshold')}: a probability in (0, 1]"),
         (not 0 <= p.get("patience", 0) < 1, f"--patience {p.get('patience')}: a share of the steps in [0, 1)"),
-        (not (p.get("S_churn", 0) >= 0 and 0 <= p.get("S_noise", 1) < math.inf
-              and p.get("S_tmin", 0) <= p.get("S_tmax", math.inf)),
-         "--S_churn must be 0 or more, --S_noise finite and 0 or more, --S_tmin at most --S_tmax"),
+        (not p.get("S_churn", 0) >= 0, f"--S_churn {p.get('S_churn')}: must be 0 or more"),
+        (not 0 <= p.get("S_noise", 1) < math.inf, f"--S_noise {p.get('S_noise')}: must be finite and 0 or more"),
+        (not p.get("S_tmin", 0) <= p.get("S_tmax", math.inf),
+         f"--S_tmin {p.get('S_tmin')} --S_tmax {p.get('S_tmax')}: S_tmin must be at most S_tmax"),
     ]
     for failed, message in problems:
         if failed:

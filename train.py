@@ -18,7 +18,8 @@ from corpus import Tokenizer, build_demo, decode_line
 from data import sample_layout
 from diffusion import Grid
 from sampling import SamplerSettings, draw
-from training import DEMO_DIR, Diverged, IntervalMetrics, build_state, optimizer_step, parse_args, training_runner
+from training import (DEMO_DIR, Diverged, IntervalMetrics, build_state, optimizer_step, parse_args, training_runner,
+                      warmup_steps)
 from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint, run_command,
                    save_checkpoint, seed_all)
 
@@ -105,6 +106,12 @@ def start(args, rank, world_size, device):
     step = checkpoint.restore(load_checkpoint(path, needs=checkpoint.RESUME_KEYS), path, state, args) \
         if os.path.exists(path) else 0
     if rank == 0 and step < args.max_steps:
+        if warmup_steps(args) < args.warmup_steps:
+            print(f"note: warming up over {warmup_steps(args)} steps, a tenth of --max_steps {args.max_steps}, "
+                  f"instead of --warmup_steps {args.warmup_steps}, so that the run trains at its learning rate",
+                  file=sys.stderr)
+        if args.precision == "fp16" and device.type == "cpu":
+            print("warning: --precision fp16 on the CPU is slow and gains nothing; bf16 is the CPU's", file=sys.stderr)
         checkpoint.write_run_files(args, state.model)
         corpus = state.loader.rows.cache.meta
         print(f"{sum(p.numel() for p in state.model.parameters() if p.requires_grad):,} parameters on {device}"

@@ -4,7 +4,6 @@ EMAs and the time warp's fit). The loop, checkpoints and samples stay in train.p
 import argparse
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -103,8 +102,8 @@ def build_parser(description=None):
                                                                     f"({d('accumulation_steps')})")
     opt.add_argument("-lr", "--learning_rate", type=float, help=f"peak AdamW learning rate ({d('learning_rate')})")
     opt.add_argument("-wus", "--warmup_steps", type=int,
-                     help=f"linear warm-up, then a cosine decay to 10%% of -lr at --max_steps; at most a tenth of "
-                          f"--max_steps (a longer one is shortened, with a note) ({d('warmup_steps')})")
+                     help=f"linear warm-up, then a cosine decay to 10%% of -lr at --max_steps; a warm-up longer than "
+                          f"a tenth of --max_steps is shortened to that, with a note ({d('warmup_steps')})")
     opt.add_argument("-wd", "--weight_decay", type=float, help=f"AdamW weight decay, on matrices only "
                                                                f"({d('weight_decay')})")
     opt.add_argument("-gc", "--gradient_clipping", type=float, help=f"largest global gradient norm, 0: no clipping "
@@ -113,8 +112,9 @@ def build_parser(description=None):
                                                 f"min(rate, (1 + step) / (10 + step)) ({d('ema_rate')})")
     opt.add_argument("--max_steps", type=int, help=f"optimiser steps; the cosine decay ends here ({d('max_steps')})")
     opt.add_argument("--precision", choices=PRECISIONS,
-                     help=f"autocast precision of the network (fp16 adds a gradient scaler, whose overflow steps are "
-                          f"skipped); noise levels, preconditioning and the softmax stay fp32 ({d('precision')})")
+                     help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
+                          f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
+                          f"stay fp32 ({d('precision')})")
     opt.add_argument("--compile", action="store_true", help="torch.compile the training forward (compiles once, in "
                                                             "the first step)")
     opt.add_argument("--max_bad_steps", type=int, help=f"stop (exit status 3, last checkpoint intact) after this "
@@ -149,8 +149,10 @@ def build_parser(description=None):
                                                        f"({d('save_interval')})")
     run.add_argument("--keep", type=int, help=f"also keep the last K checkpoints as ckpt-<step>.pt; ckpt.pt is "
                                               f"always the latest ({d('keep')})")
-    run.add_argument("--sample_interval", type=int, help=f"steps between samples printed during training, and at "
-                                                         f"the end; 0: never ({d('sample_interval')})")
+    run.add_argument("--sample_interval", type=int,
+                     help=f"steps between the four samples printed during training (two unprompted, two continuing "
+                          f"the first tokens of valid lines), also printed at the end; 0: never, but --demo prints "
+                          f"them at the end; none for --objective ar ({d('sample_interval')})")
     run.add_argument("--sample_steps", type=int, help=f"sampler steps of those samples ({d('sample_steps')})")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help=f"show the progress bar with loss and tokens/s ({d('progress')})")
@@ -170,8 +172,8 @@ def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), desc
 
 
 def resolve(args, required=("data_path", "spm_model", "model_dir")):
-    """Fill every flag of `args` that was not given from DEFAULTS, shorten a warm-up longer than a tenth of
-    --max_steps (with a note on stderr), and check the values; returns the first problem as a message, or None."""
+    """Fill every flag of `args` that was not given from DEFAULTS and check the values; returns the first problem as
+    a message, or None."""
     rows = [DEFAULTS["demo"]] if args.demo else []
     if (args.objective or DEFAULTS["every"]["objective"]) == "ar":
         given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp)) if value]
@@ -186,13 +188,7 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     missing = [name for name in required if getattr(args, name) is None]
     if missing:
         return f"--{missing[0]} is required (or use --demo)"
-    problem = check_args(args)
-    if problem is None and args.warmup_steps > args.max_steps // 10:
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun
-            print(f"note: --warmup_steps {args.warmup_steps} shortened to {args.max_steps // 10}, a tenth of "
-                  f"--max_steps {args.max_steps}, so that the run trains at its learning rate", file=sys.stderr)
-        args.warmup_steps = args.max_steps // 10
-    return problem
+    return check_args(args)
 
 
 def check_args(args):
@@ -210,8 +206,11 @@ def check_args(args):
         return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
     if not 0.1 <= args.rho <= 100:
         return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
-    if not (args.learning_rate > 0 and args.weight_decay >= 0 and args.gradient_clipping >= 0):
-        return "-lr must be positive, -wd and -gc not negative (and none NaN)"
+    if not args.learning_rate > 0:
+        return f"-lr {args.learning_rate}: must be positive"
+    for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):
+        if not value >= 0:
+            return f"{flag} {value}: must be 0 or more"
     if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
         return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
     try:
@@ -221,6 +220,12 @@ def check_args(args):
     if any(not 0 < r < 1 for r in rates):
         return f"-ema {args.ema_rate!r}: every rate must be in (0, 1)"
     return None
+
+
+def warmup_steps(args):
+    """The warm-up the run trains with: -wus, shortened to a tenth of --max_steps where it is longer, so that a short
+    run reaches its learning rate (train.py says so when it starts)."""
+    return min(args.warmup_steps, args.max_steps // 10)
 
 
 def ema_rates(args):
@@ -364,7 +369,7 @@ def optimizer_step(state, args, device, step):
     "applied", "overflow" (fp16: finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of
     device tensors (loss, correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     model, loader, optimizer, scaler = state.model, state.loader, state.optimizer, state.scaler
-    lr = lr_at(step, args.learning_rate, args.warmup_steps, args.max_steps)
+    lr = lr_at(step, args.learning_rate, warmup_steps(args), args.max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     batches = [next(loader) for _ in range(args.accumulation_steps)]

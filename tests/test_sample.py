@@ -163,7 +163,7 @@ def test_prompt_file_lines_are_decoded_like_the_corpus():
     (["--seed", "-1"], "--seed -1"),
     (["--schedule", "ar", "--skew", "inf"], "--skew inf"),
     (["--rho", "inf"], "--rho inf"),
-    (["--sampler", "stochastic", "--S_noise", "inf"], "--S_noise finite"),
+    (["--sampler", "stochastic", "--S_noise", "inf"], "--S_noise inf: must be finite"),
     (["--exit_confidence", "0.3"], "--exit_confidence applies to --early_exit"),
 ])
 def test_bad_sampling_flags_are_refused(memorised_run, capsys, flags, message):
