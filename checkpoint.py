@@ -25,7 +25,8 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
                "model_dim": ("-dim", str), "num_layers": ("-nl", str), "num_heads": ("-nh", str),
                "dropout": ("-dop", str),
                "causal": ("--objective", lambda v: "ar" if v else "diffusion"),
-               "self_cond": ("--self_cond", lambda v: "> 0" if v else "0")}
+               "self_cond": ("--self_cond", lambda v: "> 0" if v else "0"),
+               "output_prior": ("--output_prior", lambda v: "on" if v else "off")}
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
@@ -75,7 +76,8 @@ def checkpoint_dict(state, step, args, rng_states):
             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "step": step,
             "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args),
             "data_state": state.loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
-            "time_warp": None if state.warp is None else state.warp.state_dict()}
+            "time_warp": None if state.warp is None else state.warp.state_dict(),
+            "time_budget": None if state.budget is None else state.budget.state_dict()}
 
 
 def rng_state():
@@ -124,6 +126,7 @@ def restore(checkpoint, path, state, args):
     restore_emas(checkpoint, state.emas, path, warn)
     restore_optimizer(checkpoint, state.optimizer, path)
     restore_warp(checkpoint, state.warp, warn)
+    restore_budget(checkpoint, state.budget, warn)
     if state.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         state.scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint, args, rank, state.loader.world_size, warn)
@@ -181,7 +184,12 @@ def restore_emas(checkpoint, emas, path, warn):
 
 
 def restore_optimizer(checkpoint, optimizer, path):
-    """Load the optimizer's state; raises UsageError for moment tensors of other shapes than their parameters."""
+    """Load the optimizer's state; raises UsageError for another grouping of the parameters (--embedding_lr_scale 1
+    or not) or moment tensors of other shapes than their parameters."""
+    saved, now = len(checkpoint["optimizer"]["param_groups"]), len(optimizer.param_groups)
+    if saved != now:
+        raise UsageError(f"{path} [optimizer]: {saved} parameter groups, this run has {now}; resume with the "
+                         "--embedding_lr_scale the run was started with (1 or not)")
     optimizer.load_state_dict(checkpoint["optimizer"])
     for param, state in optimizer.state.items():
         if any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
@@ -202,6 +210,25 @@ def restore_warp(checkpoint, warp, warn):
         warn("the noise range or -rho changed: the checkpoint's time warp is dropped and fitted afresh")
     else:
         warp.load_state_dict(saved)
+
+
+def restore_budget(checkpoint, budget, warn):
+    """Continue the checkpoint's --time_budget (its time spent and fitted end) in `budget`; a changed budget keeps
+    the time spent and fits its end afresh, with a warning, as does one added or dropped on resume."""
+    saved = checkpoint.get("time_budget")
+    if budget is None:
+        if saved:
+            warn("the run had a --time_budget and now has none: it trains to --max_steps")
+        return
+    if not saved:
+        warn("--time_budget is new in this run: it counts from here and fits the schedule's end afresh")
+        return
+    budget.spent = saved["spent"]
+    if saved["seconds"] == budget.seconds:
+        budget.end_step = saved["end_step"]
+    else:
+        warn(f"--time_budget changed from {saved['seconds'] / 60:g} minutes: the time spent counts, the schedule's "
+             "end is fitted afresh")
 
 
 def restore_rng(checkpoint, args, rank, world_size, warn):

@@ -24,10 +24,14 @@ def example_window(length, seq_len, expand_prob, rng):
     return 0, length, length
 
 
-def conditioning_mask(length, real, rng):
+def conditioning_mask(length, real, rng, cond_prob=1.0):
     """Positions of one example held clean (True = conditioned, sigma = 0), drawn as the original project
     does: a contiguous span of random length in [0, length - 1] at a random place, shuffled to scattered
-    positions half of the time. At least one of the first `real` (non-padding) positions stays free."""
+    positions half of the time. At least one of the first `real` (non-padding) positions stays free. With
+    cond_prob < 1, only that share of examples is conditioned at all; the rest are wholly free, as unconditional
+    sampling starts (cond_prob 1 draws exactly as the original, nothing more)."""
+    if cond_prob < 1 and rng.random() >= cond_prob:
+        return [False] * length
     span = rng.randint(0, length - 1)
     start = rng.randint(0, length - span)
     mask = [start <= i < start + span for i in range(length)]
@@ -172,9 +176,10 @@ class PackedRows(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cache, seq_len, bos_id, eos_id, pad_id, seed=0, expand_prob=0.1, buffer_size=8192,
-                 first_chunk=0):
+                 first_chunk=0, cond_prob=1.0):
         self.cache, self.seq_len, self.bos_id, self.eos_id, self.pad_id = cache, seq_len, bos_id, eos_id, pad_id
         self.seed, self.expand_prob, self.buffer_size, self.first_chunk = seed, expand_prob, buffer_size, first_chunk
+        self.cond_prob = cond_prob
         self.chunks_per_epoch = math.ceil(len(cache) / buffer_size)
         self._order_epoch, self._order = None, None
 
@@ -199,7 +204,7 @@ class PackedRows(torch.utils.data.IterableDataset):
             ids[0] = self.bos_id
         if stop == length:
             ids[stop - start - 1] = self.eos_id
-        return ids, np.array(conditioning_mask(padded, stop - start, rng))
+        return ids, np.array(conditioning_mask(padded, stop - start, rng, self.cond_prob))
 
     def chunk_rows(self, g):
         """Chunk g packed: rows as lists of (example index, ids, cond_mask), in the order they are served."""
@@ -256,11 +261,11 @@ class PackedBatches:
         rows = self.rows
         return {"chunk": self.chunk, "row": self.row, "num_examples": len(rows.cache),
                 "num_tokens": rows.cache.meta["tokens"], "buffer_size": rows.buffer_size,
-                "sequence_length": rows.seq_len, "expand_prob": rows.expand_prob}
+                "sequence_length": rows.seq_len, "expand_prob": rows.expand_prob, "cond_prob": rows.cond_prob}
 
     def load_state_dict(self, state):
-        """Continue from a saved position. If --expand_prob has changed, the current chunk was packed otherwise,
-        so the stream continues at the start of the next one. Raises UsageError for another corpus (counts of
+        """Continue from a saved position. If --expand_prob or --cond_prob has changed, the current chunk was packed
+        otherwise, so the stream continues at the start of the next one. Raises UsageError for another corpus (counts of
         examples and tokens), row length or chunk size."""
         now = self.state_dict()
         if "num_tokens" not in state:
@@ -276,7 +281,8 @@ class PackedBatches:
             raise UsageError(f"chunks of {now['buffer_size']} examples: the run was started with "
                              f"{state['buffer_size']}")
         self.chunk, self.row = int(state["chunk"]), int(state["row"])
-        if state["expand_prob"] != now["expand_prob"] and self.row:
+        changed = state["expand_prob"] != now["expand_prob"] or state.get("cond_prob", 1.0) != now["cond_prob"]
+        if changed and self.row:
             self.chunk, self.row = self.chunk + 1, 0
         self.close()
 

@@ -27,14 +27,36 @@ def rho_schedule(u, sigma_min, sigma_max, rho):
     return (sigma_max ** inv_rho + u * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
 
 
-def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None, warp=None):
+def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None, warp=None,
+                        stratified=False):
     """Training noise levels (B, L) float32 from u ~ U(0, 1) through rho_schedule, or through `warp` (a fitted
     TimeWarp) when given: one level per packed sequence (all tokens sharing a segment id share it), or, with
-    `per_token`, an independent level at every position (multi-level diffusion, after AR-Diffusion, Wu et al. 2023)."""
+    `per_token`, an independent level at every position (multi-level diffusion, after AR-Diffusion, Wu et al. 2023).
+    With `stratified`, the batch's draws of u are one from each of as many equal slices of [0, 1), in random
+    order (stratified_uniform), so that every batch covers the levels evenly."""
     B, L = segment_ids.shape
     u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
+    if stratified:
+        drawn = torch.zeros_like(u, dtype=torch.bool)
+        if per_token:
+            drawn[:, :L] = True
+        else:  # the (row, segment) pairs of real sequences
+            drawn.scatter_(1, segment_ids, True)
+            drawn[:, 0] = False
+        u = stratified_uniform(u, drawn, generator)
     u = u[:, :L] if per_token else u.gather(1, segment_ids)
     return rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)
+
+
+def stratified_uniform(u, drawn, generator=None):
+    """`u` (any shape) with its entries at the True positions of `drawn` replaced by a stratified sample of U(0, 1):
+    the n of them take one value from each slice [k/n, (k+1)/n), k = 0..n-1, in a random order (a host sync for
+    n)."""
+    n = int(drawn.sum())
+    order = torch.randperm(n, generator=generator, device=u.device)
+    u = u.clone()
+    u[drawn] = (order + torch.rand(n, generator=generator, device=u.device)) / n
+    return u
 
 
 def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
@@ -53,14 +75,27 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
     return c_in, c_noise
 
 
-def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None):
+def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
     """The preconditioned network: logits (B, L, V) float32 for noisy embeddings x (B, L, E) at levels sigma (B, L),
     given a previous estimate of the clean embeddings self_cond (B, L, E) or None (read by self-conditioned
-    models only)."""
+    models only). A model built with cfg.output_prior also adds prior_scale (a float or 0-dim tensor; 1 outside
+    training's ramp) times each token's own posterior, output_prior_offset."""
     c_in, c_noise = edm_preconditioning(sigma, sigma_data)
-    if self_cond is None:  # keeps the signature of networks without self-conditioning
-        return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids).float()
-    return model((append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids, self_cond.float()).float()
+    inputs = [(append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids]
+    if self_cond is not None or model.cfg.output_prior:  # keeps the signature of networks without either
+        inputs.append(None if self_cond is None else self_cond.float())
+    if model.cfg.output_prior:
+        inputs.append(prior_scale * output_prior_offset(x, sigma))
+    return model(*inputs).float()
+
+
+def output_prior_offset(x, sigma):
+    """Plaid's output prior (Gulrajani & Hashimoto 2023, lib/models.py) for this variance-exploding process: given its
+    own noisy embedding z = e_v + sigma eps alone, a token's log-posterior is -|z - e_v|^2 / (2 sigma^2) + const
+    = z . e_v / sigma^2 + const, since every e_v has the same norm. Returns z / sigma^2 (B, L, E) float32, the
+    vector whose products with the embeddings are those logits (0 where sigma = 0: held positions)."""
+    inv_var = torch.where(sigma > 0, sigma.float().clamp_min(SIGMA_FLOOR) ** -2, 0.0)
+    return x.float() * append_dims(inv_var, x.ndim)
 
 
 def denoiser_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA):
@@ -85,7 +120,7 @@ def score_interpolation(probs, x, sigma, table):
 
 
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
-                             return_logits=False, self_cond=False):
+                             return_logits=False, self_cond=False, prior_scale=1.0):
     """Per-token cross-entropy in nats, (B, L) float32, unreduced (CDCD's loss); with return_logits, also the
     logits (B, L, V) float32 it was computed from.
 
@@ -93,8 +128,8 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     broadcast over the row); noise (B, L, E) standard normal; cond_mask (B, L) bool positions held clean
     (their sigma is set to 0). With self_cond (a self-conditioned model's share of batches), a first pass without
     gradient supplies the estimate of the clean embeddings that the second, trained pass reads (Chen et al. 2022,
-    Analog Bits, sec. 3.2); otherwise the model reads none. The caller masks out conditioned and fill positions
-    when reducing.
+    Analog Bits, sec. 3.2); otherwise the model reads none. prior_scale: the weight of a model's output prior
+    (network_logits; training may ramp it in). The caller masks out conditioned and fill positions when reducing.
     """
     if sigma.ndim == 1:
         sigma = sigma[:, None].expand(ids.shape)
@@ -104,9 +139,9 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     estimate = None
     if self_cond:
         with torch.no_grad():
-            first = network_logits(model, x, sigma, segment_ids, sigma_data)
+            first = network_logits(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
             estimate = score_interpolation(first.softmax(dim=-1), x, sigma, model.embedding_table())  # (B, L, E)
-    logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate)  # (B, L, V)
+    logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale)  # (B, L, V)
     # (B L, V): the softmax runs over the contiguous last dimension, far faster on the CPU than over dim 1 of a
     # transposed (B, V, L) view
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
@@ -367,13 +402,34 @@ class EarlyExit:
         return torch.where(moved | (confidence < self.confidence), 0, unchanged + 1)
 
 
+@dataclass(frozen=True)
+class Denoising:
+    """What the sampler's denoiser does with the network's estimate D(x; sigma) of a free position: with
+    `temperature` T, the score is divided by T, D_T = x + (D - x) / T (Plaid's score temperature, T = 0.9 there);
+    below sigma `clamp_below`, D is replaced by the embedding of its most likely token (the clamping trick of
+    Diffusion-LM, Li et al. 2022). T = 1 and clamp_below = 0 leave D as it is."""
+    temperature: float = 1.0
+    clamp_below: float = 0.0
+
+    def apply(self, denoised, x, sigma, argmax, table):
+        """D (b, L, E) after the temperature and the clamp, for x (b, L, E) at sigma (b, L) whose most likely tokens
+        are argmax (b, L) int64; held positions (sigma = 0) keep x."""
+        if self.temperature != 1.0:
+            denoised = torch.where(append_dims(sigma > 0, x.ndim), x + (denoised - x) / self.temperature, denoised)
+        if self.clamp_below > 0:
+            clamped = append_dims((sigma > 0) & (sigma < self.clamp_below), x.ndim)
+            denoised = torch.where(clamped, table[argmax], denoised)
+        return denoised
+
+
 class SamplingRows:
     """The rows of one generate() call still being sampled: their noise generators (one per row, seeded by its seed,
     so that a sample does not depend on its batch: EDM's StackedRandomGenerator), segment ids, latest argmax tokens,
     schedule state and network evaluations. noise() and denoiser() are what a sampler step calls."""
 
-    def __init__(self, model, ids, cond_mask, seeds, segment_ids, precision, dtype):
+    def __init__(self, model, ids, cond_mask, seeds, segment_ids, precision, dtype, denoising=None):
         self.model, self.precision, self.dtype, self.device = model, precision, dtype, ids.device
+        self.denoising = denoising or Denoising()
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         # a row draws noise for its own length only, so that its stream does not depend on the longest row beside it
         self.lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
@@ -391,8 +447,9 @@ class SamplingRows:
         return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(self.device)  # any device alike
 
     def denoiser(self, x, sigma):
-        """D(x; sigma) (b, L, E) by score interpolation, the network under `precision`'s autocast; records each free
-        position's argmax token, its probability and whether it changed, for the schedules and early exit."""
+        """D(x; sigma) (b, L, E) by score interpolation, the network under `precision`'s autocast, then `denoising`;
+        records each free position's argmax token, its probability and whether it changed, for the schedules and
+        early exit, and the score-interpolated estimate, which a self-conditioned model reads next."""
         state = self.state
         estimate = state.denoised if self.model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
         with autocast(self.device, self.precision):
@@ -404,7 +461,7 @@ class SamplingRows:
         self.tokens.copy_(torch.where(sigma > 0, argmax, self.tokens))
         self.evaluations[self.rows] += 1
         state.denoised = score_interpolation(probs, x, sigma, self.table)
-        return state.denoised
+        return self.denoising.apply(state.denoised, x, sigma, argmax, self.table)
 
     def keep(self, keep):
         """Go on with the rows `keep` (b,) bool alone."""
@@ -415,23 +472,24 @@ class SamplingRows:
 
 @torch.no_grad()
 def generate(model, step, schedule, grid, ids, cond_mask, seeds, steps, segment_ids=None, early_exit=None,
-             precision="fp32", dtype=torch.float32, callback=None):
+             precision="fp32", dtype=torch.float32, callback=None, denoising=None):
     """Sample the free positions of a batch; conditioned ids come back exactly as given.
 
     step: a SAMPLERS function with its parameters bound; schedule: a SCHEDULES function likewise; grid: a Grid;
     ids (B, L) int64 (free positions may hold anything); cond_mask (B, L) bool; seeds: B ints, one noise generator
     per row; `steps` steps on the progress grid u = i / (steps - 1), the last from sigma_min to 0; segment_ids
     (B, L) int or None for rows shorter than the batch (attention stays within equal ids); early_exit: an EarlyExit
-    or None (finished rows leave the batch). The network runs under `precision`'s autocast; x, sigma, the softmax
-    and score interpolation in `dtype` (torch.float32 or torch.float64). A self-conditioned model reads the estimate
-    of the row's previous network evaluation (none at the first). callback(i, rows, tokens, sigma), if given, sees
-    every step i: the rows still sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
+    or None (finished rows leave the batch); denoising: a Denoising (score temperature, clamping) or None. The
+    network runs under `precision`'s autocast; x, sigma, the softmax and score interpolation in `dtype`
+    (torch.float32 or torch.float64). A self-conditioned model reads the estimate of the row's previous network
+    evaluation (none at the first). callback(i, rows, tokens, sigma), if given, sees every step i: the rows still
+    sampling (b,) int64, their tokens (b, L) and levels (b, L) after it.
 
     Each free token is the argmax of its logits at the last evaluation where its sigma was above 0 (CDCD decodes
     the final logits; the nearest embedding to a score-interpolated mean can be a token no step predicted).
     Returns ids (B, L) int64, and per row the network evaluations and the steps taken, each (B,) int64 on the CPU.
     """
-    rows = SamplingRows(model, ids, cond_mask, seeds, segment_ids, precision, dtype)
+    rows = SamplingRows(model, ids, cond_mask, seeds, segment_ids, precision, dtype, denoising)
     out, steps_taken = ids.clone(), torch.full((len(ids),), steps, dtype=torch.long)
     unchanged = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
     sigma = grid.sigma(rows.state.t, rows.state.free, dtype)

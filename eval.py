@@ -146,6 +146,27 @@ def sample_metrics(samples):
     return result
 
 
+def word_metrics(texts):
+    """Word-level scores of texts, comparable across tokenizers (words split at whitespace): the unigram entropy of
+    all their words pooled (nats), the share of distinct words, and the mean words per text."""
+    counts = {}
+    for text in texts:
+        for word in text.split():
+            counts[word] = counts.get(word, 0) + 1
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+    return {"word_entropy": entropy, "distinct_words": len(counts) / max(total, 1),
+            "mean_words": total / max(len(texts), 1)}
+
+
+def judge_figures(judge, sequences, texts, args, pad_id, device):
+    """The judge's perplexity of the sequences per token (eos included) and per word (its total NLL over the words of
+    the decoded texts plus one for each line's end, comparable across tokenizers)."""
+    nats, tokens = sequence_nll(judge, sequences, args.batch_size, pad_id, device)
+    words = sum(len(text.split()) + 1 for text in texts)
+    return {"gen_ppl": math.exp(nats / tokens), "gen_ppl_word": math.exp(nats / words)}
+
+
 def draw_samples(model, tokenizer, sampling, settings, args, device):
     """args.samples unconditional samples of the training length drawn with `settings` (a SamplerSettings):
     (each as bos + its tokens up to and including its first eos, mean network evaluations per sample)."""
@@ -161,13 +182,13 @@ def draw_samples(model, tokenizer, sampling, settings, args, device):
 
 
 def score_samples(sequences, tokenizer, judge, args, device):
-    """sample_metrics of the sequences' text tokens, and their generative perplexity under the judge (exp of its
-    total NLL over its total tokens, eos included) when there is one."""
+    """sample_metrics of the sequences' text tokens, word_metrics of their text, and their generative perplexity under
+    the judge (exp of its total NLL over its total tokens, eos included, and over their words) when there is one."""
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    result = sample_metrics([[t for t in ids if t not in special] for ids in sequences])
+    texts = [tokenizer.decode(ids) for ids in sequences]
+    result = {**sample_metrics([[t for t in ids if t not in special] for ids in sequences]), **word_metrics(texts)}
     if judge is not None:
-        nats, tokens = sequence_nll(judge, sequences, args.batch_size, tokenizer.pad_id, device)
-        result["gen_ppl"] = math.exp(nats / tokens)
+        result.update(judge_figures(judge, sequences, texts, args, tokenizer.pad_id, device))
     return result
 
 
@@ -225,7 +246,7 @@ def plot_sweep(rows, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         ax.scatter(row["evaluations"], row[key])
-        label = f"{row['sampler']} {row['schedule']} {row['steps']}" + (" warped" if row["grid"] == "warped" else "")
+        label = setting_label(row).replace(" grid", "").replace("rho, ", "")
         ax.annotate(label, (row["evaluations"], row[key]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample")
@@ -234,7 +255,7 @@ def plot_sweep(rows, path):
     return save_figure(plt, fig, path)
 
 
-SWEEP_KEYS = ("steps", "schedule", "sampler", "grid")
+SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp")
 
 
 def parse_sweep(text):
@@ -245,11 +266,22 @@ def parse_sweep(text):
     allowed = {"schedule": SCHEDULES, "sampler": SAMPLERS, "grid": GRIDS}.get(key)
     values = values.split(",")
     for value in values:
-        if allowed is None and not (value.isdigit() and int(value) >= 1):
+        if key == "steps" and not (value.isdigit() and int(value) >= 1):
             raise argparse.ArgumentTypeError(f"{text!r}: steps are whole numbers of at least 1, not {value!r}")
+        if key in ("temperature", "clamp") and not is_number(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: {key} takes numbers, not {value!r}")
         if allowed is not None and value not in allowed:
             raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not one of {', '.join(allowed)}")
-    return key, [int(v) for v in values] if allowed is None else values
+    convert = {"steps": int, "temperature": float, "clamp": float}.get(key, str)
+    return key, [convert(v) for v in values]
+
+
+def is_number(text):
+    """Whether `text` reads as a finite float."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def build_parser():
@@ -273,9 +305,11 @@ def build_parser():
                    help="per-token schedule of the samples, as in sample.py")
     p.add_argument("--grid", choices=GRIDS, default="rho",
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
+    p.add_argument("--temperature", type=float, default=1.0, help="score temperature of the samples, as in sample.py")
+    p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
-                   help="score samples at every combination of these values (keys: steps, schedule, sampler, grid; "
-                        "repeat the flag)")
+                   help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "
+                        "temperature, clamp; repeat the flag)")
     p.add_argument("--plot_dir", help="folder for ce_by_sigma.png and sweep.png (default: MODEL_DIR)")
     p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws and of the samples")
@@ -303,10 +337,14 @@ def parse_args(argv=None):
 
 
 def settings_of(args, **override):
-    """The sample settings (sampler, steps, schedule, grid), with `override` (a sweep's values), and the
-    SamplerSettings they give."""
-    chosen = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid, **override}
-    return chosen, sampler_settings(**chosen)
+    """The sample settings (sampler, steps, schedule, grid, temperature, clamp), with `override` (a sweep's values),
+    and the SamplerSettings they give; UsageError for a value out of range."""
+    chosen = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid,
+              "temperature": args.temperature, "clamp": args.clamp, **override}
+    try:
+        return chosen, sampler_settings(**chosen)
+    except UsageError as e:
+        raise UsageError(f"{e} (a sample setting of eval.py)") from None
 
 
 def load_judge(path, tokenizer, length, device):
@@ -358,13 +396,16 @@ def evaluate(args, device):
         result.update(autoregressive_figures(model, lines, tokenizer, args, device))
     else:
         result.update(diffusion_figures(model, lines, sampling, args, device))
+    texts = [tokenizer.decode(ids) for ids, _ in lines]
+    result["valid"] = {**sample_metrics([ids[1:-1] for ids, _ in lines]), **word_metrics(texts)}
     if judge is not None:
         chars = sum(c for _, c in lines)
         nats, tokens = sequence_nll(judge, [ids for ids, _ in lines], args.batch_size, tokenizer.pad_id, device)
         result["judge"] = {"model_dir": args.judge, "nll_nats_per_token": nats / tokens,
                            "perplexity": math.exp(nats / tokens), "bits_per_char": nats / chars / math.log(2)}
-        result["valid_gen_ppl"] = math.exp(nats / tokens)
-        result["valid_entropy"] = sample_metrics([ids[1:-1] for ids, _ in lines])["entropy"]
+        result["valid"].update(judge_figures(judge, [ids for ids, _ in lines], texts, args, tokenizer.pad_id, device))
+        result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
+        result["valid_entropy"] = result["valid"]["entropy"]
     if not model.cfg.causal:
         result.update(sample_figures(model, tokenizer, sampling, judge, args, device))
     return result
@@ -438,12 +479,23 @@ def print_table(result):
         judge = result["judge"]
         print(f"judge {judge['model_dir']}: NLL {judge['nll_nats_per_token']:.4f} nats/token, perplexity "
               f"{judge['perplexity']:.2f}, {judge['bits_per_char']:.4f} bits/char")
-        print(f"valid lines: gen-PPL {result['valid_gen_ppl']:.2f}, entropy {result['valid_entropy']:.3f}")
+    print(f"valid lines: {text_figures(result['valid'])}")
     for row in ([result["samples"]] if "samples" in result else []) + result.get("sweep", []):
-        ppl = f"gen-PPL {row['gen_ppl']:.2f}, " if "gen_ppl" in row else ""
-        print(f"samples ({row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, "
-              f"{row['evaluations']:.1f} evaluations): {ppl}entropy {row['entropy']:.3f}, distinct-2 "
-              f"{row['distinct_2']:.3f}, rep-4 {row['rep_4']:.3f}, mean length {row['mean_length']:.1f}")
+        print(f"samples ({setting_label(row)}, {row['evaluations']:.1f} evaluations): {text_figures(row)}")
+
+
+def setting_label(row):
+    """A sample setting in a few words: sampler, schedule, grid, steps, and temperature and clamp where set."""
+    extra = (f", T {row['temperature']:g}" if row.get("temperature", 1.0) != 1.0 else "") + \
+        (f", clamp below {row['clamp']:g}" if row.get("clamp") else "")
+    return f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps{extra}"
+
+
+def text_figures(row):
+    """The sample figures of one set of texts (samples or valid lines) on one line."""
+    ppl = f"gen-PPL {row['gen_ppl']:.2f} ({row['gen_ppl_word']:.1f} per word), " if "gen_ppl" in row else ""
+    return (f"{ppl}entropy {row['entropy']:.3f} (words {row['word_entropy']:.3f}), distinct-2 {row['distinct_2']:.3f}, "
+            f"rep-4 {row['rep_4']:.3f}, mean length {row['mean_length']:.1f} tokens, {row['mean_words']:.1f} words")
 
 
 def main(argv=None):

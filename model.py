@@ -28,6 +28,7 @@ class ModelConfig:
     dropout: float = 0.0
     causal: bool = False      # the autoregressive baseline: a token attends to itself and earlier tokens only
     self_cond: bool = False   # also read a previous estimate of the clean embeddings (self-conditioning)
+    output_prior: bool = False  # logits add each token's own posterior (diffusion.py); the head starts at zero
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -169,12 +170,16 @@ class ScoreLM(nn.Module):
     """Transformer that reads noisy token embeddings and a noise level per token and predicts logits
     for the clean token at every position (CDCD, Dieleman et al. 2022).
 
-    forward(x, c_noise, segment_ids, self_cond): x (B, L, E) float, the noisy embeddings already scaled by c_in;
+    forward(x, c_noise, segment_ids, self_cond, output_offset): x (B, L, E) float, the noisy embeddings already
+    scaled by c_in;
     c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
     segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
     restart in each); self_cond (B, L, E) float or None, a previous estimate of the clean embeddings, read by a
     model built with cfg.self_cond (None reads as zeros: no estimate yet; Chen et al. 2022, Analog Bits, sec. 3.2,
-    as CDCD uses it). Returns logits (B, L, V) in the compute dtype. `attention` picks the kernel for packed
+    as CDCD uses it); output_offset (B, L, E) float32 or None, a vector added to the head's output before the tied
+    projection onto the embeddings, so that logits = (head(h) + offset) . e_v + bias (diffusion.py's output prior:
+    z / sigma^2 gives each token's own posterior; the projection then runs in fp32). Returns logits (B, L, V) in the
+    compute dtype (float32 with an offset). `attention` picks the kernel for packed
     rows: "auto" (FlexAttention on CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
     """
 
@@ -197,6 +202,8 @@ class ScoreLM(nn.Module):
         self.head = nn.Linear(cfg.model_dim, cfg.embedding_dim, bias=False)
         self.logit_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.apply(self._init_weights)
+        if cfg.output_prior:  # the network starts as the single-token posterior and learns what context adds (Plaid)
+            nn.init.zeros_(self.head.weight)
         for block in self.blocks:
             nn.init.zeros_(block.film.weight)  # every block starts unmodulated
             nn.init.zeros_(block.film.bias)
@@ -220,7 +227,7 @@ class ScoreLM(nn.Module):
         """Normalised embeddings of token ids: (B, L) int64 -> (B, L, E) float32, each of norm sqrt(E)."""
         return F.normalize(self.embedding(ids).float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
 
-    def forward(self, x, c_noise, segment_ids=None, self_cond=None):
+    def forward(self, x, c_noise, segment_ids=None, self_cond=None, output_offset=None):
         B, L, _ = x.shape
         if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
             segment_ids = torch.ones(B, L, dtype=torch.long, device=x.device)
@@ -242,4 +249,7 @@ class ScoreLM(nn.Module):
         for block in self.blocks:
             h = block(h, time, freqs, mask)
         h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)
+        if output_offset is not None:  # logits of up to E / sigma_min^2 must keep their small differences: fp32
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(h.float() + output_offset.float(), self.embedding_table(), self.logit_bias)
         return F.linear(h, self.embedding_table().to(h.dtype), self.logit_bias)  # (B, L, V), bias added in the matmul

@@ -89,6 +89,12 @@ def build_parser():
                         "CDCD: more steps where the loss changes fastest; needs a run trained with --time_warp)")
     p.add_argument("--rho", type=float, help="--grid rho: spacing of the sigma grid, 0.1 to 100: 1 is linear in sigma, "
                                              "7 (default, EDM's) spends more steps at low noise")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="score temperature T: the denoiser's step from x is scaled by 1/T, D_T = x + (D - x) / T "
+                        "(below 1: sharper, as Plaid samples at 0.9)")
+    p.add_argument("--clamp", type=float, default=0.0, metavar="SIGMA",
+                   help="below this noise level, replace the denoised estimate by the embedding of its most likely "
+                        "token (Diffusion-LM's clamping; 0: never)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision; the "
                                                                            "sampling maths stay fp32")
     p.add_argument("--fp64", action="store_true", help="sampling maths (x, sigma, softmax, denoiser) in float64")
@@ -102,7 +108,8 @@ def build_parser():
     return p
 
 
-SETTINGS = ("sampler", "steps", "schedule", "grid", "rho", "early_exit", "exit_confidence", "precision", "fp64")
+SETTINGS = ("sampler", "steps", "schedule", "grid", "rho", "early_exit", "exit_confidence", "precision", "fp64",
+            "temperature", "clamp")
 
 
 def parse_args(argv=None):

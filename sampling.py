@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from data import sample_rows
-from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, EarlyExit, Grid, generate
+from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid, generate
 from utils import UsageError
 
 # The parameters of one sampler or schedule (each a flag of sample.py), with their defaults
@@ -34,6 +34,8 @@ class SamplerSettings:
     exit_confidence: float = 0.5
     precision: str = "fp32"
     fp64: bool = False
+    temperature: float = 1.0
+    clamp: float = 0.0
 
     def step(self):
         """The sampler step with its parameters bound (diffusion.SAMPLERS)."""
@@ -59,9 +61,13 @@ class SamplerSettings:
         """The EarlyExit of --early_exit, or None."""
         return None if self.early_exit is None else EarlyExit(self.early_exit, self.exit_confidence)
 
+    def denoising(self):
+        """The Denoising of --temperature and --clamp."""
+        return Denoising(self.temperature, self.clamp)
+
 
 def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="rho", rho=None, early_exit=None,
-                     exit_confidence=None, precision="fp32", fp64=False, **parameters):
+                     exit_confidence=None, precision="fp32", fp64=False, temperature=1.0, clamp=0.0, **parameters):
     """SamplerSettings from the values of sample.py's flags, None meaning "not given" (so that the defaults of the
     chosen sampler and schedule apply). Raises UsageError naming the flag for an unknown name, a parameter of
     another sampler or schedule, or a value out of range."""
@@ -88,7 +94,8 @@ def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="r
     if exit_confidence is not None and early_exit is None:
         raise UsageError("--exit_confidence applies to --early_exit")
     settings = SamplerSettings(sampler, steps, schedule, grid, SAMPLING_RHO if rho is None else rho, chosen,
-                               early_exit, 0.5 if exit_confidence is None else exit_confidence, precision, fp64)
+                               early_exit, 0.5 if exit_confidence is None else exit_confidence, precision, fp64,
+                               temperature, clamp)
     check_ranges(settings)
     return settings
 
@@ -104,6 +111,8 @@ def check_ranges(settings):
                                                  "[0, 1]"),
         (not 0.1 <= settings.rho <= 100, f"--rho {settings.rho}: must be in [0.1, 100] (1 is linear in sigma, 7 is "
                                          "EDM's)"),
+        (not 0.05 <= settings.temperature <= 20, f"--temperature {settings.temperature}: must be in [0.05, 20]"),
+        (not 0 <= settings.clamp < math.inf, f"--clamp {settings.clamp}: a noise level, 0 (never) or more"),
         (not 0 <= p.get("skew", 0) < math.inf, f"--skew {p.get('skew')}: must be 0 (uniform) or more, and finite"),
         (not 0 < p.get("threshold", 1) <= 1, f"--threshold {p.get('threshold')}: a probability in (0, 1]"),
         (not 0 <= p.get("patience", 0) < 1, f"--patience {p.get('patience')}: a share of the steps in [0, 1)"),
@@ -159,6 +168,6 @@ def generate_batch(model, step, schedule, grid, ids, cond_mask, seeds, settings,
 
     before = bar.n
     result = generate(model, step, schedule, grid, ids, cond_mask, seeds, settings.steps, segment_ids,
-                      settings.exit(), settings.precision, dtype, callback=tick)
+                      settings.exit(), settings.precision, dtype, callback=tick, denoising=settings.denoising())
     bar.update(before + settings.steps - bar.n)
     return result

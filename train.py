@@ -57,7 +57,11 @@ def build_demo_corpus():
 def run(args, rank, world_size, device):
     """main() once the process (group) is set up: rank 0 builds the token cache and writes every file."""
     state, tokenizer, step = start(args, rank, world_size, device)
-    if step >= args.max_steps:
+    if state.budget is not None and state.budget.exhausted():
+        if rank == 0:
+            print(f"--time_budget {args.time_budget:g}: spent, at step {step}; nothing to train", file=sys.stderr)
+        return
+    if step >= state.schedule_end(args):
         if rank == 0:
             print(f"{os.path.join(args.model_dir, checkpoint.CHECKPOINT)}: the run is at step {step}, --max_steps is "
                   f"{args.max_steps}: nothing to train" if step else
@@ -84,7 +88,9 @@ def run(args, rank, world_size, device):
         return
     if stop.requested:
         print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
-    elif args.demo or args.sample_interval:
+    elif stop.out_of_time:
+        print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
+    if not stop.requested and (args.demo or args.sample_interval):
         print_samples(state.model, tokenizer, args, device, step, prompts)
     print(f"checkpoint: {path}", file=sys.stderr)
 
@@ -122,17 +128,25 @@ def start(args, rank, world_size, device):
 
 
 def train(state, tokenizer, args, device, step, save, stop, prompts=()):
-    """The training loop from `step` to args.max_steps; logs, saves and samples at their intervals (logs and
-    samples on rank 0 only). Returns the step reached (earlier than max_steps if `stop` was requested on any rank).
-    Raises Diverged after args.max_bad_steps steps in a row with a non-finite loss or gradient (nothing is saved)."""
+    """The training loop from `step` to the schedule's end (--max_steps, or where --time_budget fitted it); logs,
+    saves and samples at their intervals (logs and samples on rank 0 only). Returns the step reached (earlier if
+    `stop` was requested on any rank, or the time budget ran out). Raises Diverged after args.max_bad_steps steps in
+    a row with a non-finite loss or gradient (nothing is saved)."""
     loader, main_rank = state.loader, state.loader.rank == 0
     metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), tensorboard=args.tensorboard) \
         if main_rank else None
-    bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and main_rank), dynamic_ncols=True)
+    bar = tqdm(total=state.schedule_end(args), initial=step, disable=not (args.progress and main_rank),
+               dynamic_ncols=True)
     interval, bad_in_a_row = IntervalMetrics(device), 0
     state.model.train()
-    while step < args.max_steps and not stop_agreed(stop, loader.world_size, device):
+    if state.budget is not None:
+        state.budget.start()
+    while step < state.schedule_end(args) and not stop_agreed(stop, loader.world_size, device, state.budget):
         status, stats = optimizer_step(state, args, device, step)
+        if state.budget is not None and state.budget.tick(step + (status == "applied")) and main_rank:
+            bar.total = state.schedule_end(args)
+            tqdm.write(f"--time_budget {args.time_budget:g}: the schedule ends at step {bar.total} (warm-up "
+                       f"{warmup_steps(args, bar.total)} steps)", file=sys.stderr)
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
@@ -141,7 +155,7 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         bad_in_a_row, step = 0, step + 1
         interval.add(stats)
         bar.update(1)
-        if step % args.log_interval == 0 or step == args.max_steps:
+        if step % args.log_interval == 0 or step == state.schedule_end(args):
             line = interval.line(step, stats["lr"], loader.epoch)
             line["tokens_per_s"] *= loader.world_size  # every rank trains on as many rows
             bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
@@ -149,7 +163,7 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
                 metrics_file.write(**line)
         if step % args.save_interval == 0:
             save(step)
-        if args.sample_interval and step % args.sample_interval == 0 and step < args.max_steps and main_rank:
+        if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
             print_samples(state.model, tokenizer, args, device, step, prompts)
     bar.close()
     if metrics_file:
@@ -205,7 +219,7 @@ class StopOnSignal:
     where it saves; a second signal interrupts at once. The previous handlers come back on exit."""
 
     def __enter__(self):
-        self.requested, self.previous = None, {}
+        self.requested, self.out_of_time, self.previous = None, False, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -221,13 +235,16 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def stop_agreed(stop, world_size, device):
-    """Whether a stop was requested here or, with several processes, on any rank (they must stop together)."""
-    if world_size == 1:
-        return stop.requested is not None
-    flag = all_reduce_sum(torch.tensor(float(stop.requested is not None), device=device))
-    stop.requested = stop.requested or ("a signal on another rank" if flag > 0 else None)
-    return stop.requested is not None
+def stop_agreed(stop, world_size, device, budget=None):
+    """Whether a stop was requested here or, with several processes, on any rank (they must stop together), or the
+    time budget is spent (on any rank); sets stop.out_of_time for the latter."""
+    out_of_time = budget is not None and budget.exhausted()
+    if world_size > 1:
+        flags = all_reduce_sum(torch.tensor([float(stop.requested is not None), float(out_of_time)], device=device))
+        stop.requested = stop.requested or ("a signal on another rank" if flags[0] > 0 else None)
+        out_of_time = bool(flags[1] > 0)
+    stop.out_of_time = out_of_time
+    return stop.requested is not None or out_of_time
 
 
 def barrier(world_size):

@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,14 +36,15 @@ DEFAULTS = {
     "demo": dict(data_path=os.path.join(DEMO_DIR, "data", "train.txt"),
                  spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
                  preset="tiny", max_steps=1000, sample_interval=0),
-    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False),
+    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
                   max_steps=100_000, precision="fp32", max_bad_steps=10, sequence_length=64, sigma_min=1.0,
                   sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.0, time_warp=True, expand_prob=0.1,
                   seed=0, device="auto", log_interval=50, save_interval=1000, keep=0, sample_interval=1000,
-                  sample_steps=100, progress=True),
+                  sample_steps=100, progress=True, output_prior=False, prior_ramp=0, cond_prob=1.0,
+                  embedding_lr_scale=1.0, beta2=0.99, stratified_sigma=False),
 }
 
 
@@ -106,11 +107,19 @@ def build_parser(description=None):
                           f"a tenth of --max_steps is shortened to that, with a note ({d('warmup_steps')})")
     opt.add_argument("-wd", "--weight_decay", type=float, help=f"AdamW weight decay, on matrices only "
                                                                f"({d('weight_decay')})")
+    opt.add_argument("--embedding_lr_scale", type=float,
+                     help=f"the token embeddings' learning rate as a multiple of -lr, without weight decay (Plaid "
+                          f"trains them faster); 1 keeps them in the matrices' group ({d('embedding_lr_scale')})")
+    opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay ({d('beta2')})")
     opt.add_argument("-gc", "--gradient_clipping", type=float, help=f"largest global gradient norm, 0: no clipping "
                                                                     f"({d('gradient_clipping')})")
     opt.add_argument("-ema", "--ema_rate", help=f"comma-separated EMA decay rates, '' for none; each warms up as "
                                                 f"min(rate, (1 + step) / (10 + step)) ({d('ema_rate')})")
     opt.add_argument("--max_steps", type=int, help=f"optimiser steps; the cosine decay ends here ({d('max_steps')})")
+    opt.add_argument("--time_budget", type=float, metavar="MINUTES",
+                     help="train for this many minutes of wall clock in all (resumes included) and end there: after "
+                          f"{FIT_STEPS} timed steps the schedule is fitted to the steps that fit, and kept in the "
+                          "checkpoint (--max_steps stays the upper bound; off by default)"),
     opt.add_argument("--precision", choices=PRECISIONS,
                      help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
                           f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
@@ -130,6 +139,19 @@ def build_parser(description=None):
                                                         f"({d('rho')})")
     diff.add_argument("--multilevel_prob", type=float, help=f"share of batches with an independent sigma per token "
                                                             f"instead of one per sequence ({d('multilevel_prob')})")
+    diff.add_argument("--stratified_sigma", action=argparse.BooleanOptionalAction,
+                      help=f"draw a batch's noise levels stratified (one from each of as many equal slices of the "
+                           f"distribution as there are draws) rather than independently ({d('stratified_sigma')})")
+    diff.add_argument("--cond_prob", type=float,
+                      help=f"share of examples that get a conditioning span at all; the others are wholly free, as "
+                           f"unconditional sampling starts (1: the original's mix; {d('cond_prob')})")
+    diff.add_argument("--output_prior", action=argparse.BooleanOptionalAction,
+                      help=f"add each token's posterior given its own noisy embedding, z . e / sigma^2, to the "
+                           f"logits, so that the network learns what context adds; its head starts at zero (Plaid; "
+                           f"{d('output_prior')})")
+    diff.add_argument("--prior_ramp", type=int, metavar="STEPS",
+                      help=f"with --output_prior, ramp its weight linearly from 0 to 1 over the first STEPS steps "
+                           f"(0: full from the start; {d('prior_ramp')})")
     diff.add_argument("--self_cond", type=float, metavar="PROB",
                       help=f"self-conditioning: the model also reads its previous estimate of the clean embeddings; "
                            f"this share of batches gets one from a first pass without gradient (0: a model without "
@@ -176,7 +198,8 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     a message, or None."""
     rows = [DEFAULTS["demo"]] if args.demo else []
     if (args.objective or DEFAULTS["every"]["objective"]) == "ar":
-        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp)) if value]
+        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
+                                          ("--output_prior", args.output_prior)) if value]
         if given:
             return f"{' and '.join(given)}: only for the diffusion objective, not --objective ar"
         rows.append(DEFAULTS["ar"])
@@ -195,11 +218,12 @@ def check_args(args):
     """The first flag whose value cannot work, as a message, or None."""
     at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
                 "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
-                "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1}
+                "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1,
+                "prior_ramp": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
-    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond"):
+    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
     if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
@@ -208,6 +232,12 @@ def check_args(args):
         return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
     if not args.learning_rate > 0:
         return f"-lr {args.learning_rate}: must be positive"
+    if not 0 < args.embedding_lr_scale < float("inf"):
+        return f"--embedding_lr_scale {args.embedding_lr_scale}: must be positive and finite"
+    if not 0 < args.beta2 < 1:
+        return f"--beta2 {args.beta2}: must be in (0, 1)"
+    if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
+        return f"--time_budget {args.time_budget}: minutes, more than 0"
     for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):
         if not value >= 0:
             return f"{flag} {value}: must be 0 or more"
@@ -222,10 +252,10 @@ def check_args(args):
     return None
 
 
-def warmup_steps(args):
-    """The warm-up the run trains with: -wus, shortened to a tenth of --max_steps where it is longer, so that a short
-    run reaches its learning rate (train.py says so when it starts)."""
-    return min(args.warmup_steps, args.max_steps // 10)
+def warmup_steps(args, end=None):
+    """The warm-up the run trains with: -wus, shortened to a tenth of the schedule's `end` (default --max_steps)
+    where it is longer, so that a short run reaches its learning rate (train.py says so)."""
+    return min(args.warmup_steps, (args.max_steps if end is None else end) // 10)
 
 
 def ema_rates(args):
@@ -247,6 +277,62 @@ class TrainingState:
     loader: PackedBatches
     warp: TimeWarp = None
     runner: torch.nn.Module = None
+    budget: "TimeBudget" = None
+
+    def schedule_end(self, args):
+        """The step where the learning-rate schedule ends and the run stops: --max_steps, or earlier the end that
+        --time_budget fitted."""
+        fitted = None if self.budget is None else self.budget.end_step
+        return args.max_steps if fitted is None else min(fitted, args.max_steps)
+
+
+FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (after a first, which starts workers)
+clock = time.perf_counter  # the wall clock of --time_budget (tests replace it)
+
+
+@dataclass
+class TimeBudget:
+    """--time_budget: `seconds` of wall clock for the whole run, resumes included (`spent` so far). Once FIT_STEPS
+    steps after the first of this process have been timed, end_step is fitted to the steps their rate leaves room for
+    (the least over the ranks, so that they agree); the schedule then ends there. state_dict() goes into the
+    checkpoint, so a resumed run keeps the same end."""
+    seconds: float
+    spent: float = 0.0
+    end_step: int = None
+    timed: list = field(default_factory=list)  # this process's step times, seconds
+    last: float = None  # the clock at the end of the last step
+
+    def start(self):
+        """Start timing (the training loop begins)."""
+        self.last = clock()
+
+    def tick(self, step):
+        """The step that reached `step` has ended: record its time (record); True when it fitted end_step."""
+        now = clock()
+        fitted = self.record(step, now - self.last)
+        self.last = now
+        return fitted
+
+    def record(self, step, seconds):
+        """Count the `seconds` of the step that reached `step`, and fit end_step when enough steps are timed;
+        returns True when this step fitted it."""
+        self.spent += seconds
+        self.timed.append(seconds)
+        if self.end_step is not None or len(self.timed) <= FIT_STEPS:
+            return False
+        rate = FIT_STEPS / max(sum(self.timed[1:]), 1e-9)  # steps per second, the first step left out
+        end = torch.tensor(float(step + int(rate * max(self.seconds - self.spent, 0.0))))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(end, op=torch.distributed.ReduceOp.MIN)
+        self.end_step = int(end)
+        return True
+
+    def exhausted(self):
+        """Whether the budget's time is spent."""
+        return self.spent >= self.seconds
+
+    def state_dict(self):
+        return {"seconds": self.seconds, "spent": self.spent, "end_step": self.end_step}
 
 
 def build_loader(args, tokenizer, rank=0, world_size=1):
@@ -254,7 +340,7 @@ def build_loader(args, tokenizer, rank=0, world_size=1):
     several processes, this rank's rows of each global batch."""
     cache = load_corpus(args.data_path, tokenizer, args.cache_dir, args.encoding_errors, progress=args.progress)
     rows = PackedRows(cache, args.sequence_length, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-                      seed=args.seed, expand_prob=args.expand_prob)
+                      seed=args.seed, expand_prob=args.expand_prob, cond_prob=args.cond_prob)
     return PackedBatches(rows, args.batch_size, args.num_workers, rank, world_size)
 
 
@@ -262,16 +348,22 @@ def build_model(args, vocab_size, device):
     """ScoreLM of the run's architecture flags, on `device`."""
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
-                      causal=args.objective == "ar", self_cond=args.self_cond > 0)
+                      causal=args.objective == "ar", self_cond=args.self_cond > 0, output_prior=args.output_prior)
     return ScoreLM(cfg).to(device)
 
 
 def build_optimizer(model, args):
-    """AdamW with weight decay on matrices only (biases, norms and frozen buffers excluded)."""
+    """AdamW with weight decay on matrices only (biases, norms and frozen buffers excluded); with an
+    --embedding_lr_scale other than 1, the token embeddings in a group of their own at that multiple of the
+    learning rate ("lr_scale"), without weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99))
+    own = [model.embedding.weight] if args.embedding_lr_scale != 1 else []
+    groups = [{"params": [p for p in params if p.ndim >= 2 and all(p is not q for q in own)],
+               "weight_decay": args.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0, "lr_scale": args.embedding_lr_scale})
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.beta2))
 
 
 def build_state(args, tokenizer, device, rank=0, world_size=1):
@@ -283,24 +375,26 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, warp)
+    budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget)
+    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, warp, budget=budget)
 
 
 class TrainingForward(torch.nn.Module):
     """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
-    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, self_cond) -> (ce (B, L), logits),
-    self_cond a bool (this batch takes a self-conditioning pass first). A causal model (--objective ar) takes the
+    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, self_cond, prior_scale) ->
+    (ce (B, L), logits), self_cond a bool (this batch takes a self-conditioning pass first), prior_scale the output
+    prior's weight (a 0-dim tensor, so that a ramp does not recompile). A causal model (--objective ar) takes the
     autoregressive loss instead and ignores sigma, noise, cond_mask and self_cond."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, sigma, noise, segment_ids, cond_mask, self_cond=False):
+    def forward(self, ids, sigma, noise, segment_ids, cond_mask, self_cond=False, prior_scale=1.0):
         if self.model.cfg.causal:
             return autoregressive_loss(self.model, ids, segment_ids, return_logits=True)
         return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True,
-                                        self_cond=self_cond)
+                                        self_cond=self_cond, prior_scale=prior_scale)
 
 
 def training_runner(model, args, world_size=1):
@@ -330,18 +424,21 @@ def loss_targets(segment_ids, cond_mask, causal=False):
     return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
 
 
-def train_step(model, runner, batch, args, device, scaler, weight, warp=None):
-    """Forward (under the run's autocast) and backward of one micro-batch, the summed masked cross-entropy
-    multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss position of the
-    step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy (nats), right argmax
-    predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's fit."""
+def train_step(model, runner, batch, args, device, scaler, weight, warp=None, step=0):
+    """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`, the summed
+    masked cross-entropy multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss
+    position of the step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy
+    (nats), right argmax predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's
+    fit."""
     ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
     per_token = bool(torch.rand(()) < args.multilevel_prob)
     self_cond = model.cfg.self_cond and bool(torch.rand(()) < args.self_cond)  # no draw without: same stream
-    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp)
+    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp,
+                                stratified=args.stratified_sigma)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
+    prior_scale = torch.tensor(min(1.0, (step + 1) / args.prior_ramp) if args.prior_ramp else 1.0, device=device)
     with autocast(device, args.precision):
-        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask, self_cond)  # (B, L), (B, L, V) float32
+        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask, self_cond, prior_scale)  # (B, L), (B, L, V)
     targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
     ce_sum = (ce * targets).sum()
     scaler.scale(ce_sum * weight).backward()
@@ -369,9 +466,10 @@ def optimizer_step(state, args, device, step):
     "applied", "overflow" (fp16: finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of
     device tensors (loss, correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     model, loader, optimizer, scaler = state.model, state.loader, state.optimizer, state.scaler
-    lr = lr_at(step, args.learning_rate, warmup_steps(args), args.max_steps)
+    end = state.schedule_end(args)
+    lr = lr_at(step, args.learning_rate, warmup_steps(args, end), end)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     batches = [next(loader) for _ in range(args.accumulation_steps)]
     stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id)}
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
@@ -383,7 +481,7 @@ def optimizer_step(state, args, device, step):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or loader.world_size == 1 else state.runner.no_sync():
             ce_sum, correct, _, losses = train_step(model, state.runner, batch, args, device, scaler, weight,
-                                                    state.warp)
+                                                    state.warp, step)
         sums += torch.stack([ce_sum, correct.float()])
         observed.append(losses)
     all_reduce_sum(sums)

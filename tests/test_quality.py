@@ -38,7 +38,7 @@ def count_calls(model):
 
 def train_step_args(self_cond):
     return SimpleNamespace(multilevel_prob=0.5, self_cond=self_cond, sigma_min=1.0, sigma_max=10.0, rho=1.0,
-                           precision="fp32")
+                           precision="fp32", stratified_sigma=False, prior_ramp=0)
 
 
 def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_otherwise():

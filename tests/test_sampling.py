@@ -26,7 +26,7 @@ class ExactDenoiser(torch.nn.Module):
         table = torch.randn(vocab_size, embedding_dim, generator=torch.Generator().manual_seed(0))
         self.table = F.normalize(table, dim=-1) * math.sqrt(embedding_dim)  # (V, E)
         self.rows, self.vocab_size = rows, vocab_size  # (K, L)
-        self.cfg = SimpleNamespace(embedding_dim=embedding_dim, self_cond=False)
+        self.cfg = SimpleNamespace(embedding_dim=embedding_dim, self_cond=False, output_prior=False)
 
     def embedding_table(self):
         return self.table

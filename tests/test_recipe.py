@@ -1,0 +1,203 @@
+"""The training and sampling mechanisms of the recipe: output prior, conditioning share, optimiser groups, stratified
+noise levels, score temperature and clamping, word-level sample figures, the time budget."""
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluate
+import train
+import training
+from conftest import run_train, small_model
+from data import conditioning_mask
+from diffusion import Denoising, draw_training_sigma, network_logits, output_prior_offset, stratified_uniform
+from test_sampling import ExactDenoiser
+from utils import UsageError
+
+
+def test_with_a_silent_network_the_output_prior_is_the_exact_single_token_posterior():
+    model = small_model(vocab_size=30, output_prior=True).eval()
+    assert float(model.head.weight.detach().abs().sum()) == 0  # the network starts as the single-token denoiser
+    table = model.embedding_table()
+    ids = torch.randint(0, 30, (2, 5))
+    sigma = torch.tensor([[0.5, 1.0, 2.0, 4.0, 8.0], [1.5, 1.5, 3.0, 3.0, 20.0]])
+    z = table[ids] + sigma[..., None] * torch.randn(2, 5, 16)
+    with torch.no_grad():
+        logits = network_logits(model, z, sigma)
+    # brute force: p(v | z) proportional to N(z; e_v, sigma^2 I)
+    log_likelihood = -((z[:, :, None] - table) ** 2).sum(-1) / (2 * sigma[..., None] ** 2)  # (B, L, V)
+    torch.testing.assert_close(logits.log_softmax(-1), log_likelihood.log_softmax(-1), atol=1e-4, rtol=1e-4)
+    assert (output_prior_offset(z, torch.zeros(2, 5)) == 0).all()  # held positions get nothing
+
+
+class ContextOnly(ExactDenoiser):
+    """The exact denoiser of the toy data written as a network with an output prior: it outputs the exact
+    posterior's logits minus each token's own posterior, its own computation of z . e / sigma^2, and adds the
+    offset network_logits passes, through the embeddings as ScoreLM's tied head does."""
+
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.cfg.output_prior = True
+
+    def forward(self, x_in, c_noise, segment_ids=None, self_cond=None, output_offset=None):
+        sigma = torch.exp(4 * c_noise)
+        z = x_in * torch.sqrt(sigma ** 2 + 1)[..., None]
+        own = (z @ self.table.T) / sigma[..., None] ** 2
+        return super().forward(x_in, c_noise, segment_ids) - own + output_offset @ self.table.T
+
+
+def test_the_toy_bound_is_still_ln_4_with_the_output_prior():
+    from test_eval import toy_bound
+    rows = torch.randint(4, 50, (4, 6), generator=torch.Generator().manual_seed(1))
+    bound, stderr, _ = toy_bound(ContextOnly(rows), rows)
+    assert abs(bound - math.log(4)) < 3 * stderr + 0.02, (bound, stderr)
+
+
+def test_a_prior_run_trains_resumes_and_refuses_the_baseline(tmp_path, corpus_file, spm_path):
+    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "4", "--output_prior",
+                           "--prior_ramp", "10")
+    assert checkpoint["config"]["output_prior"]
+    with pytest.raises(UsageError, match=r"--output_prior on \(now off\)"):
+        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6")
+    with pytest.raises(SystemExit):
+        training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar", "--output_prior"])
+
+
+def test_the_prior_ramp_weights_the_prior_by_the_step():
+    model = small_model(vocab_size=30, output_prior=True).eval()
+    x, sigma = torch.randn(1, 4, 16), torch.full((1, 4), 2.0)
+    with torch.no_grad():
+        full, half, none = (network_logits(model, x, sigma, prior_scale=s) for s in (1.0, 0.5, 0.0))
+    torch.testing.assert_close(half, (full + none) / 2)
+    assert torch.allclose(none, torch.zeros_like(none))  # zero head, zero bias: nothing but the prior
+
+
+def test_cond_prob_leaves_that_share_of_examples_wholly_free_and_1_draws_as_before():
+    free = sum(not any(conditioning_mask(12, 12, random.Random(i), 0.25)) for i in range(4000))
+    assert 2850 <= free <= 3150, free  # 75% (binomial sd 27), and the few spans of length 0 besides
+    for i in range(200):
+        assert conditioning_mask(9, 7, random.Random(i), 1.0) == conditioning_mask(9, 7, random.Random(i))
+
+
+def test_embeddings_get_their_own_learning_rate_without_weight_decay(tmp_path, corpus_file, spm_path):
+    args = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "7", "--beta2", "0.95"])
+    model = small_model()
+    optimizer = training.build_optimizer(model, args)
+    own = [g for g in optimizer.param_groups if any(p is model.embedding.weight for p in g["params"])]
+    assert len(own) == 1 and own[0]["lr_scale"] == 7 and own[0]["weight_decay"] == 0 and len(own[0]["params"]) == 1
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    plain = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m"])
+    assert len(training.build_optimizer(model, plain).param_groups) == 2  # the grouping of runs before the flag
+    run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3", "--embedding_lr_scale", "7",
+              "--log_interval", "1")
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == pytest.approx([lrs[-1], lrs[-1], 7 * lrs[-1]])
+    with pytest.raises(UsageError, match="--embedding_lr_scale"):
+        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "5")
+
+
+def test_stratified_levels_take_one_draw_from_every_slice():
+    u = torch.rand(3, 9)
+    drawn = torch.zeros(3, 9, dtype=torch.bool)
+    drawn[:, :4] = True
+    out = stratified_uniform(u, drawn, torch.Generator().manual_seed(0))
+    assert torch.equal(out[~drawn], u[~drawn])
+    assert sorted((out[drawn] * 12).floor().long().tolist()) == list(range(12))
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 3, 3]])
+    sigma = draw_training_sigma(segment_ids, 1.0, 10.0, 1.0, False, stratified=True)
+    assert (sigma[0, :3] == sigma[0, 0]).all() and (sigma[1, 4:] == sigma[1, 4]).all()
+    levels = torch.stack([sigma[0, 0], sigma[0, 3], sigma[1, 0], sigma[1, 2], sigma[1, 4]])
+    assert sorted(((levels - 1) / 9 * 5).floor().long().tolist()) == [0, 1, 2, 3, 4]  # rho 1: u is linear in sigma
+    per_token = draw_training_sigma(segment_ids, 1.0, 10.0, 1.0, True, stratified=True)
+    assert sorted(((per_token - 1) / 9 * 12).floor().long().flatten().tolist()) == list(range(12))
+
+
+def test_score_temperature_and_clamping_change_the_estimate_as_their_formulas_say():
+    table = F.normalize(torch.randn(5, 4), dim=-1) * 2
+    x, denoised = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    sigma, argmax = torch.tensor([[0.0, 0.5, 3.0]]), torch.tensor([[1, 2, 3]])
+    out = Denoising(temperature=0.8).apply(denoised, x, sigma, argmax, table)
+    torch.testing.assert_close(out[0, 1:], x[0, 1:] + (denoised[0, 1:] - x[0, 1:]) / 0.8)
+    assert torch.equal(out[0, 0], denoised[0, 0])  # held
+    out = Denoising(clamp_below=1.0).apply(denoised, x, sigma, argmax, table)
+    assert torch.equal(out[0, 1], table[2]) and torch.equal(out[0, 2], denoised[0, 2])
+    assert torch.equal(Denoising().apply(denoised, x, sigma, argmax, table), denoised)
+
+
+def test_sample_py_takes_temperature_and_clamp(memorised_run, capsys):
+    import sample
+    model_dir, _ = memorised_run
+    sample.main(["-mdir", str(model_dir), "-n", "2", "--steps", "6", "--temperature", "0.9", "--clamp", "2",
+                 "--jsonl", "--no-progress"])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with pytest.raises(SystemExit):
+        sample.parse_args(["-mdir", "x", "--temperature", "0"])
+    assert "--temperature 0.0: must be in [0.05, 20]" in capsys.readouterr().err
+
+
+def test_word_figures_equal_hand_computed_values():
+    m = evaluate.word_metrics(["a b a", "c"])
+    p = [2 / 4, 1 / 4, 1 / 4]
+    assert m["word_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p))
+    assert m["mean_words"] == 2.0 and m["distinct_words"] == pytest.approx(3 / 4)
+
+
+def test_the_judge_is_read_per_word_as_well(memorised_ar_run, tmp_path):
+    from checkpoint import load_model
+    model_dir, lines = memorised_ar_run
+    judge, tokenizer, _ = load_model(str(model_dir))
+    sequences = [tokenizer.encode(line) for line in lines]
+    args = SimpleNamespace(batch_size=2)
+    figures = evaluate.judge_figures(judge, sequences, lines, args, tokenizer.pad_id, "cpu")
+    nats, tokens = evaluate.sequence_nll(judge, sequences, 2, tokenizer.pad_id, "cpu")
+    words = sum(len(line.split()) + 1 for line in lines)
+    assert figures["gen_ppl"] == pytest.approx(math.exp(nats / tokens))
+    assert figures["gen_ppl_word"] == pytest.approx(math.exp(nats / words))
+
+
+class FakeClock:
+    """A clock that moves `seconds` a reading (every step reads it once)."""
+
+    def __init__(self, seconds):
+        self.now, self.seconds = 0.0, seconds
+
+    def __call__(self):
+        self.now += self.seconds
+        return self.now
+
+
+def test_a_time_budget_fits_the_schedule_to_the_steps_that_fit_and_a_resume_keeps_its_end(tmp_path, corpus_file,
+                                                                                         spm_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setattr(training, "clock", FakeClock(3.0))  # a step takes 3 s
+    run = tmp_path / "run"
+    checkpoint = run_train(corpus_file, spm_path, run, "--time_budget", "2", "--log_interval", "1",
+                           "--save_interval", "1000", "-wus", "50")
+    # 120 s: after the first step and 20 timed ones (63 s), 57 s fit 19 more steps; the schedule ends at step 40
+    assert checkpoint["time_budget"]["end_step"] == 40 and checkpoint["step"] == 40
+    err = capsys.readouterr().err
+    assert "the schedule ends at step 40 (warm-up 4 steps)" in err
+    lrs = [json.loads(line)["lr"] for line in open(run / "metrics.jsonl")]
+    assert lrs[-1] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 35 / 36))))  # step 39 of 40
+    resumed = run_train(corpus_file, spm_path, run, "--time_budget", "2", "--max_steps", "100000")
+    assert resumed["step"] == 40 and "nothing to train" in capsys.readouterr().err
+
+
+def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, monkeypatch, capsys):
+    clock = FakeClock(1.0)
+    monkeypatch.setattr(training, "clock", clock)
+    real_step = training.optimizer_step
+
+    def slower_after_the_fit(state, args, device, step):
+        clock.seconds = 1.0 if step < 25 else 4.0  # the machine slows down after the fit
+        return real_step(state, args, device, step)
+    monkeypatch.setattr(train, "optimizer_step", slower_after_the_fit)
+    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--time_budget", "1")
+    assert checkpoint["time_budget"]["end_step"] == 60  # fitted at 1 s a step
+    assert checkpoint["step"] < 60 and checkpoint["time_budget"]["spent"] >= 60
+    assert "--time_budget 1: spent at step" in capsys.readouterr().err
