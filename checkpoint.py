@@ -36,7 +36,8 @@ RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps",
 def load_model(model_dir, ema=None, device="cpu"):
     """Rebuild the model of `model_dir` from its checkpoint alone, with the raw weights or those of EMA rate
     `ema`. Returns (model in eval mode, tokenizer, the checkpoint's sampling settings: a dict of sigma_min,
-    sigma_max, rho, sequence_length and warp, its TimeWarp or None). Raises UsageError if the folder, checkpoint,
+    sigma_max, rho, sequence_length, length_counts (None for a run saved before it was kept) and warp, its TimeWarp
+    or None). Raises UsageError if the folder, checkpoint,
     tokenizer or EMA rate is missing or does not match."""
     path = os.path.join(model_dir, CHECKPOINT)
     checkpoint = load_checkpoint(path, map_location="cpu")
@@ -58,14 +59,16 @@ def load_model(model_dir, ema=None, device="cpu"):
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
                          f"{model.cfg.vocab_size}")
     warp = checkpoint.get("time_warp")
-    return model.to(device).eval(), tokenizer, {**checkpoint["sampling"],
+    return model.to(device).eval(), tokenizer, {"length_counts": None, **checkpoint["sampling"],
                                                 "warp": warp and TimeWarp.from_state_dict(warp)}
 
 
-def sampling_config(args):
-    """What sampling needs besides the model: the noise range, rho and the row length."""
-    return {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
-            "sequence_length": args.sequence_length}
+def sampling_config(args, length_counts=None):
+    """What sampling needs besides the model: the noise range, rho, the row length and, when given, the training
+    examples' length_counts (corpus.TokenCache.length_counts), what unconditional lengths are drawn from."""
+    config = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho,
+              "sequence_length": args.sequence_length}
+    return config if length_counts is None else {**config, "length_counts": length_counts}
 
 
 def checkpoint_dict(state, step, args, rng_states):
@@ -74,7 +77,8 @@ def checkpoint_dict(state, step, args, rng_states):
     model = state.model
     return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in state.emas.items()},
             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "step": step,
-            "config": dataclasses.asdict(model.cfg), "sampling": sampling_config(args), "args": vars(args),
+            "config": dataclasses.asdict(model.cfg), "args": vars(args),
+            "sampling": sampling_config(args, state.loader.rows.cache.length_counts(args.sequence_length)),
             "data_state": state.loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
             "time_warp": None if state.warp is None else state.warp.state_dict(),
             "time_budget": None if state.budget is None else state.budget.state_dict()}

@@ -309,6 +309,14 @@ class TokenCache:
         offsets = self._map()[1]
         return int(offsets[i + 1] - offsets[i])
 
+    def length_counts(self, seq_len):
+        """How many examples have each length as a training row holds them, bos and eos included: a list of
+        seq_len + 1 ints, counts[n] the examples of n tokens, those longer than seq_len (cropped to a full row)
+        counted at seq_len. What sampling draws unconditional lengths from."""
+        offsets = self._map()[1]
+        lengths = np.minimum(np.diff(offsets) + 2, seq_len)
+        return np.bincount(lengths, minlength=seq_len + 1).tolist()
+
     def ids(self, i, start=0, stop=None):
         """Token ids [start, stop) of example i, int64 (stop - start,); only that window is read."""
         ids, offsets = self._map()

@@ -291,7 +291,24 @@ def iterative_step(denoiser, x, sigma, sigma_next, noise):
     return torch.where(moving, denoised + append_dims(sigma_next, x.ndim) * noise(), x)
 
 
-SAMPLERS = {"euler": euler_step, "heun": heun_step, "stochastic": stochastic_step, "iterative": iterative_step}
+@torch.no_grad()
+def ancestral_step(denoiser, x, sigma, sigma_next, noise):
+    """Ancestral step: a draw from the forward process's posterior q(x_next | x, x_0) with x_0 replaced by
+    D(x; sigma) (DDPM's sampler, Ho et al. 2020, eqs. 6-7, in the variance-exploding form of Karras et al. 2022):
+    with r = sigma_next / sigma, mean D + r^2 (x - D) and standard deviation sigma_next sqrt(1 - r^2). Unlike
+    iterative_step, which draws all of the next level's noise afresh, it keeps the part of x's noise that the
+    posterior keeps: with an exact denoiser a step loses only Var(x_0 | x) (1 - r^2)^2 of variance, which vanishes
+    as the steps grow, so its samples converge to the data's distribution. D itself at sigma_next = 0. One network
+    evaluation."""
+    denoised = denoiser(x, sigma)
+    moving = sigma_next < sigma
+    r = torch.where(moving, sigma_next / sigma.clamp_min(SIGMA_FLOOR), 1.0)
+    r, spread = append_dims(r, x.ndim), append_dims(sigma_next * (1 - r ** 2).clamp_min(0).sqrt(), x.ndim)
+    return torch.where(append_dims(moving, x.ndim), denoised + r ** 2 * (x - denoised) + spread * noise(), x)
+
+
+SAMPLERS = {"euler": euler_step, "heun": heun_step, "stochastic": stochastic_step, "iterative": iterative_step,
+            "ancestral": ancestral_step}
 
 
 @dataclass

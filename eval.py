@@ -16,16 +16,17 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_model
 from corpus import decode_line
-from data import sample_layout, sample_rows
+from data import sample_rows
 from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, nll_bound,
                        rho_schedule)
-from sampling import GRIDS, draw, sampler_settings
+from sampling import GRIDS, draw, parse_length, sample_lengths, sampler_settings, unconditional_layouts
 from utils import ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
 
 
@@ -129,15 +130,16 @@ def sequence_nll(model, sequences, batch_size, pad_id, device):
 def sample_metrics(samples):
     """Scores of token lists (bos, eos and pads removed): unigram entropy of all their tokens pooled (nats),
     distinct-n for n = 1, 2, 3 (distinct n-grams over all n-grams, pooled), rep-4 (Welleck et al. 2020: a
-    sample's share of 4-grams that repeat an earlier one in it, averaged over samples with any) and mean length
-    in tokens."""
+    sample's share of 4-grams that repeat an earlier one in it, averaged over samples with any), mean length
+    in tokens and the share of empty samples (no token before eos)."""
     counts = {}
     for tokens in samples:
         for t in tokens:
             counts[t] = counts.get(t, 0) + 1
     total = sum(counts.values())
     entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
-    result = {"entropy": entropy, "mean_length": total / max(len(samples), 1)}
+    result = {"entropy": entropy, "mean_length": total / max(len(samples), 1),
+              "empty": sum(not tokens for tokens in samples) / max(len(samples), 1)}
     for n in (1, 2, 3):
         grams = [tuple(tokens[i:i + n]) for tokens in samples for i in range(len(tokens) - n + 1)]
         result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
@@ -159,18 +161,36 @@ def word_metrics(texts):
             "mean_words": total / max(len(texts), 1)}
 
 
-def judge_figures(judge, sequences, texts, args, pad_id, device):
-    """The judge's perplexity of the sequences per token (eos included) and per word (its total NLL over the words of
-    the decoded texts plus one for each line's end, comparable across tokenizers)."""
-    nats, tokens = sequence_nll(judge, sequences, args.batch_size, pad_id, device)
+@dataclass
+class Judge:
+    """An autoregressive run that scores texts: its model, its tokenizer, and whether that tokenizer is the evaluated
+    run's (then the evaluated token ids are scored as they are; otherwise each text is encoded anew by the judge's,
+    so that runs of different tokenizers can be scored by one judge, per word and per character)."""
+    model: torch.nn.Module
+    tokenizer: object
+    shared: bool
+
+    def nll(self, sequences, texts, batch_size, device):
+        """(total NLL in nats, tokens scored) of the judge on the sequences (token ids of the evaluated run, bos and
+        eos included) whose decoded texts are `texts`."""
+        if not self.shared:
+            sequences = [self.tokenizer.encode(text) for text in texts]
+        return sequence_nll(self.model, sequences, batch_size, self.tokenizer.pad_id, device)
+
+
+def judge_figures(judge, sequences, texts, args, device):
+    """The judge's perplexity of the sequences per token of its tokenizer (eos included) and per word (its total NLL
+    over the words of the decoded texts plus one for each line's end, comparable across tokenizers)."""
+    nats, tokens = judge.nll(sequences, texts, args.batch_size, device)
     words = sum(len(text.split()) + 1 for text in texts)
     return {"gen_ppl": math.exp(nats / tokens), "gen_ppl_word": math.exp(nats / words)}
 
 
-def draw_samples(model, tokenizer, sampling, settings, args, device):
-    """args.samples unconditional samples of the training length drawn with `settings` (a SamplerSettings):
-    (each as bos + its tokens up to and including its first eos, mean network evaluations per sample)."""
-    layouts = [sample_layout(tokenizer, [None], sampling["sequence_length"])] * args.samples
+def draw_samples(model, tokenizer, sampling, settings, lengths, args, device):
+    """args.samples unconditional samples drawn with `settings` (a SamplerSettings), sample i of length
+    sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos,
+    mean network evaluations per sample)."""
+    layouts = unconditional_layouts(tokenizer, lengths, args.samples, args.seed)
     grid = settings.sigma_grid(sampling, "the evaluated run")
     sequences, evaluations = [], 0
     for _, row, _, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
@@ -188,7 +208,7 @@ def score_samples(sequences, tokenizer, judge, args, device):
     texts = [tokenizer.decode(ids) for ids in sequences]
     result = {**sample_metrics([[t for t in ids if t not in special] for ids in sequences]), **word_metrics(texts)}
     if judge is not None:
-        result.update(judge_figures(judge, sequences, texts, args, tokenizer.pad_id, device))
+        result.update(judge_figures(judge, sequences, texts, args, device))
     return result
 
 
@@ -255,7 +275,7 @@ def plot_sweep(rows, path):
     return save_figure(plt, fig, path)
 
 
-SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp")
+SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp", "length")
 
 
 def parse_sweep(text):
@@ -272,7 +292,12 @@ def parse_sweep(text):
             raise argparse.ArgumentTypeError(f"{text!r}: {key} takes numbers, not {value!r}")
         if allowed is not None and value not in allowed:
             raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not one of {', '.join(allowed)}")
-    convert = {"steps": int, "temperature": float, "clamp": float}.get(key, str)
+        if key == "length":
+            try:
+                parse_length(value)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{text!r}: length {e}") from None
+    convert = {"steps": int, "temperature": float, "clamp": float, "length": parse_length}.get(key, str)
     return key, [convert(v) for v in values]
 
 
@@ -294,11 +319,15 @@ def build_parser():
     p.add_argument("--max_lines", type=int, default=2000, help="lines scored from --valid (0: all)")
     p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve, sigma_min to "
                                                           "sigma_max spaced by rho 7")
-    p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar, same "
-                                   "tokenizer) that scores samples and valid lines, with its raw weights")
+    p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar) that scores "
+                                   "samples and valid lines, with its raw weights; with another tokenizer than the "
+                                   "run's it scores their texts encoded by its own")
     p.add_argument("--samples", type=int, default=0,
-                   help="unconditional samples of the training length to score (with --sweep: per setting; "
-                        "default 0, 64 with --sweep)")
+                   help="unconditional samples to score (with --sweep: per setting; default 0, 64 with --sweep)")
+    p.add_argument("--length", type=parse_length, help="tokens per sample, as in sample.py: data (drawn from the "
+                                                       "training lines' lengths; the default where the run keeps "
+                                                       "them), N, or a range A:B (default for earlier runs: the "
+                                                       "training rows)")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative", help="sampler of the samples, as in sample.py")
     p.add_argument("--steps", type=int, default=200, help="sampler steps of the samples")
     p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
@@ -309,7 +338,7 @@ def build_parser():
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "
-                        "temperature, clamp; repeat the flag)")
+                        "temperature, clamp, length; repeat the flag)")
     p.add_argument("--plot_dir", help="folder for ce_by_sigma.png and sweep.png (default: MODEL_DIR)")
     p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws and of the samples")
@@ -336,32 +365,40 @@ def parse_args(argv=None):
     return args
 
 
-def settings_of(args, **override):
-    """The sample settings (sampler, steps, schedule, grid, temperature, clamp), with `override` (a sweep's values),
-    and the SamplerSettings they give; UsageError for a value out of range."""
+def settings_of(args, sampling, **override):
+    """The sample settings (sampler, steps, schedule, grid, temperature, clamp, length), with `override` (a sweep's
+    values), the SamplerSettings they give and the lengths the samples draw from (sampling.sample_lengths, for the
+    checkpoint's `sampling` settings); UsageError for a value out of range. The length is recorded as given, or as
+    "data" or the training length where the default chose it."""
     chosen = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid,
-              "temperature": args.temperature, "clamp": args.clamp, **override}
+              "temperature": args.temperature, "clamp": args.clamp, "length": args.length, **override}
+    length = chosen.pop("length")
     try:
-        return chosen, sampler_settings(**chosen)
+        settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir)
     except UsageError as e:
         raise UsageError(f"{e} (a sample setting of eval.py)") from None
+    chosen["length"] = "data" if isinstance(lengths, list) else \
+        str(lengths[0]) if lengths[0] == lengths[1] else f"{lengths[0]}:{lengths[1]}"
+    return chosen, settings, lengths
 
 
 def load_judge(path, tokenizer, length, device):
-    """The judge: a causal run sharing the evaluated run's tokenizer; UsageError otherwise. Warns when it was
-    trained on rows shorter than `length`, the evaluated run's (it would score positions it never saw)."""
+    """The Judge of the causal run in `path`; UsageError for a diffusion run. Warns when it was trained on rows
+    shorter than `length`, the evaluated run's (it would score positions it never saw)."""
     try:
         judge, judge_tokenizer, judge_sampling = load_model(path, device=device)
     except UsageError as e:
         raise UsageError(f"--judge {path}: {e}") from None
     if not judge.cfg.causal:
         raise UsageError(f"--judge {path}: not an autoregressive run (train it with --objective ar)")
-    if judge_tokenizer.model_proto != tokenizer.model_proto:
-        raise UsageError(f"--judge {path}: another tokenizer than the evaluated run's")
+    shared = judge_tokenizer.model_proto == tokenizer.model_proto
+    if not shared:
+        print(f"note: --judge {path} has another tokenizer than the evaluated run's: it scores the texts encoded by "
+              "its own, so compare its figures per word and per character", file=sys.stderr)
     if judge_sampling["sequence_length"] < length:
         print(f"warning: --judge {path} was trained on rows of {judge_sampling['sequence_length']} tokens, shorter "
               f"than the {length} of the evaluated run: its scores of later positions mean little", file=sys.stderr)
-    return judge
+    return Judge(judge, judge_tokenizer, shared)
 
 
 def check_request(args, model, sampling):
@@ -400,10 +437,10 @@ def evaluate(args, device):
     result["valid"] = {**sample_metrics([ids[1:-1] for ids, _ in lines]), **word_metrics(texts)}
     if judge is not None:
         chars = sum(c for _, c in lines)
-        nats, tokens = sequence_nll(judge, [ids for ids, _ in lines], args.batch_size, tokenizer.pad_id, device)
+        nats, tokens = judge.nll([ids for ids, _ in lines], texts, args.batch_size, device)
         result["judge"] = {"model_dir": args.judge, "nll_nats_per_token": nats / tokens,
                            "perplexity": math.exp(nats / tokens), "bits_per_char": nats / chars / math.log(2)}
-        result["valid"].update(judge_figures(judge, [ids for ids, _ in lines], texts, args, tokenizer.pad_id, device))
+        result["valid"].update(judge_figures(judge, [ids for ids, _ in lines], texts, args, device))
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
     if not model.cfg.causal:
@@ -436,8 +473,8 @@ def sample_figures(model, tokenizer, sampling, judge, args, device):
     combination of its values instead, and their plot."""
     result = {}
     if args.samples and not args.sweep:
-        chosen, settings = settings_of(args)
-        sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, args, device)
+        chosen, settings, lengths = settings_of(args, sampling)
+        sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
         result["samples"] = {**chosen, "count": args.samples, "evaluations": evaluations,
                              **score_samples(sequences, tokenizer, judge, args, device)}
         result.update({k: result["samples"].get(k) for k in ("gen_ppl", "entropy", "distinct_2")})
@@ -445,8 +482,8 @@ def sample_figures(model, tokenizer, sampling, judge, args, device):
         keys = [key for key, _ in args.sweep]
         result["sweep"] = []
         for values in itertools.product(*(values for _, values in args.sweep)):
-            chosen, settings = settings_of(args, **dict(zip(keys, values)))
-            sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, args, device)
+            chosen, settings, lengths = settings_of(args, sampling, **dict(zip(keys, values)))
+            sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
             result["sweep"].append({**chosen, "evaluations": evaluations,
                                     **score_samples(sequences, tokenizer, judge, args, device)})
         sweep_plot = os.path.join(args.plot_dir or args.model_dir, "sweep.png")
@@ -488,14 +525,15 @@ def setting_label(row):
     """A sample setting in a few words: sampler, schedule, grid, steps, and temperature and clamp where set."""
     extra = (f", T {row['temperature']:g}" if row.get("temperature", 1.0) != 1.0 else "") + \
         (f", clamp below {row['clamp']:g}" if row.get("clamp") else "")
-    return f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps{extra}"
+    return f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, length {row['length']}{extra}"
 
 
 def text_figures(row):
     """The sample figures of one set of texts (samples or valid lines) on one line."""
     ppl = f"gen-PPL {row['gen_ppl']:.2f} ({row['gen_ppl_word']:.1f} per word), " if "gen_ppl" in row else ""
     return (f"{ppl}entropy {row['entropy']:.3f} (words {row['word_entropy']:.3f}), distinct-2 {row['distinct_2']:.3f}, "
-            f"rep-4 {row['rep_4']:.3f}, mean length {row['mean_length']:.1f} tokens, {row['mean_words']:.1f} words")
+            f"rep-4 {row['rep_4']:.3f}, mean length {row['mean_length']:.1f} tokens, {row['mean_words']:.1f} words"
+            + (f", {percent(row['empty'])} empty" if row.get("empty") else ""))
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Sample text from a trained run: one sample a line (or a JSON line) on stdout; progress and logs on stderr.
 
-    python sample.py -mdir out [-n 8] [--steps 200] [--sampler iterative|euler|heun|stochastic]
-                     [--schedule uniform|ar|confidence] [--length 64 | --length 16:48]
+    python sample.py -mdir out [-n 8] [--steps 200] [--sampler iterative|ancestral|euler|heun|stochastic]
+                     [--schedule uniform|ar|confidence] [--length data | 64 | 16:48]
                      [--prompt "text" ... | --prompt_file FILE | --infill "the [5] of the [3]" ...]
                      [--suffix TEXT] [--early_exit K] [--jsonl] [--seed 0] [--ema RATE]
 
@@ -19,21 +19,9 @@ from checkpoint import load_model
 from corpus import decode_line
 from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
-from sampling import GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, draw, sample_length, sampler_settings
+from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, draw, parse_length, sample_length,
+                      sample_lengths, sampler_settings)
 from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command
-
-
-def parse_length(text):
-    """--length: "N" or a range "A:B" (each sample draws its length uniformly from A..B) -> (A, B)."""
-    lo, colon, hi = text.partition(":")
-    try:
-        lo, hi = int(lo), int(hi if colon else lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a length such as 64 or a range such as 16:48") from None
-    if not 2 <= lo <= hi <= MAX_SAMPLE_LENGTH:
-        raise argparse.ArgumentTypeError(f"{text!r}: lengths go from 2 to {MAX_SAMPLE_LENGTH:,}, and a range goes up "
-                                         "(16:48)")
-    return lo, hi
 
 
 def build_parser():
@@ -43,10 +31,12 @@ def build_parser():
                                                                "eval.py scores the autoregressive baseline)")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples, per prompt or template when some are "
                                                                     "given")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative "
-                                                          "and euler, about twice that for heun and stochastic")
+    p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative, "
+                                                          "ancestral and euler, about twice that for heun and "
+                                                          "stochastic")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative",
-                   help="iterative (the original project's: denoise, then re-noise at the next level), euler or heun "
+                   help="iterative (the original project's: denoise, then re-noise at the next level), ancestral "
+                        "(DDPM's: a draw from the posterior given the estimate), euler or heun "
                         "(EDM Algorithm 1 on the probability-flow ODE), stochastic (EDM Algorithm 2, with churn)")
     p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
                    help="per-token schedule: uniform (one grid for all), ar (earlier positions ahead, after "
@@ -64,8 +54,11 @@ def build_parser():
                "S_noise": "scale of the churn noise"}
     for name, (kind, owner) in owned.items():
         p.add_argument(f"--{name}", type=float, help=f"{kind} {owner}: {meaning[name]} (default {defaults[name]:g})")
-    p.add_argument("--length", type=parse_length, help="tokens per sample, bos, prompt and suffix included, or a "
-                                                       "range A:B drawn per sample (default: the training rows)")
+    p.add_argument("--length", type=parse_length,
+                   help="tokens per sample, bos, prompt and suffix included: data (drawn per sample from the "
+                        "training lines' lengths, the longer ones among them for a prompt; the default where the run "
+                        "keeps them), N, or a range A:B drawn uniformly per sample (default for earlier runs: the "
+                        "training rows)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", nargs="+", action="extend", help="texts to continue; their tokens are kept "
                                                                      "exactly (repeat the flag or give several; '' "
@@ -186,24 +179,34 @@ def warn_unknown(tokenizer, texts, where):
               "\u2047) in the samples", file=sys.stderr)
 
 
-def build_layouts(args, tokenizer, training_length):
+def held_tokens(tokenizer, pieces, suffix):
+    """How many tokens the layout of `pieces` (data.sample_layout's) and `suffix` holds, bos included."""
+    ids, held = sample_layout(tokenizer, [piece for piece in pieces if piece is not None] + [1], None, suffix)
+    return sum(held)
+
+
+def build_layouts(args, tokenizer, sampling):
     """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
     Raises UsageError if a prompt or template does not fit (the shortest length of a range)."""
-    lengths = args.length or (training_length,) * 2
+    training_length = sampling["sequence_length"]
+    lengths = sample_lengths(args.length, sampling, args.model_dir)
     if args.suffix is not None:
         warn_unknown(tokenizer, [args.suffix], "--suffix")
     layouts, sources = [], []
     for prompt, pieces, where in read_prompts(args):
+        drawn = isinstance(lengths, list)  # from the training lines' lengths, at most the training rows
+        fewest = held_tokens(tokenizer, pieces, args.suffix) + 1 if drawn else lengths[0]
         try:
-            shortest, held = sample_layout(tokenizer, pieces, lengths[0], args.suffix, where)
+            shortest, held = sample_layout(tokenizer, pieces, training_length if drawn else fewest, args.suffix, where)
         except UsageError as e:
-            raise UsageError(f"{e} (the shortest of --length {lengths[0]}:{lengths[1]})" if lengths[0] < lengths[1]
-                             else str(e)) from None
+            ranged = not drawn and lengths[0] < lengths[1]
+            raise UsageError(f"{e} (the shortest of --length {lengths[0]}:{lengths[1]})" if ranged else
+                             f"{e} (the training rows)" if drawn else str(e)) from None
         if len(shortest) > MAX_SAMPLE_LENGTH:
             raise UsageError(f"{where}: {len(shortest):,} tokens; samples hold at most {MAX_SAMPLE_LENGTH:,}")
         warn_unknown(tokenizer, [piece for piece in pieces if isinstance(piece, str)], where)
         for _ in range(args.num_samples):
-            length = sample_length(lengths, args.seed, len(layouts))
+            length = sample_length(lengths, args.seed, len(layouts), fewest)
             layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
             sources.append(prompt)
     longest = max(len(ids) for ids, _ in layouts)
@@ -224,7 +227,7 @@ def main(argv=None):
     if model.cfg.causal:
         raise UsageError(f"{args.model_dir}: an autoregressive baseline (train.py --objective ar); eval.py scores "
                          "it and uses it as a judge")
-    layouts, sources = build_layouts(args, tokenizer, sampling["sequence_length"])
+    layouts, sources = build_layouts(args, tokenizer, sampling)
     settings = args.settings
     grid = settings.sigma_grid(sampling, args.model_dir)
     print(f"{len(layouts)} samples, {settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, "

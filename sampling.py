@@ -1,6 +1,7 @@
 """What the commands that sample share: flag values become checked SamplerSettings (the sampler step and the
 per-token schedule with their parameters bound, the sigma grid, early exit), and draw() samples a list of layouts
 in batches through diffusion.generate, one noise seed per sample, with progress on stderr."""
+import argparse
 import math
 import sys
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import sample_rows
+from data import MAX_SAMPLE_LENGTH, sample_layout, sample_rows
 from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid, generate
 from utils import UsageError
 
@@ -132,10 +133,56 @@ def sample_seed(seed, i):
     return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0])
 
 
-def sample_length(lengths, seed, i):
-    """Sample i's length: fixed, or drawn uniformly from the range (lo, hi) by a generator of its own (seed, i)."""
-    lo, hi = lengths
-    return lo if lo == hi else int(np.random.default_rng([seed, i]).integers(lo, hi + 1))
+def parse_length(text):
+    """--length: "data" (each sample draws its length from the training examples'), "N", or a range "A:B" (each
+    sample draws its length uniformly from A..B) -> "data" or (A, B). Raises argparse.ArgumentTypeError."""
+    if text == "data":
+        return text
+    lo, colon, hi = text.partition(":")
+    try:
+        lo, hi = int(lo), int(hi if colon else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected data, a length such as 64 or a range such as "
+                                         "16:48") from None
+    if not 2 <= lo <= hi <= MAX_SAMPLE_LENGTH:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths go from 2 to {MAX_SAMPLE_LENGTH:,}, and a range goes up "
+                                         "(16:48)")
+    return lo, hi
+
+
+def sample_lengths(length, sampling, where):
+    """What sample_length draws from for --length `length` (parse_length's value, or None for the default) and a
+    checkpoint's `sampling` settings: a range (lo, hi), or the training examples' length counts. The default is
+    "data" where the checkpoint keeps the counts and the training row length where it does not (a run saved
+    before they were kept). Raises UsageError naming `where` (the run folder) for "data" without counts."""
+    counts = sampling.get("length_counts")
+    if length == "data" and counts is None:
+        raise UsageError(f"--length data: {where} keeps no lengths of its training examples (saved by an earlier "
+                         "version); give --length N")
+    if length is None:
+        return counts or (sampling["sequence_length"],) * 2
+    return counts if length == "data" else length
+
+
+def sample_length(lengths, seed, i, shortest=2):
+    """Sample i's length in tokens, bos and eos included, drawn by a generator of its own (seed, i): `lengths` a
+    range (lo, hi), fixed when lo == hi and otherwise uniform; or a list of counts (counts[n] training examples of
+    n tokens, corpus.TokenCache.length_counts), in proportion to the counts of the lengths of at least `shortest`
+    (`shortest` itself when no example is that long)."""
+    if isinstance(lengths, tuple):
+        lo, hi = lengths
+        return lo if lo == hi else int(np.random.default_rng([seed, i]).integers(lo, hi + 1))
+    counts = np.asarray(lengths, dtype=np.float64)
+    counts[:shortest] = 0
+    if not counts.sum():
+        return shortest
+    return int(np.random.default_rng([seed, i]).choice(len(counts), p=counts / counts.sum()))
+
+
+def unconditional_layouts(tokenizer, lengths, n, seed):
+    """n unprompted sample layouts (data.sample_layout: bos held, the rest free), sample i of length
+    sample_length(lengths, seed, i)."""
+    return [sample_layout(tokenizer, [None], sample_length(lengths, seed, i)) for i in range(n)]
 
 
 def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False):

@@ -6,6 +6,7 @@
 A run started again with the same -mdir resumes from its checkpoint; Ctrl-C stops at the next step and saves.
 Exit status: 0 done or stopped by a signal (after saving), 2 bad input, 3 too many bad steps in a row.
 """
+import copy
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ import checkpoint
 from corpus import Tokenizer, build_demo, decode_line
 from data import sample_layout
 from diffusion import Grid
-from sampling import SamplerSettings, draw
+from sampling import SamplerSettings, draw, sample_length
 from training import (DEMO_DIR, Diverged, IntervalMetrics, build_state, optimizer_step, parse_args, training_runner,
                       warmup_steps)
 from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint, run_command,
@@ -91,7 +92,7 @@ def run(args, rank, world_size, device):
     elif stop.out_of_time:
         print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
     if not stop.requested and (args.demo or args.sample_interval):
-        print_samples(state.model, tokenizer, args, device, step, prompts)
+        print_samples(state, tokenizer, args, device, step, prompts)
     print(f"checkpoint: {path}", file=sys.stderr)
 
 
@@ -164,7 +165,7 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         if step % args.save_interval == 0:
             save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
-            print_samples(state.model, tokenizer, args, device, step, prompts)
+            print_samples(state, tokenizer, args, device, step, prompts)
     bar.close()
     if metrics_file:
         metrics_file.close()
@@ -199,19 +200,26 @@ def sample_prompts(args, tokenizer, count=2, length=3):
     return prompts
 
 
-def print_samples(model, tokenizer, args, device, step, prompts):
+def print_samples(state, tokenizer, args, device, step, prompts):
     """Write four samples under the progress bar, two unprompted and one continuing each of `prompts` (token ids),
-    with the default sampler and --sample_steps steps (none for the autoregressive baseline)."""
-    if model.cfg.causal:
+    with the weights of the first EMA rate (the raw ones without EMA), the default sampler, --sample_steps steps and
+    lengths drawn from the training lines' (longer than the prompt); none for the autoregressive baseline."""
+    if state.model.cfg.causal:
         return
+    model = state.model
+    if state.emas:
+        model = copy.deepcopy(state.model)
+        model.load_state_dict(next(iter(state.emas.values())))
     model.eval()
-    layouts = [sample_layout(tokenizer, pieces, args.sequence_length)
-               for pieces in [[None]] * (4 - len(prompts)) + [[ids, None] for ids in prompts]]
+    counts = state.loader.rows.cache.length_counts(args.sequence_length)
+    pieces = [[None]] * (4 - len(prompts)) + [[ids, None] for ids in prompts]
+    layouts = [sample_layout(tokenizer, p, sample_length(counts, args.seed, i, 2 + len(p[0]) if p[0] else 2))
+               for i, p in enumerate(pieces)]
     settings = SamplerSettings(steps=args.sample_steps, precision=args.precision)
     grid = Grid(args.sigma_min, args.sigma_max, settings.rho)
     for i, row, _, _ in draw(model, layouts, settings, grid, args.seed, len(layouts), tokenizer.pad_id, device):
         tqdm.write(f"[step {step}] {tokenizer.decode_sample(row, layouts[i][1])}")
-    model.train()
+    state.model.train()
 
 
 class StopOnSignal:

@@ -55,6 +55,17 @@ def test_cache_holds_exactly_what_direct_tokenisation_gives(tmp_path, corpus_fil
     assert sum(cache.length(i) for i in range(len(cache))) == cache.meta["tokens"]
 
 
+def test_length_counts_count_each_line_with_bos_and_eos_and_longer_ones_at_the_row_length(tmp_path, corpus_file,
+                                                                                         corpus_lines, tokenizer):
+    cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
+    lengths = [len(tokenizer.encode(line)) for line in corpus_lines]  # bos and eos included
+    seq_len = sorted(lengths)[len(lengths) // 2]  # about half of the lines are longer than the row
+    counts = cache.length_counts(seq_len)
+    assert len(counts) == seq_len + 1 and sum(counts) == len(corpus_lines)
+    assert counts[seq_len] == sum(n >= seq_len for n in lengths)
+    assert all(counts[n] == lengths.count(n) for n in range(seq_len))
+
+
 def test_cache_built_over_processes_equals_one_built_in_one(tmp_path, corpus_file, tokenizer, monkeypatch):
     one = load_corpus(corpus_file, tokenizer, str(tmp_path / "one"), progress=False, num_proc=1)
     monkeypatch.setattr(corpus_module, "SPAN_BYTES", 997)  # many ranges, most starting inside a line

@@ -153,11 +153,26 @@ def test_the_judge_is_read_per_word_as_well(memorised_ar_run, tmp_path):
     judge, tokenizer, _ = load_model(str(model_dir))
     sequences = [tokenizer.encode(line) for line in lines]
     args = SimpleNamespace(batch_size=2)
-    figures = evaluate.judge_figures(judge, sequences, lines, args, tokenizer.pad_id, "cpu")
+    figures = evaluate.judge_figures(evaluate.Judge(judge, tokenizer, True), sequences, lines, args, "cpu")
     nats, tokens = evaluate.sequence_nll(judge, sequences, 2, tokenizer.pad_id, "cpu")
     words = sum(len(line.split()) + 1 for line in lines)
     assert figures["gen_ppl"] == pytest.approx(math.exp(nats / tokens))
     assert figures["gen_ppl_word"] == pytest.approx(math.exp(nats / words))
+    # a judge of another tokenizer scores the texts encoded by its own, whatever ids the evaluated run had
+    other = [[tokenizer.bos_id, 7, 7, tokenizer.eos_id]] * len(lines)
+    assert evaluate.judge_figures(evaluate.Judge(judge, tokenizer, False), other, lines, args, "cpu") == figures
+    assert evaluate.judge_figures(evaluate.Judge(judge, tokenizer, True), other, lines, args, "cpu") != figures
+
+
+def test_a_judge_of_another_tokenizer_is_taken_with_a_note(memorised_ar_run, tmp_path, capsys):
+    from checkpoint import load_model
+    from corpus import Tokenizer, demo_sentences, prepare_corpus
+    model_dir, lines = memorised_ar_run
+    prepare_corpus(demo_sentences()[:2000], str(tmp_path / "other"), 0.0, 300)
+    judge = evaluate.load_judge(str(model_dir), Tokenizer(str(tmp_path / "other" / "bpe.model")), 8, "cpu")
+    assert not judge.shared and "another tokenizer" in capsys.readouterr().err
+    _, tokenizer, _ = load_model(str(model_dir))
+    assert evaluate.load_judge(str(model_dir), tokenizer, 8, "cpu").shared
 
 
 class FakeClock:
@@ -201,3 +216,40 @@ def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, m
     assert checkpoint["time_budget"]["end_step"] == 60  # fitted at 1 s a step
     assert checkpoint["step"] < 60 and checkpoint["time_budget"]["spent"] >= 60
     assert "--time_budget 1: spent at step" in capsys.readouterr().err
+
+
+def test_data_lengths_are_drawn_in_proportion_to_the_counts_from_each_sample_s_own_seed():
+    from sampling import sample_length
+    counts = [0, 0, 0, 30, 10, 0, 0, 60]
+    draws = [sample_length(counts, 3, i) for i in range(4000)]
+    assert set(draws) == {3, 4, 7}
+    assert [draws.count(n) / 4000 for n in (3, 4, 7)] == pytest.approx([0.3, 0.1, 0.6], abs=0.03)
+    assert draws == [sample_length(counts, 3, i) for i in range(4000)]
+    assert draws != [sample_length(counts, 4, i) for i in range(4000)]
+    assert {sample_length(counts, 3, i, shortest=5) for i in range(200)} == {7}  # only lengths a prompt leaves room in
+    assert sample_length(counts, 3, 0, shortest=9) == 9
+    assert sample_length((6, 6), 3, 0) == 6 and 6 <= sample_length((6, 9), 3, 1) <= 9
+
+
+def test_the_default_length_is_the_data_s_where_the_run_keeps_its_counts():
+    from sampling import sample_lengths
+    kept = {"sequence_length": 32, "length_counts": [0, 0, 5, 7]}
+    earlier = {"sequence_length": 32, "length_counts": None}
+    assert sample_lengths(None, kept, "out") == [0, 0, 5, 7] and sample_lengths("data", kept, "out") == [0, 0, 5, 7]
+    assert sample_lengths(None, earlier, "out") == (32, 32) and sample_lengths((4, 9), kept, "out") == (4, 9)
+    with pytest.raises(UsageError, match="--length data: old keeps no lengths"):
+        sample_lengths("data", earlier, "old")
+
+
+def test_a_run_keeps_its_training_lines_lengths_and_samples_draw_them(memorised_run, capsys):
+    import sample
+    from checkpoint import load_model
+    model_dir, lines = memorised_run
+    _, tokenizer, sampling = load_model(str(model_dir))
+    lengths = [len(tokenizer.encode(line)) for line in lines]
+    assert sampling["length_counts"] == [lengths.count(n) for n in range(sampling["sequence_length"] + 1)]
+    sample.main(["-mdir", str(model_dir), "-n", "12", "--steps", "4", "--jsonl", "--no-progress"])
+    drawn = [len(json.loads(line)["ids"]) for line in capsys.readouterr().out.splitlines()]
+    assert set(drawn) <= set(lengths) and len(drawn) == 12
+    sample.main(["-mdir", str(model_dir), "-n", "2", "--steps", "4", "--jsonl", "--no-progress", "--length", "20"])
+    assert [len(json.loads(line)["ids"]) for line in capsys.readouterr().out.splitlines()] == [20, 20]

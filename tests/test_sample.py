@@ -214,7 +214,7 @@ def test_bench_sample_reports_every_sampler(memorised_run, capsys):
 def test_eval_draws_the_samples_sample_py_draws(memorised_run, capsys):
     import eval as evaluate
     from types import SimpleNamespace
-    from sampling import sampler_settings
+    from sampling import sample_lengths, sampler_settings
     model_dir, _ = memorised_run
     out, err = run_sample(capsys, model_dir, "-n", "3", "--jsonl", "--seed", "5", "--batch_size", "2")
     assert "sampling: 100%" in err  # progress of the steps on stderr, the samples alone on stdout
@@ -222,5 +222,8 @@ def test_eval_draws_the_samples_sample_py_draws(memorised_run, capsys):
     eos = tokenizer.eos_id
     expected = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in (r["ids"] for r in records(out))]
     args = SimpleNamespace(samples=3, seed=5, batch_size=3, progress=False)
-    sequences, evaluations = evaluate.draw_samples(model, tokenizer, sampling, sampler_settings(steps=8), args, "cpu")
+    lengths = sample_lengths(None, sampling, str(model_dir))
+    assert isinstance(lengths, list)  # the default: drawn from the training lines' lengths
+    sequences, evaluations = evaluate.draw_samples(model, tokenizer, sampling, sampler_settings(steps=8), lengths,
+                                                   args, "cpu")
     assert sequences == expected and evaluations == 8

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import schedule_sigmas, small_model
-from diffusion import (SAMPLERS, SCHEDULES, EarlyExit, Grid, ScheduleState, ar_schedule, confidence_schedule,
-                       euler_step, generate, heun_step, iterative_step, stochastic_step, uniform_schedule)
+from diffusion import (SAMPLERS, SCHEDULES, EarlyExit, Grid, ScheduleState, ancestral_step, ar_schedule,
+                       confidence_schedule, euler_step, generate, heun_step, iterative_step, stochastic_step,
+                       uniform_schedule)
 
 ALL_SCHEDULES = {"uniform": uniform_schedule, "ar": partial(ar_schedule, skew=2.0),
                  "confidence": partial(confidence_schedule, threshold=0.5, patience=0.5)}
@@ -165,6 +166,42 @@ def test_iterative_step_renoises_the_estimate_at_the_next_level():
     assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[0, 2], estimate[0, 2])
 
 
+def test_ancestral_step_draws_from_the_posterior_given_the_estimate():
+    estimate = torch.full((1, 3, 2), 0.5)
+    denoiser = lambda x, sigma: estimate  # noqa: E731
+    eps, x = torch.randn(1, 3, 2), torch.randn(1, 3, 2)
+    out = ancestral_step(denoiser, x, torch.tensor([[5.0, 5.0, 1.0]]), torch.tensor([[3.0, 5.0, 0.0]]), lambda: eps)
+    r2 = (3.0 / 5.0) ** 2  # mean D + r^2 (x - D), spread sigma_next sqrt(1 - r^2) = 3 * 0.8
+    torch.testing.assert_close(out[0, 0], 0.5 + r2 * (x[0, 0] - 0.5) + 2.4 * eps[0, 0])
+    assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[0, 2], estimate[0, 2])
+
+
+def final_variance(step, steps):
+    """The variance of x at sigma 0.5 after `steps` steps of `step` down a geometric grid from sigma 10, for data
+    N(0, 1) and its exact denoiser D(x; sigma) = x / (1 + sigma^2). Each step is linear, x' = a x + b noise, so the
+    variance goes exactly as a^2 v + b^2 (a and b read off the step at x = 1, noise 0 and x = 0, noise 1)."""
+    denoiser = lambda x, sigma: x / (1 + sigma[..., None] ** 2)  # noqa: E731
+    sigmas = torch.logspace(math.log10(10.0), math.log10(0.5), steps + 1, dtype=torch.float64)
+    variance = 1 + 10.0 ** 2
+    one, zero = torch.ones(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, 1, dtype=torch.float64)
+    for sigma, sigma_next in zip(sigmas[:-1].view(-1, 1, 1), sigmas[1:].view(-1, 1, 1)):
+        a = float(step(denoiser, one, sigma[0], sigma_next[0], lambda: zero))
+        b = float(step(denoiser, zero, sigma[0], sigma_next[0], lambda: one))
+        variance = a ** 2 * variance + b ** 2
+    return variance
+
+
+def test_ancestral_sampling_converges_to_the_data_marginal_as_steps_grow_and_iterative_does_not():
+    # At sigma 0.5 the marginal of x is N(0, 1.25). Ancestral steps lose Var(x_0 | x) (1 - r^2)^2 each, which
+    # vanishes as the steps grow; iterative re-noising keeps only 1 / (1 + sigma^2) of the data's part at every
+    # step, however many (why its samples collapse, and shorten, as the steps grow).
+    error = {(name, n): abs(final_variance(SAMPLERS[name], n) / 1.25 - 1)
+             for name in ("ancestral", "iterative", "euler") for n in (25, 400)}
+    assert error["ancestral", 400] < 0.01 and error["ancestral", 400] < error["ancestral", 25] / 4
+    assert error["euler", 400] < 0.01
+    assert error["iterative", 25] > 0.4 and error["iterative", 400] > 0.4  # 0.69 instead of 1.25, at any count
+
+
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
 @pytest.mark.parametrize("schedule", ALL_SCHEDULES)
 def test_with_the_exact_denoiser_every_sampler_and_schedule_lands_on_a_data_row(sampler, schedule):
@@ -236,4 +273,4 @@ def test_the_same_seed_gives_the_same_samples():
 
 def test_schedules_and_samplers_are_registered_by_name():
     assert set(SCHEDULES) == {"uniform", "ar", "confidence"}
-    assert set(SAMPLERS) == {"euler", "heun", "stochastic", "iterative"}
+    assert set(SAMPLERS) == {"euler", "heun", "stochastic", "iterative", "ancestral"}
