@@ -2,6 +2,7 @@
 function), the builders of its parts, and one optimiser step (forward, loss, backward, clipping, the update, the
 EMAs and the time warp's fit). The loop, checkpoints and samples stay in train.py."""
 import argparse
+import json
 import contextlib
 import os
 import time
@@ -29,14 +30,18 @@ PRESETS = {
     "large": dict(model_dim=768, num_layers=14, num_heads=12, embedding_dim=128, batch_size=128, learning_rate=1e-4,
                   warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
 }
-# Every default of train.py's flags. A flag not given takes its value from the first row that has it: "demo"
-# (with --demo), "ar" (with --objective ar: no pads after eos to predict, no noise levels), the run's preset,
-# "every". The measurements behind the values are in RESULTS.md.
+# Every default of train.py's flags. A flag not given takes its value from the first row that has it: the run's
+# own args.json when it resumes (then "legacy" for a flag added since it was written), "demo" (with --demo), "ar"
+# (with --objective ar: no pads after eos to predict, no noise levels), the run's preset, "every". The measurements
+# behind the values are in RESULTS.md.
 DEFAULTS = {
     "demo": dict(data_path=os.path.join(DEMO_DIR, "data", "train.txt"),
                  spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
                  preset="tiny", max_steps=1000, sample_interval=0),
     "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False),
+    # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
+    "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
+                   stratified_sigma=False, time_budget=None),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
@@ -72,7 +77,8 @@ def build_parser(description=None):
     io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos, eos, pad and unk ids (prepare.py "
                                                 "makes one)")
     io.add_argument("-mdir", "--model_dir", help="folder for the checkpoint, config, tokenizer copy and "
-                                                 "metrics.jsonl; a run already there resumes")
+                                                 "metrics.jsonl; a run already there resumes, every flag not given taking the "
+                                                 "value it was started with")
     io.add_argument("--cache_dir", help="folder for the tokenised corpus (default $XDG_CACHE_HOME or "
                                         "~/.cache, in score-diffusion-lm/); safe to delete")
     io.add_argument("--encoding_errors", choices=ENCODING_ERRORS,
@@ -197,7 +203,11 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     """Fill every flag of `args` that was not given from DEFAULTS and check the values; returns the first problem as
     a message, or None."""
     rows = [DEFAULTS["demo"]] if args.demo else []
-    if (args.objective or DEFAULTS["every"]["objective"]) == "ar":
+    saved = saved_args(args.model_dir or (DEFAULTS["demo"]["model_dir"] if args.demo else None))
+    if isinstance(saved, str):
+        return saved
+    rows = [saved, DEFAULTS["legacy"]] + rows if saved else rows
+    if (args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)) == "ar":
         given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
                                           ("--output_prior", args.output_prior)) if value]
         if given:
@@ -212,6 +222,21 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     if missing:
         return f"--{missing[0]} is required (or use --demo)"
     return check_args(args)
+
+
+def saved_args(model_dir):
+    """The flags a run in `model_dir` was last started with (its args.json, a dict), None where there is none, or
+    a message naming the file if it cannot be read."""
+    path = None if model_dir is None else os.path.join(model_dir, "args.json")
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{path}: not readable ({e}); move the run folder aside or remove the file to start afresh"
+    return {k: v for k, v in saved.items() if k not in ("data_path", "spm_model", "model_dir", "demo")} \
+        if isinstance(saved, dict) else f"{path}: not a JSON object of flags"
 
 
 def check_args(args):

@@ -261,6 +261,31 @@ def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corp
     assert run_train(corpus_file, spm_path, model_dir, "--max_steps", "4")["step"] == 4
 
 
+def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_path, corpus_file, spm_path,
+                                                                          monkeypatch):
+    import training
+    model_dir = tmp_path / "run"
+    run_train(corpus_file, spm_path, model_dir, "--max_steps", "2", "--multilevel_prob", "0.3")
+    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", True)  # defaults changed since the run began
+    monkeypatch.setitem(training.DEFAULTS["every"], "cond_prob", 0.5)
+    command = ["-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), "--max_steps", "4"]
+    args = train.parse_args(command)
+    assert (args.output_prior, args.cond_prob, args.multilevel_prob, args.max_steps) == (False, 1.0, 0.3, 4)
+    assert train.parse_args(command + ["--cond_prob", "0.7"]).cond_prob == 0.7  # a flag given still wins
+    # an args.json written before a flag existed: the flag takes the behaviour from before it
+    saved = json.loads((model_dir / "args.json").read_text())
+    del saved["output_prior"], saved["cond_prob"]
+    (model_dir / "args.json").write_text(json.dumps(saved))
+    args = train.parse_args(command)
+    assert (args.output_prior, args.cond_prob) == (False, 1.0)
+    assert run_train(corpus_file, spm_path, model_dir, "--max_steps", "4")["step"] == 4  # no model flag differs
+    fresh = train.parse_args(["-d", corpus_file, "-spm", spm_path, "-mdir", str(tmp_path / "fresh")])
+    assert (fresh.output_prior, fresh.cond_prob) == (True, 0.5)
+    (model_dir / "args.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        train.parse_args(command)
+
+
 @pytest.mark.parametrize("command, args, message", [
     ("train", ["--demo", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     ("train", ["--demo", "--max_steps", "-5"], "--max_steps -5: must be at least 0"),
