@@ -23,7 +23,7 @@ DEMO_DIR = "demo"
 PRESETS = {
     "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
                  warmup_steps=100),
-    "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=5e-4,
+    "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=1e-3,
                   warmup_steps=500),
     "base": dict(model_dim=512, num_layers=8, num_heads=8, embedding_dim=128, batch_size=256, learning_rate=1e-4,
                  warmup_steps=10000),
@@ -38,7 +38,7 @@ DEFAULTS = {
     "demo": dict(data_path=os.path.join(DEMO_DIR, "data", "train.txt"),
                  spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
                  preset="tiny", max_steps=1000, sample_interval=0),
-    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False),
+    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False, embedding_lr_scale=1.0),
     # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
     "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
                    stratified_sigma=False, time_budget=None),
@@ -48,8 +48,8 @@ DEFAULTS = {
                   max_steps=100_000, precision="fp32", max_bad_steps=10, sequence_length=64, sigma_min=1.0,
                   sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.0, time_warp=True, expand_prob=0.1,
                   seed=0, device="auto", log_interval=50, save_interval=1000, keep=0, sample_interval=1000,
-                  sample_steps=100, progress=True, output_prior=False, prior_ramp=0, cond_prob=1.0,
-                  embedding_lr_scale=1.0, beta2=0.99, stratified_sigma=False),
+                  sample_steps=100, progress=True, output_prior=True, prior_ramp=0, cond_prob=0.5,
+                  embedding_lr_scale=7.0, beta2=0.99, stratified_sigma=False),
 }
 
 

@@ -265,8 +265,10 @@ def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_
                                                                           monkeypatch):
     import training
     model_dir = tmp_path / "run"
+    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", False)  # the defaults when the run began
+    monkeypatch.setitem(training.DEFAULTS["every"], "cond_prob", 1.0)
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2", "--multilevel_prob", "0.3")
-    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", True)  # defaults changed since the run began
+    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", True)  # and after they changed
     monkeypatch.setitem(training.DEFAULTS["every"], "cond_prob", 0.5)
     command = ["-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), "--max_steps", "4"]
     args = train.parse_args(command)
@@ -317,8 +319,8 @@ def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, 
     import training
     from utils import lr_at
     args = train.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--preset", "small", "--max_steps", "60"])
-    assert (args.warmup_steps, training.warmup_steps(args), args.learning_rate) == (500, 6, 5e-4)
-    assert lr_at(5, args.learning_rate, training.warmup_steps(args), args.max_steps) == pytest.approx(5e-4)  # peak
+    assert (args.warmup_steps, training.warmup_steps(args), args.learning_rate) == (500, 6, 1e-3)
+    assert lr_at(5, args.learning_rate, training.warmup_steps(args), args.max_steps) == pytest.approx(1e-3)  # peak
     args.max_steps = 5000
     assert training.warmup_steps(args) == 500
     capsys.readouterr()

@@ -233,7 +233,7 @@ def test_resuming_with_other_noise_levels_says_how_to_keep_them_and_refits_the_w
     old = tmp_path / "old"
     run_train(corpus_file, spm_path, old, "--max_steps", "2", "-smax", "10", "--no-time_warp")
     capsys.readouterr()
-    resumed = run_train(corpus_file, spm_path, old, "--max_steps", "3")  # today's defaults: -smax 50, the warp
+    resumed = run_train(corpus_file, spm_path, old, "--max_steps", "3", "-smax", "50", "--time_warp")
     err = capsys.readouterr().err
     assert "to continue with the checkpoint's noise levels, add: --sigma_max 10.0 --no-time_warp" in err
     assert "--time_warp is new in this run" in err and resumed["time_warp"] is not None

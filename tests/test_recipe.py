@@ -62,7 +62,8 @@ def test_a_prior_run_trains_resumes_and_refuses_the_baseline(tmp_path, corpus_fi
                            "--prior_ramp", "10")
     assert checkpoint["config"]["output_prior"]
     with pytest.raises(UsageError, match=r"--output_prior on \(now off\)"):
-        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6")
+        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6", "--no-output_prior")
+    assert run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6")["config"]["output_prior"]
     with pytest.raises(SystemExit):
         training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar", "--output_prior"])
 
@@ -90,15 +91,17 @@ def test_embeddings_get_their_own_learning_rate_without_weight_decay(tmp_path, c
     own = [g for g in optimizer.param_groups if any(p is model.embedding.weight for p in g["params"])]
     assert len(own) == 1 and own[0]["lr_scale"] == 7 and own[0]["weight_decay"] == 0 and len(own[0]["params"]) == 1
     assert optimizer.defaults["betas"] == (0.9, 0.95)
-    plain = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m"])
+    plain = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "1"])
     assert len(training.build_optimizer(model, plain).param_groups) == 2  # the grouping of runs before the flag
+    baseline = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar"])
+    assert len(training.build_optimizer(model, baseline).param_groups) == 2  # the baseline keeps the plain recipe
     run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3", "--embedding_lr_scale", "7",
               "--log_interval", "1")
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == pytest.approx([lrs[-1], lrs[-1], 7 * lrs[-1]])
     with pytest.raises(UsageError, match="--embedding_lr_scale"):
-        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "5")
+        run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "5", "--embedding_lr_scale", "1")
 
 
 def test_stratified_levels_take_one_draw_from_every_slice():
