@@ -49,7 +49,7 @@ DEFAULTS = {
                   sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.0, time_warp=True, expand_prob=0.1,
                   seed=0, device="auto", log_interval=50, save_interval=1000, keep=0, sample_interval=1000,
                   sample_steps=100, progress=True, output_prior=True, prior_ramp=0, cond_prob=0.5,
-                  embedding_lr_scale=7.0, beta2=0.99, stratified_sigma=False),
+                  embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False),
 }
 
 
