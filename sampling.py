@@ -186,24 +186,31 @@ def unconditional_layouts(tokenizer, lengths, n, seed):
 
 
 def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False):
-    """Sample every layout (ids, held), as data.sample_layout makes them, in batches of `batch_size`; sample i is
-    drawn with the noise seed sample_seed(seed, i), so it depends on neither its batch nor the batch size. Yields,
-    in order, (i, token ids as long as its layout, steps taken, network evaluations). With `progress`, a bar on
-    stderr counts the sampler steps of all batches."""
+    """Sample every layout (ids, held), as data.sample_layout makes them, in batches of `batch_size`, samples of
+    similar length together (a batch is as long as its longest row); sample i is drawn with the noise seed
+    sample_seed(seed, i), so it depends on neither its batch nor the batch size. Yields, in order, (i, token ids as
+    long as its layout, steps taken, network evaluations), each as soon as those before it are drawn. With
+    `progress`, a bar on stderr counts the sampler steps of all batches."""
+    order = sorted(range(len(layouts)), key=lambda i: len(layouts[i][0]))  # stable: equal lengths keep their order
     batches = range(0, len(layouts), batch_size)
     bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     step, schedule = settings.step(), settings.schedule_function()
     dtype = torch.float64 if settings.fp64 else torch.float32
+    drawn, following = {}, 0  # samples drawn but not yet yielded; the next index to yield
     for start in batches:
-        batch = layouts[start:start + batch_size]
+        chosen = order[start:start + batch_size]
+        batch = [layouts[i] for i in chosen]
         ids, cond_mask, segment_ids = sample_rows(batch, pad_id)
-        seeds = [sample_seed(seed, i) for i in range(start, start + len(batch))]
+        seeds = [sample_seed(seed, i) for i in chosen]
         out, evaluations, steps_taken = generate_batch(model, step, schedule, grid, ids.to(device),
                                                        cond_mask.to(device), seeds, settings, dtype, bar,
                                                        None if segment_ids is None else segment_ids.to(device))
-        for b, row in enumerate(out.tolist()):
-            yield start + b, row[:len(batch[b][0])], int(steps_taken[b]), int(evaluations[b])
+        for b, (i, row) in enumerate(zip(chosen, out.tolist())):
+            drawn[i] = (i, row[:len(batch[b][0])], int(steps_taken[b]), int(evaluations[b]))
+        while following in drawn:
+            yield drawn.pop(following)
+            following += 1
     bar.close()
 
 

@@ -120,7 +120,8 @@ def memorised_run(tmp_path_factory, four_lines, spm_path):
     """A tiny model trained to memorise four lines (about 8 s): (run folder, the four lines)."""
     # the original recipe (every example conditioned, no output prior), whose losses and samples the tests know
     return train_on_four_lines(tmp_path_factory, four_lines, spm_path, "memorised", "--max_steps", "400", "-smax",
-                               "5", "--expand_prob", "0.5", "--cond_prob", "1", "--no-output_prior")
+                               "5", "--expand_prob", "0.5", "--cond_prob", "1", "--no-output_prior",
+                               "--embedding_lr_scale", "1")
 
 
 @pytest.fixture(scope="session")
