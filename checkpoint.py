@@ -37,8 +37,7 @@ def load_model(model_dir, ema=None, device="cpu"):
     """Rebuild the model of `model_dir` from its checkpoint alone, with the raw weights or those of EMA rate
     `ema`. Returns (model in eval mode, tokenizer, the checkpoint's sampling settings: a dict of sigma_min,
     sigma_max, rho, sequence_length, length_counts (None for a run saved before it was kept) and warp, its TimeWarp
-    or None). Raises UsageError if the folder, checkpoint,
-    tokenizer or EMA rate is missing or does not match."""
+    or None). Raises UsageError if the folder, checkpoint, tokenizer or EMA rate is missing or does not match."""
     path = os.path.join(model_dir, CHECKPOINT)
     checkpoint = load_checkpoint(path, map_location="cpu")
     model = ScoreLM(ModelConfig(**checkpoint["config"]))

@@ -287,10 +287,10 @@ class TokenCache:
         self.prefix = prefix
         with open(prefix + ".json") as f:
             self.meta = json.load(f)
-        self._pid, self._ids, self._offsets = None, None, None
+        self._pid, self._ids, self._offsets, self._counts = None, None, None, {}
 
     def __getstate__(self):
-        return {"prefix": self.prefix, "meta": self.meta, "_pid": None, "_ids": None, "_offsets": None}
+        return {"prefix": self.prefix, "meta": self.meta, "_pid": None, "_ids": None, "_offsets": None, "_counts": {}}
 
     def _map(self):
         if self._pid != os.getpid():
@@ -312,10 +312,12 @@ class TokenCache:
     def length_counts(self, seq_len):
         """How many examples have each length as a training row holds them, bos and eos included: a list of
         seq_len + 1 ints, counts[n] the examples of n tokens, those longer than seq_len (cropped to a full row)
-        counted at seq_len. What sampling draws unconditional lengths from."""
-        offsets = self._map()[1]
-        lengths = np.minimum(np.diff(offsets) + 2, seq_len)
-        return np.bincount(lengths, minlength=seq_len + 1).tolist()
+        counted at seq_len. What sampling draws unconditional lengths from; read once per seq_len (every
+        checkpoint keeps it)."""
+        if seq_len not in self._counts:
+            lengths = np.minimum(np.diff(self._map()[1]) + 2, seq_len)
+            self._counts[seq_len] = np.bincount(lengths, minlength=seq_len + 1).tolist()
+        return list(self._counts[seq_len])
 
     def ids(self, i, start=0, stop=None):
         """Token ids [start, stop) of example i, int64 (stop - start,); only that window is read."""

@@ -525,7 +525,8 @@ def setting_label(row):
     """A sample setting in a few words: sampler, schedule, grid, steps, and temperature and clamp where set."""
     extra = (f", T {row['temperature']:g}" if row.get("temperature", 1.0) != 1.0 else "") + \
         (f", clamp below {row['clamp']:g}" if row.get("clamp") else "")
-    return f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, length {row['length']}{extra}"
+    return (f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, length {row['length']}"
+            f"{extra}")
 
 
 def text_figures(row):

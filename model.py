@@ -171,16 +171,15 @@ class ScoreLM(nn.Module):
     for the clean token at every position (CDCD, Dieleman et al. 2022).
 
     forward(x, c_noise, segment_ids, self_cond, output_offset): x (B, L, E) float, the noisy embeddings already
-    scaled by c_in;
-    c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
+    scaled by c_in; c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
     segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
     restart in each); self_cond (B, L, E) float or None, a previous estimate of the clean embeddings, read by a
     model built with cfg.self_cond (None reads as zeros: no estimate yet; Chen et al. 2022, Analog Bits, sec. 3.2,
     as CDCD uses it); output_offset (B, L, E) float32 or None, a vector added to the head's output before the tied
     projection onto the embeddings, so that logits = (head(h) + offset) . e_v + bias (diffusion.py's output prior:
     z / sigma^2 gives each token's own posterior; the projection then runs in fp32). Returns logits (B, L, V) in the
-    compute dtype (float32 with an offset). `attention` picks the kernel for packed
-    rows: "auto" (FlexAttention on CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
+    compute dtype (float32 with an offset). `attention` picks the kernel for packed rows: "auto" (FlexAttention on
+    CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
     """
 
     attention = "auto"

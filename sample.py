@@ -181,7 +181,7 @@ def warn_unknown(tokenizer, texts, where):
 
 def held_tokens(tokenizer, pieces, suffix):
     """How many tokens the layout of `pieces` (data.sample_layout's) and `suffix` holds, bos included."""
-    ids, held = sample_layout(tokenizer, [piece for piece in pieces if piece is not None] + [1], None, suffix)
+    _, held = sample_layout(tokenizer, [piece for piece in pieces if piece is not None] + [1], None, suffix)
     return sum(held)
 
 

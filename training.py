@@ -2,8 +2,8 @@
 function), the builders of its parts, and one optimiser step (forward, loss, backward, clipping, the update, the
 EMAs and the time warp's fit). The loop, checkpoints and samples stay in train.py."""
 import argparse
-import json
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -77,8 +77,8 @@ def build_parser(description=None):
     io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos, eos, pad and unk ids (prepare.py "
                                                 "makes one)")
     io.add_argument("-mdir", "--model_dir", help="folder for the checkpoint, config, tokenizer copy and "
-                                                 "metrics.jsonl; a run already there resumes, every flag not given taking the "
-                                                 "value it was started with")
+                                                 "metrics.jsonl; a run already there resumes, every flag not given "
+                                                 "taking the value it was started with")
     io.add_argument("--cache_dir", help="folder for the tokenised corpus (default $XDG_CACHE_HOME or "
                                         "~/.cache, in score-diffusion-lm/); safe to delete")
     io.add_argument("--encoding_errors", choices=ENCODING_ERRORS,
@@ -125,7 +125,7 @@ def build_parser(description=None):
     opt.add_argument("--time_budget", type=float, metavar="MINUTES",
                      help="train for this many minutes of wall clock in all (resumes included) and end there: after "
                           f"{FIT_STEPS} timed steps the schedule is fitted to the steps that fit, and kept in the "
-                          "checkpoint (--max_steps stays the upper bound; off by default)"),
+                          "checkpoint (--max_steps stays the upper bound; off by default)")
     opt.add_argument("--precision", choices=PRECISIONS,
                      help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
                           f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
