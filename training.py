@@ -124,8 +124,9 @@ def build_parser(description=None):
     opt.add_argument("--max_steps", type=int, help=f"optimiser steps; the cosine decay ends here ({d('max_steps')})")
     opt.add_argument("--time_budget", type=float, metavar="MINUTES",
                      help="train for this many minutes of wall clock in all (resumes included) and end there: after "
-                          f"{FIT_STEPS} timed steps the schedule is fitted to the steps that fit, and kept in the "
-                          "checkpoint (--max_steps stays the upper bound; off by default)")
+                          f"{FIT_STEPS} timed steps (again at 2, 4, 8 ... times that, in the schedule's first half) "
+                          "the schedule is fitted to the steps that fit, and kept in the checkpoint (--max_steps "
+                          "stays the upper bound; off by default)")
     opt.add_argument("--precision", choices=PRECISIONS,
                      help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
                           f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
@@ -317,10 +318,13 @@ clock = time.perf_counter  # the wall clock of --time_budget (tests replace it)
 
 @dataclass
 class TimeBudget:
-    """--time_budget: `seconds` of wall clock for the whole run, resumes included (`spent` so far). Once FIT_STEPS
-    steps after the first of this process have been timed, end_step is fitted to the steps their rate leaves room for
-    (the least over the ranks, so that they agree); the schedule then ends there. state_dict() goes into the
-    checkpoint, so a resumed run keeps the same end."""
+    """--time_budget: `seconds` of wall clock for the whole run, resumes included (`spent` so far). Once FIT_STEPS steps
+    after the first of this process have been timed, end_step is fitted to the steps their rate leaves room for (the
+    least over the ranks, so that they agree); the schedule then ends there. The rate of so few steps is noisy (a few
+    seconds of anything else on the machine move it), so the end is fitted again at 2, 4, 8, ... times FIT_STEPS timed
+    steps from the rate of the latest half of them, as long as the run is in the first half of its schedule; after that
+    the end stays, so the decay is not moved late in the run. state_dict() goes into the checkpoint, so a resumed run
+    keeps the same end (it refits only while still in that first half)."""
     seconds: float
     spent: float = 0.0
     end_step: int = None
@@ -339,13 +343,18 @@ class TimeBudget:
         return fitted
 
     def record(self, step, seconds):
-        """Count the `seconds` of the step that reached `step`, and fit end_step when enough steps are timed;
+        """Count the `seconds` of the step that reached `step`, and fit end_step when this process has timed
+        FIT_STEPS * 2^k steps after its first (each time while `step` is below half of the end fitted before);
         returns True when this step fitted it."""
         self.spent += seconds
         self.timed.append(seconds)
-        if self.end_step is not None or len(self.timed) <= FIT_STEPS:
+        timed = len(self.timed) - 1  # the first step is left out: it starts the loader's workers
+        if timed < FIT_STEPS or timed % FIT_STEPS or (timed // FIT_STEPS) & (timed // FIT_STEPS - 1):
+            return False  # not FIT_STEPS times a power of two
+        if self.end_step is not None and step >= self.end_step / 2:
             return False
-        rate = FIT_STEPS / max(sum(self.timed[1:]), 1e-9)  # steps per second, the first step left out
+        window = self.timed[-FIT_STEPS:] if timed == FIT_STEPS else self.timed[-(timed // 2):]
+        rate = len(window) / max(sum(window), 1e-9)  # steps per second
         end = torch.tensor(float(step + int(rate * max(self.seconds - self.spent, 0.0))))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(end, op=torch.distributed.ReduceOp.MIN)

@@ -221,6 +221,19 @@ def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, m
     assert "--time_budget 1: spent at step" in capsys.readouterr().err
 
 
+def test_a_time_budget_refits_its_end_to_a_faster_rate_only_in_the_first_half_of_the_run():
+    budget, fits = training.TimeBudget(300.0), {}
+    for step in range(1, 1000):  # the first 21 steps take 3 s (the machine busy), then 1 s each
+        if budget.record(step, 3.0 if step <= 21 else 1.0):
+            fits[step] = budget.end_step
+        if step == budget.end_step:
+            break
+    # at 20 timed steps 237 s fit 79 more at 3 s; at 40 and 80 the latest half's 1 s a step fits the rest; at 160
+    # the run is past half of its schedule (129), so its end stays
+    assert fits == {21: 100, 41: 258, 81: 258}
+    assert budget.spent == pytest.approx(300.0)
+
+
 def test_data_lengths_are_drawn_in_proportion_to_the_counts_from_each_sample_s_own_seed():
     from sampling import sample_length
     counts = [0, 0, 0, 30, 10, 0, 0, 60]
