@@ -62,6 +62,12 @@ def run(args, rank, world_size, device):
         if rank == 0:
             print(f"--time_budget {args.time_budget:g}: spent, at step {step}; nothing to train", file=sys.stderr)
         return
+    fitted = None if state.budget is None else state.budget.end_step
+    if fitted is not None and fitted < args.max_steps and step >= fitted:
+        if rank == 0:
+            print(f"--time_budget {args.time_budget:g}: the run is at step {step}, where the schedule fitted to the "
+                  f"budget ends: nothing to train", file=sys.stderr)
+        return
     if step >= state.schedule_end(args):
         if rank == 0:
             print(f"{os.path.join(args.model_dir, checkpoint.CHECKPOINT)}: the run is at step {step}, --max_steps is "
@@ -146,7 +152,8 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         status, stats = optimizer_step(state, args, device, step)
         if state.budget is not None and state.budget.tick(step + (status == "applied")) and main_rank:
             bar.total = state.schedule_end(args)
-            tqdm.write(f"--time_budget {args.time_budget:g}: the schedule ends at step {bar.total} (warm-up "
+            capped = " (--max_steps; the budget fits more)" if state.budget.end_step > args.max_steps else ""
+            tqdm.write(f"--time_budget {args.time_budget:g}: the schedule ends at step {bar.total}{capped} (warm-up "
                        f"{warmup_steps(args, bar.total)} steps)", file=sys.stderr)
         if status != "applied":
             interval.skipped += 1

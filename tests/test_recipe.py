@@ -203,7 +203,7 @@ def test_a_time_budget_fits_the_schedule_to_the_steps_that_fit_and_a_resume_keep
     lrs = [json.loads(line)["lr"] for line in open(run / "metrics.jsonl")]
     assert lrs[-1] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 35 / 36))))  # step 39 of 40
     resumed = run_train(corpus_file, spm_path, run, "--time_budget", "2", "--max_steps", "100000")
-    assert resumed["step"] == 40 and "nothing to train" in capsys.readouterr().err
+    assert resumed["step"] == 40 and "--time_budget 2: spent, at step 40; nothing to train" in capsys.readouterr().err
 
 
 def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, monkeypatch, capsys):
@@ -219,6 +219,32 @@ def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, m
     assert checkpoint["time_budget"]["end_step"] == 60  # fitted at 1 s a step
     assert checkpoint["step"] < 60 and checkpoint["time_budget"]["spent"] >= 60
     assert "--time_budget 1: spent at step" in capsys.readouterr().err
+
+
+def test_a_run_that_ends_at_its_fitted_step_with_time_left_says_so_when_started_again(tmp_path, corpus_file,
+                                                                                      spm_path, monkeypatch, capsys):
+    clock = FakeClock(3.0)
+    monkeypatch.setattr(training, "clock", clock)
+    real_step = training.optimizer_step
+
+    def faster_after_the_fit(state, args, device, step):
+        clock.seconds = 3.0 if step < 21 else 2.0  # fitted at 3 s a step (end 40), then 2 s: 19 s are left at the end
+        return real_step(state, args, device, step)
+    monkeypatch.setattr(train, "optimizer_step", faster_after_the_fit)
+    run = tmp_path / "run"
+    checkpoint = run_train(corpus_file, spm_path, run, "--time_budget", "2")
+    assert checkpoint["step"] == 40 and checkpoint["time_budget"]["spent"] < 120
+    capsys.readouterr()
+    assert run_train(corpus_file, spm_path, run, "--time_budget", "2")["step"] == 40
+    assert "--time_budget 2: the run is at step 40, where the schedule fitted to the budget ends: nothing to train" \
+        in capsys.readouterr().err
+
+
+def test_a_time_budget_says_when_max_steps_caps_its_schedule(tmp_path, corpus_file, spm_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "clock", FakeClock(1.0))  # 60 s fit 60 steps; --max_steps 30 ends the run first
+    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--time_budget", "1", "--max_steps", "30")
+    assert checkpoint["step"] == 30 and checkpoint["time_budget"]["end_step"] == 60
+    assert "the schedule ends at step 30 (--max_steps; the budget fits more)" in capsys.readouterr().err
 
 
 def test_a_time_budget_refits_its_end_to_a_faster_rate_only_in_the_first_half_of_the_run():
