@@ -142,8 +142,9 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
     loader, main_rank = state.loader, state.loader.rank == 0
     metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), tensorboard=args.tensorboard) \
         if main_rank else None
-    bar = tqdm(total=state.schedule_end(args), initial=step, disable=not (args.progress and main_rank),
-               dynamic_ncols=True)
+    unfitted = state.budget is not None and state.budget.end_step is None  # no total to show until the fit
+    bar = tqdm(total=None if unfitted else state.schedule_end(args), initial=step,
+               disable=not (args.progress and main_rank), dynamic_ncols=True)
     interval, bad_in_a_row = IntervalMetrics(device), 0
     state.model.train()
     if state.budget is not None:
