@@ -62,15 +62,12 @@ def run(args, rank, world_size, device):
         if rank == 0:
             print(f"--time_budget {args.time_budget:g}: spent, at step {step}; nothing to train", file=sys.stderr)
         return
-    fitted = None if state.budget is None else state.budget.end_step
-    if fitted is not None and fitted < args.max_steps and step >= fitted:
-        if rank == 0:
-            print(f"--time_budget {args.time_budget:g}: the run is at step {step}, where the schedule fitted to the "
-                  f"budget ends: nothing to train", file=sys.stderr)
-        return
     if step >= state.schedule_end(args):
         if rank == 0:
-            print(f"{os.path.join(args.model_dir, checkpoint.CHECKPOINT)}: the run is at step {step}, --max_steps is "
+            fitted = state.schedule_end(args) < args.max_steps  # --time_budget's fitted end came first
+            print(f"--time_budget {args.time_budget:g}: the run is at step {step}, where the schedule fitted to the "
+                  f"budget ends: nothing to train" if fitted else
+                  f"{os.path.join(args.model_dir, checkpoint.CHECKPOINT)}: the run is at step {step}, --max_steps is "
                   f"{args.max_steps}: nothing to train" if step else
                   f"--max_steps {args.max_steps}: nothing to train, no checkpoint written", file=sys.stderr)
         return

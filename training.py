@@ -349,11 +349,12 @@ class TimeBudget:
         self.spent += seconds
         self.timed.append(seconds)
         timed = len(self.timed) - 1  # the first step is left out: it starts the loader's workers
-        if timed < FIT_STEPS or timed % FIT_STEPS or (timed // FIT_STEPS) & (timed // FIT_STEPS - 1):
+        k = timed // FIT_STEPS
+        if timed % FIT_STEPS or k == 0 or k & (k - 1):
             return False  # not FIT_STEPS times a power of two
         if self.end_step is not None and step >= self.end_step / 2:
             return False
-        window = self.timed[-FIT_STEPS:] if timed == FIT_STEPS else self.timed[-(timed // 2):]
+        window = self.timed[1:] if k == 1 else self.timed[-(timed // 2):]  # all timed steps, then the latest half
         rate = len(window) / max(sum(window), 1e-9)  # steps per second
         end = torch.tensor(float(step + int(rate * max(self.seconds - self.spent, 0.0))))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
