@@ -11,6 +11,7 @@ import time
 
 import torch
 
+import flags
 import training
 from checkpoint import load_model
 from corpus import ENCODING_ERRORS, Tokenizer, load_corpus
@@ -80,7 +81,7 @@ def bench_train(args):
     """Training throughput in real (non-fill) tokens/s over --steps after --warmup steps, model FLOP/s at
     6 N_mm + 12 layers D T_att per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's
     peak where known, and peak memory (MB; CUDA: allocated, else the process's resident set)."""
-    targs = training.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
+    targs = flags.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
     device = resolve_device(targs.device)
@@ -136,7 +137,7 @@ def bench_sample(args):
     else:
         seed_all(0)
         preset = args.preset or "small"
-        shape = {k: v for k, v in training.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
+        shape = {k: v for k, v in flags.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
         model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
         sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
@@ -198,7 +199,7 @@ def build_parser():
     t.add_argument("--steps", type=int, default=30, help="steps timed")
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
-    s.add_argument("--preset", choices=training.PRESETS, help="architecture without -mdir (default: small)")
+    s.add_argument("--preset", choices=flags.PRESETS, help="architecture without -mdir (default: small)")
     s.add_argument("--vocab_size", type=int, help="vocabulary without -mdir (at least 4; default 8000)")
     s.add_argument("--steps", type=int, default=200, help="sampler steps")
     s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")

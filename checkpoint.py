@@ -122,7 +122,7 @@ def restore(checkpoint, path, state, args):
 
     check_model_config(checkpoint, state.model, path)
     load_state_dict_strict(state.model, checkpoint["model"], f"{path} [model]")
-    state.loader.load_state_dict(checkpoint["data_state"])  # refuses another corpus or row length before warnings
+    state.loader.load_state_dict(checkpoint["data_state"], path)  # refuses another corpus or row length before warnings
     if checkpoint["step"] >= args.max_steps:
         return checkpoint["step"]  # nothing to train: the caller says so, without warnings about the flags
     warn_changed_flags(checkpoint, args, warn)
@@ -159,9 +159,10 @@ def warn_changed_flags(checkpoint, args, warn):
     if "max_steps" in changed:
         warn(f"the cosine decay now ends at step {args.max_steps}, not {saved['max_steps']}; the learning rate "
              "follows the new schedule from here")
-    if "expand_prob" in changed and checkpoint["data_state"]["row"]:
-        warn("--expand_prob changed: the data stream continues at the start of the next chunk of examples (the rest "
-             "of the current one was packed with the old value)")
+    for flag in ("expand_prob", "cond_prob"):
+        if flag in changed and checkpoint["data_state"]["row"]:
+            warn(f"--{flag} changed: the data stream continues at the start of the next chunk of examples (the rest "
+                 "of the current one was packed with the old value)")
     if changed:
         warn(f"resuming with changed flags (checkpoint, now): {changed}")
         keep = [f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" if v else f"--no-{k}"

@@ -263,13 +263,14 @@ class PackedBatches:
                 "num_tokens": rows.cache.meta["tokens"], "buffer_size": rows.buffer_size,
                 "sequence_length": rows.seq_len, "expand_prob": rows.expand_prob, "cond_prob": rows.cond_prob}
 
-    def load_state_dict(self, state):
-        """Continue from a saved position. If --expand_prob or --cond_prob has changed, the current chunk was packed
-        otherwise, so the stream continues at the start of the next one. Raises UsageError for another corpus (counts of
+    def load_state_dict(self, state, source="the checkpoint"):
+        """Continue from a saved position (read from `source`, a path for messages). If --expand_prob or --cond_prob
+        has changed, the current chunk was packed otherwise, so the stream continues at the start of the next one.
+        Raises UsageError for a position saved before the corpus's counts were kept, another corpus (counts of
         examples and tokens), row length or chunk size."""
         now = self.state_dict()
         if "num_tokens" not in state:
-            raise UsageError("the checkpoint's data position is from an older version of data.py; start a new run")
+            raise UsageError(f"{source}: its data position is from an older version of data.py; start a new run")
         if (state["num_examples"], state["num_tokens"]) != (now["num_examples"], now["num_tokens"]):
             raise UsageError(f"{self.rows.cache.meta['corpus']}: has {now['num_examples']:,} examples and "
                              f"{now['num_tokens']:,} tokens, the run was started on {state['num_examples']:,} and "

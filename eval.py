@@ -179,9 +179,14 @@ class Judge:
 
 
 def judge_figures(judge, sequences, texts, args, device):
-    """The judge's perplexity of the sequences per token of its tokenizer (eos included) and per word (its total NLL
-    over the words of the decoded texts plus one for each line's end, comparable across tokenizers)."""
-    nats, tokens = judge.nll(sequences, texts, args.batch_size, device)
+    """The judge's perplexity of the sequences per token of its tokenizer (eos included) and per word:
+    perplexities() of judge.nll."""
+    return perplexities(*judge.nll(sequences, texts, args.batch_size, device), texts)
+
+
+def perplexities(nats, tokens, texts):
+    """Perplexity from a total NLL (nats) over `tokens` judge tokens (eos included), per token and per word (the
+    same NLL over the words of the decoded texts plus one for each line's end, comparable across tokenizers)."""
     words = sum(len(text.split()) + 1 for text in texts)
     return {"gen_ppl": math.exp(nats / tokens), "gen_ppl_word": math.exp(nats / words)}
 
@@ -427,7 +432,7 @@ def evaluate(args, device):
         print(f"warning: {skipped:,} of {skipped + len(lines):,} lines read from {args.valid} ({percent(share)}) are "
               f"longer than the {sampling['sequence_length']}-token rows and are not scored", file=sys.stderr)
     result = {"model_dir": args.model_dir, "objective": "ar" if model.cfg.causal else "diffusion",
-              "valid": args.valid, "ema": args.ema, "lines": len(lines), "skipped_lines": skipped,
+              "valid_path": args.valid, "ema": args.ema, "lines": len(lines), "skipped_lines": skipped,
               "skipped_share": share}
     if model.cfg.causal:
         result.update(autoregressive_figures(model, lines, tokenizer, args, device))
@@ -440,7 +445,7 @@ def evaluate(args, device):
         nats, tokens = judge.nll([ids for ids, _ in lines], texts, args.batch_size, device)
         result["judge"] = {"model_dir": args.judge, "nll_nats_per_token": nats / tokens,
                            "perplexity": math.exp(nats / tokens), "bits_per_char": nats / chars / math.log(2)}
-        result["valid"].update(judge_figures(judge, [ids for ids, _ in lines], texts, args, device))
+        result["valid"].update(perplexities(nats, tokens, texts))
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
     if not model.cfg.causal:

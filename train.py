@@ -4,7 +4,8 @@
     python train.py --demo
 
 A run started again with the same -mdir resumes from its checkpoint; Ctrl-C stops at the next step and saves.
-Exit status: 0 done or stopped by a signal (after saving), 2 bad input, 3 too many bad steps in a row.
+Exit status: 0 done or stopped by a signal (after saving), 2 bad input, 3 too many bad steps in a row, 130 a second
+Ctrl-C (stops at once, without saving).
 """
 import copy
 import os
@@ -18,9 +19,9 @@ import checkpoint
 from corpus import Tokenizer, build_demo, decode_line
 from data import sample_layout
 from diffusion import Grid
-from sampling import SamplerSettings, draw, sample_length
-from training import (DEMO_DIR, Diverged, IntervalMetrics, build_state, optimizer_step, parse_args, training_runner,
-                      warmup_steps)
+from flags import DEMO_DIR, parse_args, warmup_steps
+from sampling import draw, sample_length, sampler_settings
+from training import Diverged, IntervalMetrics, build_state, optimizer_step, training_runner
 from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint, run_command,
                    save_checkpoint, seed_all)
 
@@ -220,7 +221,7 @@ def print_samples(state, tokenizer, args, device, step, prompts):
     pieces = [[None]] * (4 - len(prompts)) + [[ids, None] for ids in prompts]
     layouts = [sample_layout(tokenizer, p, sample_length(counts, args.seed, i, 2 + len(p[0]) if p[0] else 2))
                for i, p in enumerate(pieces)]
-    settings = SamplerSettings(steps=args.sample_steps, precision=args.precision)
+    settings = sampler_settings(steps=args.sample_steps, precision=args.precision)
     grid = Grid(args.sigma_min, args.sigma_max, settings.rho)
     for i, row, _, _ in draw(model, layouts, settings, grid, args.seed, len(layouts), tokenizer.pad_id, device):
         tqdm.write(f"[step {step}] {tokenizer.decode_sample(row, layouts[i][1])}")

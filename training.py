@@ -1,295 +1,21 @@
-"""The training run as train.py and bench.py share it: its flags and their defaults (one table, resolved in one
-function), the builders of its parts, and one optimiser step (forward, loss, backward, clipping, the update, the
-EMAs and the time warp's fit). The loop, checkpoints and samples stay in train.py."""
-import argparse
+"""The training run as train.py and bench.py share it: the builders of its parts from the flags (flags.py), the
+time budget, and one optimiser step (forward, loss, backward, clipping, the update, the EMAs and the time warp's
+fit). The loop, checkpoints and samples stay in train.py."""
 import contextlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from corpus import ENCODING_ERRORS, load_corpus
+from corpus import load_corpus
 from data import PackedBatches, PackedRows
 from diffusion import (autoregressive_loss, autoregressive_targets, draw_training_sigma,
                        score_interpolation_loss)
+from flags import FIT_STEPS, ema_rates, warmup_steps
 from model import ModelConfig, ScoreLM
 from timewarp import TimeWarp
-from utils import PRECISIONS, ArgumentParser, CommandError, all_reduce_sum, autocast, ema_update, lr_at
+from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at
 
-DEMO_DIR = "demo"
-# Architecture, batch and optimiser of each --preset; "base" is the original project's size
-PRESETS = {
-    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
-                 warmup_steps=100),
-    "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=1e-3,
-                  warmup_steps=500),
-    "base": dict(model_dim=512, num_layers=8, num_heads=8, embedding_dim=128, batch_size=256, learning_rate=1e-4,
-                 warmup_steps=10000),
-    "large": dict(model_dim=768, num_layers=14, num_heads=12, embedding_dim=128, batch_size=128, learning_rate=1e-4,
-                  warmup_steps=10000),  # about 106M parameters with 8,000 tokens: a GPU preset
-}
-# Every default of train.py's flags. A flag not given takes its value from the first row that has it: the run's
-# own args.json when it resumes (then "legacy" for a flag added since it was written), "demo" (with --demo), "ar"
-# (with --objective ar: no pads after eos to predict, no noise levels), the run's preset, "every". The measurements
-# behind the values are in RESULTS.md.
-DEFAULTS = {
-    "demo": dict(data_path=os.path.join(DEMO_DIR, "data", "train.txt"),
-                 spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
-                 preset="tiny", max_steps=1000, sample_interval=0),
-    "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False, embedding_lr_scale=1.0),
-    # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
-    "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
-                   stratified_sigma=False, time_budget=None),
-    **PRESETS,
-    "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
-                  accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
-                  max_steps=100_000, precision="fp32", max_bad_steps=10, sequence_length=64, sigma_min=1.0,
-                  sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.0, time_warp=True, expand_prob=0.1,
-                  seed=0, device="auto", log_interval=50, save_interval=1000, keep=0, sample_interval=1000,
-                  sample_steps=100, progress=True, output_prior=True, prior_ramp=0, cond_prob=0.5,
-                  embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False),
-}
-
-
-def default_text(name):
-    """How flag `name`'s default is decided, for its --help: every run's value, each preset's, and what --demo and
-    --objective ar change."""
-    def shown(value):
-        return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
-            else repr(value) if value == "" else str(value)
-    parts = [f"default {shown(DEFAULTS['every'][name])}"] if name in DEFAULTS["every"] else []
-    if name in PRESETS["tiny"]:
-        parts.append("from --preset: " + ", ".join(f"{p} {shown(v[name])}" for p, v in PRESETS.items()))
-    parts += [f"{shown(DEFAULTS[row][name])} with {flag}"
-              for row, flag in (("demo", "--demo"), ("ar", "--objective ar")) if name in DEFAULTS[row]]
-    return "; ".join(parts)
-
-
-def build_parser(description=None):
-    """train.py's command line; every default comes from DEFAULTS (argparse's own are None: "not given")."""
-    p = ArgumentParser(prog="train.py", description=description)
-    d = default_text
-    io = p.add_argument_group("data and output")
-    io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line; blank lines are "
-                                              "skipped, a line longer than -slen gives a random window of it")
-    io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos, eos, pad and unk ids (prepare.py "
-                                                "makes one)")
-    io.add_argument("-mdir", "--model_dir", help="folder for the checkpoint, config, tokenizer copy and "
-                                                 "metrics.jsonl; a run already there resumes, every flag not given "
-                                                 "taking the value it was started with")
-    io.add_argument("--cache_dir", help="folder for the tokenised corpus (default $XDG_CACHE_HOME or "
-                                        "~/.cache, in score-diffusion-lm/); safe to delete")
-    io.add_argument("--encoding_errors", choices=ENCODING_ERRORS,
-                    help=f"invalid UTF-8 or a carriage return inside a line: strict stops before step 1 naming "
-                         f"file:line, replace uses U+FFFD ({d('encoding_errors')})")
-    io.add_argument("--num_workers", type=int, help=f"DataLoader processes that crop, mask and pack rows (0: in "
-                                                    f"this process; batches do not depend on it; {d('num_workers')})")
-    io.add_argument("--demo", action="store_true",
-                    help=f"train on the demo corpus (built under {DEMO_DIR}/data/ if missing: English sentences "
-                         "from the standard library's docstrings, no download) with the demo's defaults")
-    arch = p.add_argument_group("model")
-    arch.add_argument("--preset", choices=PRESETS, help=f"architecture, batch and optimiser defaults; flags given "
-                                                        f"explicitly win ({d('preset')})")
-    arch.add_argument("-dim", "--model_dim", type=int, help=f"transformer width D ({d('model_dim')})")
-    arch.add_argument("-emb", "--embedding_dim", type=int, help=f"token embedding size E, the space the diffusion "
-                                                                f"runs in ({d('embedding_dim')})")
-    arch.add_argument("-nl", "--num_layers", type=int, help=f"transformer blocks ({d('num_layers')})")
-    arch.add_argument("-nh", "--num_heads", type=int, help=f"attention heads ({d('num_heads')})")
-    arch.add_argument("--objective", choices=("diffusion", "ar"),
-                      help=f"diffusion (this project's model) or ar: the autoregressive baseline, the same backbone "
-                           f"with causal attention, clean embeddings and a next-token loss, for eval.py's comparison "
-                           f"and judge ({d('objective')})")
-    arch.add_argument("-dop", "--dropout_prob", type=float, help=f"dropout in every block ({d('dropout_prob')})")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("-bsz", "--batch_size", type=int, help=f"rows per micro-batch and process; each row packs "
-                                                            f"several lines ({d('batch_size')})")
-    opt.add_argument("-acc", "--accumulation_steps", type=int, help=f"micro-batches per optimiser step "
-                                                                    f"({d('accumulation_steps')})")
-    opt.add_argument("-lr", "--learning_rate", type=float, help=f"peak AdamW learning rate ({d('learning_rate')})")
-    opt.add_argument("-wus", "--warmup_steps", type=int,
-                     help=f"linear warm-up, then a cosine decay to 10%% of -lr at --max_steps; a warm-up longer than "
-                          f"a tenth of --max_steps is shortened to that, with a note ({d('warmup_steps')})")
-    opt.add_argument("-wd", "--weight_decay", type=float, help=f"AdamW weight decay, on matrices only "
-                                                               f"({d('weight_decay')})")
-    opt.add_argument("--embedding_lr_scale", type=float,
-                     help=f"the token embeddings' learning rate as a multiple of -lr, without weight decay (Plaid "
-                          f"trains them faster); 1 keeps them in the matrices' group ({d('embedding_lr_scale')})")
-    opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay ({d('beta2')})")
-    opt.add_argument("-gc", "--gradient_clipping", type=float, help=f"largest global gradient norm, 0: no clipping "
-                                                                    f"({d('gradient_clipping')})")
-    opt.add_argument("-ema", "--ema_rate", help=f"comma-separated EMA decay rates, '' for none; each warms up as "
-                                                f"min(rate, (1 + step) / (10 + step)) ({d('ema_rate')})")
-    opt.add_argument("--max_steps", type=int, help=f"optimiser steps; the cosine decay ends here ({d('max_steps')})")
-    opt.add_argument("--time_budget", type=float, metavar="MINUTES",
-                     help="train for this many minutes of wall clock in all (resumes included) and end there: after "
-                          f"{FIT_STEPS} timed steps (again at 2, 4, 8 ... times that, in the schedule's first half) "
-                          "the schedule is fitted to the steps that fit, and kept in the checkpoint (--max_steps "
-                          "stays the upper bound; off by default)")
-    opt.add_argument("--precision", choices=PRECISIONS,
-                     help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
-                          f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
-                          f"stay fp32 ({d('precision')})")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the training forward (compiles once, in "
-                                                            "the first step)")
-    opt.add_argument("--max_bad_steps", type=int, help=f"stop (exit status 3, last checkpoint intact) after this "
-                                                       f"many steps in a row with a non-finite loss or gradient, "
-                                                       f"each skipped ({d('max_bad_steps')})")
-    diff = p.add_argument_group("diffusion")
-    diff.add_argument("-slen", "--sequence_length", type=int, help=f"row length L in tokens "
-                                                                   f"({d('sequence_length')})")
-    diff.add_argument("-smin", "--sigma_min", type=float, help=f"lowest training noise level ({d('sigma_min')})")
-    diff.add_argument("-smax", "--sigma_max", type=float, help=f"highest training noise level ({d('sigma_max')})")
-    diff.add_argument("-rho", "--rho", type=float, help=f"spacing of the training levels between the ends, EDM "
-                                                        f"eq. 5 (1: uniform in sigma); the time warp starts from it "
-                                                        f"({d('rho')})")
-    diff.add_argument("--multilevel_prob", type=float, help=f"share of batches with an independent sigma per token "
-                                                            f"instead of one per sequence ({d('multilevel_prob')})")
-    diff.add_argument("--stratified_sigma", action=argparse.BooleanOptionalAction,
-                      help=f"draw a batch's noise levels stratified (one from each of as many equal slices of the "
-                           f"distribution as there are draws) rather than independently ({d('stratified_sigma')})")
-    diff.add_argument("--cond_prob", type=float,
-                      help=f"share of examples that get a conditioning span at all; the others are wholly free, as "
-                           f"unconditional sampling starts (1: the original's mix; {d('cond_prob')})")
-    diff.add_argument("--output_prior", action=argparse.BooleanOptionalAction,
-                      help=f"add each token's posterior given its own noisy embedding, z . e / sigma^2, to the "
-                           f"logits, so that the network learns what context adds; its head starts at zero (Plaid; "
-                           f"{d('output_prior')})")
-    diff.add_argument("--prior_ramp", type=int, metavar="STEPS",
-                      help=f"with --output_prior, ramp its weight linearly from 0 to 1 over the first STEPS steps "
-                           f"(0: full from the start; {d('prior_ramp')})")
-    diff.add_argument("--self_cond", type=float, metavar="PROB",
-                      help=f"self-conditioning: the model also reads its previous estimate of the clean embeddings; "
-                           f"this share of batches gets one from a first pass without gradient (0: a model without "
-                           f"it; {d('self_cond')})")
-    diff.add_argument("--time_warp", action=argparse.BooleanOptionalAction,
-                      help=f"draw training noise levels through a warp fitted online to the loss by sigma (CDCD), "
-                           f"kept in the checkpoint for plot.py and sample.py --grid warped; --no-time_warp draws "
-                           f"them through the -rho spacing ({d('time_warp')})")
-    diff.add_argument("--expand_prob", type=float, help=f"share of lines padded after eos to a random length, so that "
-                                                        f"the model learns where text ends ({d('expand_prob')})")
-    run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, help=f"seed of the weights, data order and noise; fixed for a run "
-                                              f"({d('seed')})")
-    run.add_argument("--device", help=f"auto (cuda, then mps, else cpu), cpu, cuda, cuda:1, ... ({d('device')})")
-    run.add_argument("--log_interval", type=int, help=f"steps between metrics.jsonl lines ({d('log_interval')})")
-    run.add_argument("--save_interval", type=int, help=f"steps between checkpoints; one is also written at the end "
-                                                       f"({d('save_interval')})")
-    run.add_argument("--keep", type=int, help=f"also keep the last K checkpoints as ckpt-<step>.pt; ckpt.pt is "
-                                              f"always the latest ({d('keep')})")
-    run.add_argument("--sample_interval", type=int,
-                     help=f"steps between the four samples printed during training (two unprompted, two continuing "
-                          f"the first tokens of valid lines), also printed at the end; 0: never, but --demo prints "
-                          f"them at the end; none for --objective ar ({d('sample_interval')})")
-    run.add_argument("--sample_steps", type=int, help=f"sampler steps of those samples ({d('sample_steps')})")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                     help=f"show the progress bar with loss and tokens/s ({d('progress')})")
-    run.add_argument("--tensorboard", action="store_true", help="also write the metrics to MODEL_DIR/tensorboard "
-                                                                "(needs the tensorboard package)")
-    return p
-
-
-def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), description=None):
-    """train.py's arguments, every default resolved (resolve); exits with a one-line error on a bad value."""
-    p = build_parser(description)
-    args = p.parse_args(argv)
-    problem = resolve(args, required)
-    if problem:
-        p.error(problem)
-    return args
-
-
-def resolve(args, required=("data_path", "spm_model", "model_dir")):
-    """Fill every flag of `args` that was not given from DEFAULTS and check the values; returns the first problem as
-    a message, or None."""
-    rows = [DEFAULTS["demo"]] if args.demo else []
-    saved = saved_args(args.model_dir or (DEFAULTS["demo"]["model_dir"] if args.demo else None))
-    if isinstance(saved, str):
-        return saved
-    rows = [saved, DEFAULTS["legacy"]] + rows if saved else rows
-    if (args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)) == "ar":
-        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
-                                          ("--output_prior", args.output_prior)) if value]
-        if given:
-            return f"{' and '.join(given)}: only for the diffusion objective, not --objective ar"
-        rows.append(DEFAULTS["ar"])
-    preset = args.preset or next(row["preset"] for row in rows + [DEFAULTS["every"]] if "preset" in row)
-    rows += [PRESETS[preset], DEFAULTS["every"]]
-    for name, value in vars(args).items():
-        if value is None:
-            setattr(args, name, next((row[name] for row in rows if name in row), None))
-    missing = [name for name in required if getattr(args, name) is None]
-    if missing:
-        return f"--{missing[0]} is required (or use --demo)"
-    return check_args(args)
-
-
-def saved_args(model_dir):
-    """The flags a run in `model_dir` was last started with (its args.json, a dict), None where there is none, or
-    a message naming the file if it cannot be read."""
-    path = None if model_dir is None else os.path.join(model_dir, "args.json")
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"{path}: not readable ({e}); move the run folder aside or remove the file to start afresh"
-    return {k: v for k, v in saved.items() if k not in ("data_path", "spm_model", "model_dir", "demo")} \
-        if isinstance(saved, dict) else f"{path}: not a JSON object of flags"
-
-
-def check_args(args):
-    """The first flag whose value cannot work, as a message, or None."""
-    at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
-                "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
-                "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1,
-                "prior_ramp": 0}
-    for name, low in at_least.items():
-        if getattr(args, name) < low:
-            return f"--{name} {getattr(args, name)}: must be at least {low}"
-    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            return f"--{name} {getattr(args, name)}: must be in [0, 1]"
-    if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
-        return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
-    if not 0.1 <= args.rho <= 100:
-        return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
-    if not args.learning_rate > 0:
-        return f"-lr {args.learning_rate}: must be positive"
-    if not 0 < args.embedding_lr_scale < float("inf"):
-        return f"--embedding_lr_scale {args.embedding_lr_scale}: must be positive and finite"
-    if not 0 < args.beta2 < 1:
-        return f"--beta2 {args.beta2}: must be in (0, 1)"
-    if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
-        return f"--time_budget {args.time_budget}: minutes, more than 0"
-    for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):
-        if not value >= 0:
-            return f"{flag} {value}: must be 0 or more"
-    if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 2:
-        return f"-dim {args.model_dim} -nh {args.num_heads}: the width must split into heads of even size"
-    try:
-        rates = ema_rates(args)
-    except ValueError:
-        return f"-ema {args.ema_rate!r}: expected comma-separated numbers such as 0.999,0.9999"
-    if any(not 0 < r < 1 for r in rates):
-        return f"-ema {args.ema_rate!r}: every rate must be in (0, 1)"
-    return None
-
-
-def warmup_steps(args, end=None):
-    """The warm-up the run trains with: -wus, shortened to a tenth of the schedule's `end` (default --max_steps)
-    where it is longer, so that a short run reaches its learning rate (train.py says so)."""
-    return min(args.warmup_steps, (args.max_steps if end is None else end) // 10)
-
-
-def ema_rates(args):
-    """The -ema rates as floats; raises ValueError for a non-number (check_args turns it into a usage error)."""
-    return [float(r) for r in args.ema_rate.split(",") if r.strip()]
-
-
-# The parts of a run
 
 @dataclass
 class TrainingState:
@@ -312,7 +38,6 @@ class TrainingState:
         return args.max_steps if fitted is None else min(fitted, args.max_steps)
 
 
-FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (after a first, which starts workers)
 clock = time.perf_counter  # the wall clock of --time_budget (tests replace it)
 
 
@@ -367,6 +92,8 @@ class TimeBudget:
         return self.spent >= self.seconds
 
     def state_dict(self):
+        """What the checkpoint keeps (floats and an int): the budget, the time spent and the fitted end; this
+        process's step times are not kept, so a resumed run in the first half of its schedule refits from its own."""
         return {"seconds": self.seconds, "spent": self.spent, "end_step": self.end_step}
 
 
@@ -558,11 +285,14 @@ class IntervalMetrics:
         self.reset()
 
     def reset(self):
+        """Start a new interval: zero sums, the clock from now."""
         self.sums = torch.zeros(4, device=self.device)  # loss, correct, targets, grad_norm
         self.steps = self.tokens = self.text = self.slots = self.skipped = 0
         self.started = time.perf_counter()
 
     def add(self, stats):
+        """Add one applied step's stats (optimizer_step's dict: device tensors loss, correct, targets, grad_norm;
+        ints tokens, text, slots) without a host sync."""
         self.sums += torch.stack([stats["loss"], stats["correct"], stats["targets"], stats["grad_norm"].float()])
         self.steps, self.tokens = self.steps + 1, self.tokens + stats["tokens"]
         self.text, self.slots = self.text + stats["text"], self.slots + stats["slots"]

@@ -240,6 +240,7 @@ class MetricsWriter:
             self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
 
     def write(self, **metrics):
+        """Append one JSON object of `metrics` (numbers and strings; "step" an int) and flush it."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.board is not None:
@@ -249,5 +250,6 @@ class MetricsWriter:
             self.board.flush()
 
     def close(self):
+        """Close the TensorBoard writer, if any (the JSON-lines file is closed after every write)."""
         if self.board is not None:
             self.board.close()

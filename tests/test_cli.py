@@ -263,19 +263,23 @@ def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corp
 
 def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_path, corpus_file, spm_path,
                                                                           monkeypatch):
-    import training
+    import flags
     model_dir = tmp_path / "run"
-    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", False)  # the defaults when the run began
-    monkeypatch.setitem(training.DEFAULTS["every"], "cond_prob", 1.0)
+    monkeypatch.setitem(flags.DEFAULTS["every"], "output_prior", False)  # the defaults when the run began
+    monkeypatch.setitem(flags.DEFAULTS["every"], "cond_prob", 1.0)
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2", "--multilevel_prob", "0.3")
-    monkeypatch.setitem(training.DEFAULTS["every"], "output_prior", True)  # and after they changed
-    monkeypatch.setitem(training.DEFAULTS["every"], "cond_prob", 0.5)
+    monkeypatch.setitem(flags.DEFAULTS["every"], "output_prior", True)  # and after they changed
+    monkeypatch.setitem(flags.DEFAULTS["every"], "cond_prob", 0.5)
     command = ["-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), "--max_steps", "4"]
     args = train.parse_args(command)
     assert (args.output_prior, args.cond_prob, args.multilevel_prob, args.max_steps) == (False, 1.0, 0.3, 4)
     assert train.parse_args(command + ["--cond_prob", "0.7"]).cond_prob == 0.7  # a flag given still wins
-    # an args.json written before a flag existed: the flag takes the behaviour from before it
     saved = json.loads((model_dir / "args.json").read_text())
+    (model_dir / "args.json").write_text(json.dumps({**saved, "compile": True, "tensorboard": True}))
+    args = train.parse_args(command)
+    assert (args.compile, args.tensorboard) == (True, True)  # on-off flags resume as they were too
+    assert train.parse_args(command + ["--no-compile", "--no-tensorboard"]).compile is False
+    # an args.json written before a flag existed: the flag takes the behaviour from before it
     del saved["output_prior"], saved["cond_prob"]
     (model_dir / "args.json").write_text(json.dumps(saved))
     args = train.parse_args(command)
@@ -316,13 +320,13 @@ def test_a_bad_flag_value_ends_the_command_with_one_line(tmp_path):
 
 
 def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, corpus_file, spm_path, capsys):
-    import training
+    import flags
     from utils import lr_at
     args = train.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--preset", "small", "--max_steps", "60"])
-    assert (args.warmup_steps, training.warmup_steps(args), args.learning_rate) == (500, 6, 1e-3)
-    assert lr_at(5, args.learning_rate, training.warmup_steps(args), args.max_steps) == pytest.approx(1e-3)  # peak
+    assert (args.warmup_steps, flags.warmup_steps(args), args.learning_rate) == (500, 6, 1e-3)
+    assert lr_at(5, args.learning_rate, flags.warmup_steps(args), args.max_steps) == pytest.approx(1e-3)  # peak
     args.max_steps = 5000
-    assert training.warmup_steps(args) == 500
+    assert flags.warmup_steps(args) == 500
     capsys.readouterr()
     run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3", "-wus", "5")
     assert "note: warming up over 0 steps, a tenth of --max_steps 3, instead of --warmup_steps 5" in \
@@ -332,20 +336,20 @@ def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, 
 
 
 def test_every_default_comes_from_the_one_table_and_every_flag_has_help():
-    import training
-    args = training.parse_args([], required=())
-    for name, value in training.DEFAULTS["every"].items():
-        if name not in training.PRESETS["base"]:
+    import flags
+    args = flags.parse_args([], required=())
+    for name, value in flags.DEFAULTS["every"].items():
+        if name not in flags.PRESETS["base"]:
             assert getattr(args, name) == value, name
-    assert all(getattr(args, name) == value for name, value in training.PRESETS["base"].items())
+    assert all(getattr(args, name) == value for name, value in flags.PRESETS["base"].items())
     assert args.cache_dir is None and args.demo is False  # given or not: nothing else has a default
-    demo_ar = training.parse_args(["--demo", "--objective", "ar"])
+    demo_ar = flags.parse_args(["--demo", "--objective", "ar"])
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
     import bench
     import eval as evaluate
     import plot
     import sample
-    parsers = [training.build_parser(), sample.build_parser(), evaluate.build_parser(), prepare.build_parser(),
+    parsers = [flags.build_parser(), sample.build_parser(), evaluate.build_parser(), prepare.build_parser(),
                plot.build_parser(), bench.build_parser()]
     while parsers:
         parser = parsers.pop()

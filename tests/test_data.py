@@ -373,6 +373,9 @@ def test_resuming_on_another_corpus_or_row_length_is_refused(tmp_path, corpus_fi
                              str(tmp_path / "cache"), progress=False)
     with pytest.raises(UsageError, match="resuming needs the same corpus"):
         PackedBatches(packed_rows(same_count, tokenizer, 32), 4).load_state_dict(batches.state_dict())
+    old = {k: v for k, v in batches.state_dict().items() if k != "num_tokens"}  # saved before the counts were kept
+    with pytest.raises(UsageError, match="^run/ckpt.pt: its data position is from an older version"):
+        PackedBatches(packed_rows(cache, tokenizer, 32), 4).load_state_dict(old, "run/ckpt.pt")
 
 
 def test_a_changed_expand_prob_resumes_at_the_next_chunk(tmp_path, corpus_file, tokenizer):

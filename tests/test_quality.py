@@ -140,7 +140,7 @@ def test_the_warp_is_monotone_onto_the_noise_range_and_recovers_a_known_distribu
 
 def test_over_a_wide_range_the_warp_draws_where_the_loss_changes():
     # CDCD's range, linear spacing: unwarped, 3% of the levels fall below sigma 10; a loss that is decided there
-    # (as a language model's is, see the README's loss by noise level) must pull most draws below it
+    # (as a language model's is: RESULTS.md's cross-entropy by noise level) must pull most draws below it
     warp = TimeWarp(1.0, 300.0, 1.0)
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
@@ -199,7 +199,9 @@ def test_a_warped_self_conditioned_run_trains_samples_on_its_grid_and_plots_its_
     run = tmp_path / "run"
     checkpoint = run_train(corpus_file, spm_path, run, "--max_steps", "20", "--time_warp", "--self_cond", "0.5")
     assert checkpoint["config"]["self_cond"] and checkpoint["time_warp"]["counts"].sum() > 0
-    assert not torch.equal(checkpoint["time_warp"]["cdf_knots"], TimeWarp(1.0, 10.0, 1.0).cdf_knots)  # fitted
+    warp = checkpoint["time_warp"]
+    unfitted = TimeWarp(warp["sigma_min"], warp["sigma_max"], warp["rho"], warp["bins"]).cdf_knots
+    assert not torch.allclose(warp["cdf_knots"], unfitted, atol=1e-3)  # fitted
     sample.main(["-mdir", str(run), "-n", "2", "--steps", "4", "--grid", "warped", "--jsonl"])
     assert len(capsys.readouterr().out.splitlines()) == 2
     with pytest.raises(SystemExit):

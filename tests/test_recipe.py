@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
+import flags
 import train
 import training
 from conftest import run_train, small_model
@@ -65,7 +66,7 @@ def test_a_prior_run_trains_resumes_and_refuses_the_baseline(tmp_path, corpus_fi
         run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6", "--no-output_prior")
     assert run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "6")["config"]["output_prior"]
     with pytest.raises(SystemExit):
-        training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar", "--output_prior"])
+        flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar", "--output_prior"])
 
 
 def test_the_prior_ramp_weights_the_prior_by_the_step():
@@ -85,15 +86,15 @@ def test_cond_prob_leaves_that_share_of_examples_wholly_free_and_1_draws_as_befo
 
 
 def test_embeddings_get_their_own_learning_rate_without_weight_decay(tmp_path, corpus_file, spm_path):
-    args = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "7", "--beta2", "0.95"])
+    args = flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "7", "--beta2", "0.95"])
     model = small_model()
     optimizer = training.build_optimizer(model, args)
     own = [g for g in optimizer.param_groups if any(p is model.embedding.weight for p in g["params"])]
     assert len(own) == 1 and own[0]["lr_scale"] == 7 and own[0]["weight_decay"] == 0 and len(own[0]["params"]) == 1
     assert optimizer.defaults["betas"] == (0.9, 0.95)
-    plain = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "1"])
+    plain = flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--embedding_lr_scale", "1"])
     assert len(training.build_optimizer(model, plain).param_groups) == 2  # the grouping of runs before the flag
-    baseline = training.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar"])
+    baseline = flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "ar"])
     assert len(training.build_optimizer(model, baseline).param_groups) == 2  # the baseline keeps the plain recipe
     run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3", "--embedding_lr_scale", "7",
               "--log_interval", "1")
@@ -204,6 +205,9 @@ def test_a_time_budget_fits_the_schedule_to_the_steps_that_fit_and_a_resume_keep
     assert lrs[-1] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 35 / 36))))  # step 39 of 40
     resumed = run_train(corpus_file, spm_path, run, "--time_budget", "2", "--max_steps", "100000")
     assert resumed["step"] == 40 and "--time_budget 2: spent, at step 40; nothing to train" in capsys.readouterr().err
+    dropped = run_train(corpus_file, spm_path, run, "--time_budget", "0", "--max_steps", "42")  # 0: no budget
+    assert dropped["step"] == 42 and "the run had a --time_budget and now has none" in capsys.readouterr().err
+    assert json.load(open(run / "args.json"))["time_budget"] is None
 
 
 def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, monkeypatch, capsys):

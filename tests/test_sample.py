@@ -185,16 +185,13 @@ def test_early_exit_saves_evaluations_on_a_trained_model_and_keeps_converged_sam
     K = 5  # counting steps whose mean top probability is at least 0.8 (this model is sure early, then changes)
     early, evals, steps = generate(*args, early_exit=EarlyExit(K, 0.8))
     assert evals.sum() < full_evals.sum()
-    converged = 0
     for b in range(16):
         s = int(steps[b])  # the row stopped after step s (1-based): its tokens then, unchanged for K steps before
         assert torch.equal(early[b], trajectory[s - 1, b])
         if s < 60:
-            assert (trajectory[s - 1 - K:s, b] == trajectory[s - 1, b]).all()
-        if s < 60 and (trajectory[s - 1:, b] == full[b]).all():  # nothing changed after the exit: converged
-            assert torch.equal(early[b], full[b])
-            converged += 1
-    assert converged >= 1
+            assert (trajectory[max(0, s - 1 - K):s, b] == trajectory[s - 1, b]).all()
+    # some rows that stopped early hold the sample the full run ends at
+    assert sum(torch.equal(early[b], full[b]) for b in range(16) if steps[b] < 60) >= 1
 
 
 def test_bench_sample_reports_every_sampler(memorised_run, capsys):

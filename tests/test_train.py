@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import flags
 import training
 from conftest import run_train, small_model
 from corpus import load_corpus
@@ -24,7 +25,7 @@ def test_bf16_training_on_cpu_gives_finite_losses_and_every_metric(tmp_path, cor
 
 
 def engine(tmp_path, corpus_file, tokenizer, precision):
-    args = training.parse_args(["-d", corpus_file, "-spm", "x", "-mdir", "y", "-bsz", "4", "-slen", "32",
+    args = flags.parse_args(["-d", corpus_file, "-spm", "x", "-mdir", "y", "-bsz", "4", "-slen", "32",
                                 "--precision", precision, "-ema", "0.9"])
     cache = load_corpus(corpus_file, tokenizer, str(tmp_path / "cache"), progress=False)
     loader = PackedBatches(PackedRows(cache, 32, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id), 4)
