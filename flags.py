@@ -213,7 +213,8 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
             setattr(args, name, next((row[name] for row in rows if name in row), None))
     missing = [name for name in required if getattr(args, name) is None]
     if missing:
-        return f"--{missing[0]} is required (or use --demo)"
+        again = "; a resumed run takes -d and -spm again, as it was started" if saved else ""
+        return f"--{missing[0]} is required (or use --demo){again}"
     if args.time_budget == 0:  # how a resumed run drops the budget its args.json would otherwise keep
         args.time_budget = None
     return check_args(args)
@@ -257,7 +258,7 @@ def check_args(args):
     if not 0 < args.beta2 < 1:
         return f"--beta2 {args.beta2}: must be in (0, 1)"
     if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
-        return f"--time_budget {args.time_budget:g}: minutes, more than 0 (0: none)"
+        return f"--time_budget {args.time_budget:g}: minutes, 0 (no budget) or more"
     for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):
         if not value >= 0:
             return f"{flag} {value}: must be 0 or more"

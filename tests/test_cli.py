@@ -262,7 +262,7 @@ def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corp
 
 
 def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_path, corpus_file, spm_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     import flags
     model_dir = tmp_path / "run"
     monkeypatch.setitem(flags.DEFAULTS["every"], "output_prior", False)  # the defaults when the run began
@@ -274,6 +274,9 @@ def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_
     args = train.parse_args(command)
     assert (args.output_prior, args.cond_prob, args.multilevel_prob, args.max_steps) == (False, 1.0, 0.3, 4)
     assert train.parse_args(command + ["--cond_prob", "0.7"]).cond_prob == 0.7  # a flag given still wins
+    with pytest.raises(SystemExit):
+        train.parse_args(["-mdir", str(model_dir)])
+    assert "--data_path is required (or use --demo); a resumed run takes -d and -spm again" in capsys.readouterr().err
     saved = json.loads((model_dir / "args.json").read_text())
     (model_dir / "args.json").write_text(json.dumps({**saved, "compile": True, "tensorboard": True}))
     args = train.parse_args(command)
@@ -295,6 +298,7 @@ def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_
 @pytest.mark.parametrize("command, args, message", [
     ("train", ["--demo", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     ("train", ["--demo", "--max_steps", "-5"], "--max_steps -5: must be at least 0"),
+    ("train", ["--demo", "--time_budget", "-1"], "--time_budget -1: minutes, 0 (no budget) or more"),
     ("train", ["-d", "c.txt", "-spm", "m.model"], "--model_dir is required (or use --demo)"),
     ("sample", ["-mdir", "x", "--steps", "0"], "--steps 0: must be at least 1"),
     ("eval", ["-mdir", "x", "--valid", "y", "--draws", "1"], "--draws 1: must be at least 2"),
