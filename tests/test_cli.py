@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import flags
 import prepare
 import train
 from checkpoint import load_model
@@ -263,7 +264,6 @@ def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corp
 
 def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_path, corpus_file, spm_path,
                                                                           monkeypatch, capsys):
-    import flags
     model_dir = tmp_path / "run"
     monkeypatch.setitem(flags.DEFAULTS["every"], "output_prior", False)  # the defaults when the run began
     monkeypatch.setitem(flags.DEFAULTS["every"], "cond_prob", 1.0)
@@ -324,7 +324,6 @@ def test_a_bad_flag_value_ends_the_command_with_one_line(tmp_path):
 
 
 def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, corpus_file, spm_path, capsys):
-    import flags
     from utils import lr_at
     args = train.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--preset", "small", "--max_steps", "60"])
     assert (args.warmup_steps, flags.warmup_steps(args), args.learning_rate) == (500, 6, 1e-3)
@@ -340,7 +339,6 @@ def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, 
 
 
 def test_every_default_comes_from_the_one_table_and_every_flag_has_help():
-    import flags
     args = flags.parse_args([], required=())
     for name, value in flags.DEFAULTS["every"].items():
         if name not in flags.PRESETS["base"]:
