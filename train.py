@@ -118,7 +118,8 @@ def start(args, rank, world_size, device):
         if os.path.exists(path) else 0
     if rank == 0 and step < args.max_steps:
         if warmup_steps(args) < args.warmup_steps:
-            print(f"note: warming up over {warmup_steps(args)} steps, a tenth of --max_steps {args.max_steps}, "
+            n = warmup_steps(args)
+            print(f"note: warming up over {n} step{'s' * (n != 1)}, a tenth of --max_steps {args.max_steps}, "
                   f"instead of --warmup_steps {args.warmup_steps}, so that the run trains at its learning rate",
                   file=sys.stderr)
         if args.precision == "fp16" and device.type == "cpu":
