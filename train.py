@@ -153,8 +153,9 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         if state.budget is not None and state.budget.tick(step + (status == "applied")) and main_rank:
             bar.total = state.schedule_end(args)
             capped = " (--max_steps; the budget fits more)" if state.budget.end_step > args.max_steps else ""
+            n = warmup_steps(args, bar.total)
             tqdm.write(f"--time_budget {args.time_budget:g}: the schedule ends at step {bar.total}{capped} (warm-up "
-                       f"{warmup_steps(args, bar.total)} steps)", file=sys.stderr)
+                       f"{n} step{'s' * (n != 1)})", file=sys.stderr)
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0

@@ -241,10 +241,12 @@ def test_a_model_folder_that_cannot_take_a_checkpoint_is_refused_before_training
     assert not (model_dir / "ckpt.pt").exists()
 
 
-def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, corpus_file, spm_path):
-    args = train.parse_args(["--demo", "--max_steps", "100000", "--sample_interval", "1000", "--preset", "base"])
-    assert (args.max_steps, args.sample_interval, args.preset) == (100000, 1000, "base")
-    args = train.parse_args(["--demo"])
+def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, corpus_file, spm_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)  # not the checkout's own demo/, which a user's `train.py --demo` may have left
+        args = train.parse_args(["--demo", "--max_steps", "100000", "--sample_interval", "1000", "--preset", "base"])
+        assert (args.max_steps, args.sample_interval, args.preset) == (100000, 1000, "base")
+        args = train.parse_args(["--demo"])
     assert (args.max_steps, args.sample_interval, args.preset) == (1000, 0, "tiny")
     model_dir = tmp_path / "run"
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
@@ -338,14 +340,16 @@ def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, 
     assert lr == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))))
 
 
-def test_every_default_comes_from_the_one_table_and_every_flag_has_help():
+def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path, monkeypatch):
     args = flags.parse_args([], required=())
     for name, value in flags.DEFAULTS["every"].items():
         if name not in flags.PRESETS["base"]:
             assert getattr(args, name) == value, name
     assert all(getattr(args, name) == value for name, value in flags.PRESETS["base"].items())
     assert args.cache_dir is None and args.demo is False  # given or not: nothing else has a default
-    demo_ar = flags.parse_args(["--demo", "--objective", "ar"])
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)  # as above: --demo reads demo/model/args.json of the working folder
+        demo_ar = flags.parse_args(["--demo", "--objective", "ar"])
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
     import bench
     import eval as evaluate
