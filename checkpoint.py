@@ -138,14 +138,16 @@ def restore(checkpoint, path, state, args):
 
 def check_model_config(checkpoint, model, path):
     """Raise UsageError naming the model flags whose values differ from the checkpoint's (fields added to
-    ModelConfig since it was written read as their defaults)."""
+    ModelConfig since it was written read as their defaults); another --objective is told to use its own -mdir."""
     config = dataclasses.asdict(model.cfg)
     saved = {**dataclasses.asdict(ModelConfig()), **checkpoint["config"]}
     if saved != config:
         flags = {k: MODEL_FLAGS.get(k, (k, str)) for k in saved}
         changed = ", ".join(f"{flags[k][0]} {flags[k][1](v)} (now {flags[k][1](config.get(k))})"
                             for k, v in saved.items() if config.get(k) != v)
-        raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}")
+        hint = "; the autoregressive baseline and a diffusion model need a -mdir each" \
+            if saved.get("causal") != config.get("causal") else ""
+        raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}{hint}")
 
 
 def warn_changed_flags(checkpoint, args, warn):

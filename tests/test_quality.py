@@ -247,6 +247,8 @@ def test_resuming_with_other_noise_levels_says_how_to_keep_them_and_refits_the_w
     assert second["time_warp"]["sigma_max"] == 20.0 and second["time_warp"]["counts"].sum() == 0
     with pytest.raises(UsageError, match=r"--self_cond > 0 \(now 0\)"):  # self-conditioned by default
         run_train(corpus_file, spm_path, warped, "--max_steps", "22", "--self_cond", "0")
+    with pytest.raises(UsageError, match=r"--objective diffusion \(now ar\).*need a -mdir each"):
+        run_train(corpus_file, spm_path, warped, "--max_steps", "22", "--objective", "ar")
 
 
 @pytest.mark.parametrize("flags", [["--self_cond", "0.5"], ["--time_warp"], ["--self_cond", "1.5"]])
