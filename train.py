@@ -100,6 +100,11 @@ def run(args, rank, world_size, device):
     print(f"checkpoint: {path}", file=sys.stderr)
 
 
+def steps(n):
+    """`n` steps as a phrase: "1 step", "0 steps", "12 steps"."""
+    return f"{n} step{'s' * (n != 1)}"
+
+
 def start(args, rank, world_size, device):
     """The run's TrainingState, fresh or restored from its checkpoint, its tokenizer and the step it is at; rank 0
     prepares the folder (and the token cache) before the others read them."""
@@ -118,8 +123,7 @@ def start(args, rank, world_size, device):
         if os.path.exists(path) else 0
     if rank == 0 and step < args.max_steps:
         if warmup_steps(args) < args.warmup_steps:
-            n = warmup_steps(args)
-            print(f"note: warming up over {n} step{'s' * (n != 1)}, a tenth of --max_steps {args.max_steps}, "
+            print(f"note: warming up over {steps(warmup_steps(args))}, a tenth of --max_steps {args.max_steps}, "
                   f"instead of --warmup_steps {args.warmup_steps}, so that the run trains at its learning rate",
                   file=sys.stderr)
         if args.precision == "fp16" and device.type == "cpu":
@@ -153,9 +157,8 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         if state.budget is not None and state.budget.tick(step + (status == "applied")) and main_rank:
             bar.total = state.schedule_end(args)
             capped = " (--max_steps; the budget fits more)" if state.budget.end_step > args.max_steps else ""
-            n = warmup_steps(args, bar.total)
             tqdm.write(f"--time_budget {args.time_budget:g}: the schedule ends at step {bar.total}{capped} (warm-up "
-                       f"{n} step{'s' * (n != 1)})", file=sys.stderr)
+                       f"{steps(warmup_steps(args, bar.total))})", file=sys.stderr)
         if status != "applied":
             interval.skipped += 1
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
