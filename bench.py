@@ -2,10 +2,14 @@
 
     python bench.py data -d corpus.txt -spm bpe.model [-slen 64] [-bsz 128] [--json]
     python bench.py train -d corpus.txt -spm bpe.model [--preset small] [--precision bf16] [--compile] [--json]
+        [--reference path/to/score-based-diffusion-lm]
     python bench.py sample [-mdir out | --preset small] [--steps 200] [-bsz 64] [-slen 64] [--json]
 """
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -78,25 +82,30 @@ def attended_keys(segment_ids):
 
 
 def bench_train(args):
-    """Training throughput in real (non-fill) tokens/s over --steps after --warmup steps, model FLOP/s at
-    6 N_mm + 12 layers D T_att per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's
-    peak where known, and peak memory (MB; CUDA: allocated, else the process's resident set)."""
+    """Training throughput in real (non-fill) tokens/s and text tokens/s (neither fill nor padding) over --steps after
+    --warmup steps (their seconds, compilation included, as warmup_s), model FLOP/s at 6 N_mm + 12 layers D T_att
+    per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's peak where known, and peak
+    memory (MB; CUDA: allocated, else the process's resident set)."""
     targs = flags.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
     device = resolve_device(targs.device)
+    if args.attention == "flex" and device.type != "cuda":
+        raise UsageError("--attention flex: FlexAttention trains on CUDA only (on the CPU it has no backward pass)")
     tokenizer = Tokenizer(targs.spm_model)
     state = training.build_state(targs, tokenizer, device)
+    state.model.attention = args.attention
     state.runner = training.training_runner(state.model, targs)
-    keys = []
+    keys, began = [], time.perf_counter()
     try:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 sync(device)
-                started, tokens = time.perf_counter(), 0
+                started, tokens, text = time.perf_counter(), 0, 0
+                warmup_s = started - began
             status, stats = training.optimizer_step(state, targs, device, step)
             if step >= args.warmup:
-                tokens += stats["tokens"]
+                tokens, text = tokens + stats["tokens"], text + stats["text"]
         sync(device)
         elapsed = time.perf_counter() - started
         for _ in range(8):
@@ -111,19 +120,94 @@ def bench_train(args):
     peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    # after this project's step, so that its peak memory is its own
+    reference = {} if args.reference is None else bench_reference(args.reference, targs, args.steps, args.warmup)
     return {"device": name, "preset": targs.preset, "precision": targs.precision, "compile": targs.compile,
+            "attention": args.attention,
             "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
             "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
-            "mean_attended_keys": round(sum(keys) / len(keys), 1), "steps": args.steps,
-            "tokens_per_s": round(tokens_per_s), "flops_per_token": round(flops_per_token),
+            "mean_attended_keys": round(sum(keys) / len(keys), 1), "warmup_s": round(warmup_s, 1),
+            "steps": args.steps,
+            "tokens_per_s": round(tokens_per_s), "text_tokens_per_s": round(text / elapsed),
+            "flops_per_token": round(flops_per_token),
             "flops_per_s": round(flops_per_token * tokens_per_s),
             "mfu": peak and round(flops_per_token * tokens_per_s / peak, 4),
-            "peak_memory_mb": round(memory)}
+            "peak_memory_mb": round(memory), **reference,
+            **({"vs_reference": round(tokens_per_s / reference["reference_tokens_per_s"], 2),
+                "text_vs_reference": round(text / elapsed / reference["reference_text_tokens_per_s"], 2)}
+               if reference else {})}
+
+
+# The original project's training step, run in a child process from its pytorch/ folder (its modules are named
+# data, model, diffusion and utils, as ours are): Trainer.run_step as its train.py builds it, timed after a warm-up.
+REFERENCE_STEP = """
+import json, sys, tempfile, time, types
+import torch
+sys.modules.setdefault("unidecode", types.SimpleNamespace(unidecode=str))  # used for sample logging only
+import logger
+from data import Collate, PackedDataLoader, SentencePieceTokenizer, TextDataset, infinite_loader
+from diffusion import MultiStepScoreDiffusion
+from model import ScoreLM
+from trainer import Trainer
+a = json.loads(sys.argv[1])
+torch.manual_seed(a["seed"])
+tokenizer = SentencePieceTokenizer(a["spm_model"])
+collate = Collate(max_sequence_length=a["sequence_length"], pad_sequence_value=tokenizer.pad_id,
+                  random_length_expansion=True, insert_value=tokenizer.pad_id, insert_rate=0.0)
+loader = PackedDataLoader(TextDataset(a["data_path"], tokenizer), batch_size=a["batch_size"], shuffle=True,
+                          num_workers=1, collate_fn=collate.prepack_fn, sizing_fn=collate.sizing_fn,
+                          packed_collate_fn=collate.packed_collate_fn)
+counted = []
+def counting(batches):
+    for batch in batches:
+        ids, length_mask = batch[0], batch[1]  # real: inside a sequence (its length mask); text: and not padding
+        counted.append((int(length_mask.sum()), int((length_mask & (ids != tokenizer.pad_id)).sum())))
+        yield batch
+model = ScoreLM(num_classes=len(tokenizer), model_dim=a["model_dim"], embedding_dim=a["embedding_dim"],
+                num_layers=a["num_layers"], num_heads=a["num_heads"], dropout_prob=0.0)
+diffusion = MultiStepScoreDiffusion(sigma_min=a["sigma_min"], sigma_max=a["sigma_max"], sigma_data=1.0, rho=a["rho"])
+with tempfile.TemporaryDirectory() as folder:
+    logger.configure(folder)
+    trainer = Trainer(model, diffusion, tokenizer, counting(infinite_loader(loader)), a["batch_size"], 1,
+                      a["learning_rate"], "0.95, 0.9999", folder, 10**9, 10**9, 10**9, (8, a["sequence_length"]),
+                      [], 200, True, gradient_clipping=1.0)
+    # rotary-embedding-torch >= 0.6 caches its phases in buffers outside the state dict, which its EMA looks up there
+    kept = model.state_dict()
+    trainer.ema_named_tensors = [[(k, v) for k, v in named if k in kept] for named in trainer.ema_named_tensors]
+    for step in range(a["warmup"] + a["steps"]):
+        if step == a["warmup"]:
+            started, first = time.perf_counter(), len(counted)
+        trainer.run_step()
+    elapsed = time.perf_counter() - started
+print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()),
+                  "tokens_per_s": sum(c[0] for c in counted[first:]) / elapsed,
+                  "text_tokens_per_s": sum(c[1] for c in counted[first:]) / elapsed}))
+"""
+
+
+def bench_reference(repo, targs, steps, warmup):
+    """The original project's own training step (thorinf/score-based-diffusion-lm as its README describes it, the
+    pytorch/ folder of commit 21f0090, checked out at `repo`) at the run's model shape, batch, row length, noise
+    range, learning rate and corpus, on the CPU: its parameters and real tokens/s (positions inside a sequence) over
+    `steps` after `warmup`. Raises UsageError if the step fails (parse_args checks the folder)."""
+    folder = os.path.join(repo, "pytorch")
+    settings = {k: getattr(targs, k) for k in ("seed", "spm_model", "data_path", "sequence_length", "batch_size",
+                                               "model_dim", "embedding_dim", "num_layers", "num_heads", "sigma_min",
+                                               "sigma_max", "rho", "learning_rate")}
+    settings.update(data_path=os.path.abspath(targs.data_path), spm_model=os.path.abspath(targs.spm_model),
+                    steps=steps, warmup=warmup)
+    done = subprocess.run([sys.executable, "-c", REFERENCE_STEP, json.dumps(settings)], cwd=folder,
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if done.returncode:
+        raise UsageError(f"--reference {repo}: its training step failed: {done.stderr.strip().splitlines()[-1]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"reference_parameters": result["parameters"], "reference_tokens_per_s": round(result["tokens_per_s"]),
+            "reference_text_tokens_per_s": round(result["text_tokens_per_s"])}
 
 
 def bench_sample(args):
     """Sampling throughput of every sampler on -bsz unconditional rows of -slen tokens: sequences/s, network
-    evaluations/s (each one a forward pass over the batch) and evaluations per sequence, over --steps steps after
+    evaluations/s (each one a forward pass over the batch) and their cost in ms, and evaluations per sequence, over --steps steps after
     a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed does not depend on them; early
     exit does)."""
     device = resolve_device(args.device)
@@ -144,7 +228,7 @@ def bench_sample(args):
     ids, cond_mask, _ = sample_rows([layout] * args.batch_size, pad)
     ids, cond_mask = ids.to(device), cond_mask.to(device)
     results = {}
-    for name in SAMPLERS:
+    for name in args.sampler or SAMPLERS:
         def run(steps):
             settings = sampler_settings(name, steps, args.schedule, early_exit=args.early_exit,
                                         precision=args.precision)
@@ -160,6 +244,7 @@ def bench_sample(args):
         batch_evaluations = int(evaluations.max())  # forward passes, each over the rows still sampling
         results[name] = {"sequences_per_s": round(args.batch_size / elapsed, 2),
                          "evaluations_per_s": round(batch_evaluations / elapsed, 2),
+                         "ms_per_evaluation": round(1000 * elapsed / batch_evaluations, 1),
                          "evaluations_per_sequence": round(float(evaluations.float().mean()), 1),
                          "seconds": round(elapsed, 2)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -197,11 +282,18 @@ def build_parser():
                               "--compile, --device, ...), are passed on to train.py's parser.")
     t.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
     t.add_argument("--steps", type=int, default=30, help="steps timed")
+    t.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
+                   help="the attention kernel of packed rows (auto: FlexAttention on CUDA, else SDPA)")
+    t.add_argument("--reference", metavar="DIR",
+                   help="also time the original project's step afterwards, from a checkout of "
+                        "thorinf/score-based-diffusion-lm at DIR, at the same shape, batch and corpus")
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
     s.add_argument("--preset", choices=flags.PRESETS, help="architecture without -mdir (default: small)")
     s.add_argument("--vocab_size", type=int, help="vocabulary without -mdir (at least 4; default 8000)")
     s.add_argument("--steps", type=int, default=200, help="sampler steps")
+    s.add_argument("--sampler", choices=SAMPLERS, action="append", help="time this sampler (repeat the flag; "
+                                                                         "default: every one)")
     s.add_argument("-bsz", "--batch_size", type=int, default=64, help="sequences sampled at once")
     s.add_argument("-slen", "--sequence_length", type=int, default=64, help="tokens per sequence, bos included")
     s.add_argument("--schedule", choices=SCHEDULES, default="uniform", help="per-token schedule")
@@ -220,6 +312,9 @@ def parse_args(argv=None):
     if args.command == "train":
         args.train_flags = rest
         check_at_least(p, {"--steps": (args.steps, 1), "--warmup": (args.warmup, 0)})
+        if args.reference and not os.path.isfile(os.path.join(args.reference, "pytorch", "trainer.py")):
+            p.error(f"--reference {args.reference}: no pytorch/trainer.py there (a checkout of "
+                    "thorinf/score-based-diffusion-lm at 21f0090)")
         return args
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

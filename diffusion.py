@@ -1,8 +1,10 @@
 """The diffusion process: noise levels, preconditioning, the score-interpolation denoiser, the training losses,
 the likelihood bound, the samplers, the per-token sampling schedules, the sampling grid and generate(), which drives
-them. The network is received as an argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `embed`,
-`embedding_table` and `__call__(x, c_noise, segment_ids, self_cond) -> logits`), and a time warp (timewarp.py) as
-any callable u -> sigma; neither module is imported here.
+them. The network is received as an argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `cfg.output_prior`,
+`embed`, `embedding_table` and `__call__(x, c_noise, segment_ids, self_cond, offset) -> logits`; the training losses
+and chunked sampling also need its tied head, `features(...)` (the same arguments) and `head_weights() -> (table,
+bias)`, as model.ScoreLM has), and a time warp (timewarp.py) as any callable u -> sigma; neither module is imported
+here.
 
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
 at its clean embedding). Process maths runs in float32 (float64 on request) whatever the network's precision.
@@ -13,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from chunked import tied_cross_entropy, tied_expectation
 from utils import append_dims, autocast
 
 SIGMA_DATA = 1.0  # normalised embeddings of norm sqrt(E) have unit variance per coordinate
@@ -75,18 +78,46 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
     return c_in, c_noise
 
 
-def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
-    """The preconditioned network: logits (B, L, V) float32 for noisy embeddings x (B, L, E) at levels sigma (B, L),
-    given a previous estimate of the clean embeddings self_cond (B, L, E) or None (read by self-conditioned
-    models only). A model built with cfg.output_prior also adds prior_scale (a float or 0-dim tensor; 1 outside
-    training's ramp) times each token's own posterior, output_prior_offset."""
+def network_inputs(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
+    """The preconditioned network's arguments for noisy embeddings x (B, L, E) at levels sigma (B, L), given a
+    previous estimate of the clean embeddings self_cond (B, L, E) or None (read by self-conditioned models only): c_in
+    x and c_noise (EDM), segment ids, and for a model built with cfg.output_prior, prior_scale (a float or 0-dim
+    tensor; 1 outside training's ramp) times each token's own posterior, output_prior_offset."""
     c_in, c_noise = edm_preconditioning(sigma, sigma_data)
     inputs = [(append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids]
     if self_cond is not None or model.cfg.output_prior:  # keeps the signature of networks without either
         inputs.append(None if self_cond is None else self_cond.float())
     if model.cfg.output_prior:
         inputs.append(prior_scale * output_prior_offset(x, sigma))
-    return model(*inputs).float()
+    return inputs
+
+
+def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
+    """The preconditioned network's logits (B, L, V) float32 (arguments as network_inputs')."""
+    return model(*network_inputs(model, x, sigma, segment_ids, sigma_data, self_cond, prior_scale)).float()
+
+
+def network_features(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
+    """The preconditioned network up to its tied head: features (B, L, E), whose products with the embeddings plus
+    the logit bias are network_logits' logits (model.project), in the compute dtype (float32 with an output prior).
+    For a network with a tied head (model.head_weights); arguments as network_inputs'."""
+    return model.features(*network_inputs(model, x, sigma, segment_ids, sigma_data, self_cond, prior_scale))
+
+
+def network_expectation(model, x, sigma, segment_ids=None, self_cond=None, dtype=torch.float32, precision="fp32"):
+    """What a sampler reads from the network at (x, sigma): (expected, top, argmax) as chunked.tied_expectation
+    returns them, the expected clean embedding under softmax(logits) (B, L, E) `dtype`, the top probability (B, L)
+    and its token (B, L) int64. The network runs under `precision`'s autocast; with a tied head (head_weights) the
+    softmax is reduced a chunk of rows at a time, no (B, L, V) kept; any other network's logits are taken whole."""
+    with autocast(x.device, precision):
+        if hasattr(model, "head_weights"):
+            features = network_features(model, x, sigma, segment_ids, self_cond=self_cond)
+        else:
+            logits = network_logits(model, x, sigma, segment_ids, self_cond=self_cond)
+    if hasattr(model, "head_weights"):
+        return tied_expectation(features, *model.head_weights(), dtype)
+    probs = logits.to(dtype).softmax(dim=-1)
+    return (probs @ model.embedding_table().to(dtype), *probs.max(dim=-1))
 
 
 def output_prior_offset(x, sigma):
@@ -115,50 +146,57 @@ def score_interpolation(probs, x, sigma, table):
     clean embedding, probs @ table (Dieleman et al. 2022, section 3), and exactly x where sigma = 0.
     x (B, L, E), sigma (B, L), table (V, E) -> (B, L, E) float32 (float64 for float64 probs)."""
     dtype = torch.promote_types(probs.dtype, torch.float32)
-    x0_hat = probs.to(dtype) @ table.to(dtype)  # (B, L, E)
-    return torch.where(append_dims(sigma == 0, x.ndim), x.to(dtype), x0_hat)
+    return held_clean(probs.to(dtype) @ table.to(dtype), x, sigma)  # (B, L, E)
+
+
+def held_clean(expected, x, sigma):
+    """The denoiser's estimate: `expected` (B, L, E) where sigma (B, L) > 0 and exactly x, in expected's dtype, at
+    held positions (sigma = 0), where D(x; 0) = x."""
+    return torch.where(append_dims(sigma == 0, x.ndim), x.to(expected.dtype), expected)
 
 
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
-                             return_logits=False, self_cond=False, prior_scale=1.0):
-    """Per-token cross-entropy in nats, (B, L) float32, unreduced (CDCD's loss); with return_logits, also the
-    logits (B, L, V) float32 it was computed from.
+                             weight=None, self_cond=False, prior_scale=1.0):
+    """CDCD's loss, the cross-entropy of the clean tokens: (loss, ce, argmax), where ce (B, L) float32 is each
+    position's cross-entropy in nats, loss the 0-dim float32 sum of weight * ce (differentiable; the caller's weights
+    mask out conditioned and fill positions and set the mean) and argmax (B, L) int64 each position's most likely
+    token (for the accuracy). The tied head runs chunked (chunked.tied_cross_entropy): no (B L) x V logits are kept.
 
     ids (B, L) int64 clean tokens; sigma (B,) or (B, L) float noise levels (a per-sequence level is
     broadcast over the row); noise (B, L, E) standard normal; cond_mask (B, L) bool positions held clean
-    (their sigma is set to 0). With self_cond (a self-conditioned model's share of batches), a first pass without
-    gradient supplies the estimate of the clean embeddings that the second, trained pass reads (Chen et al. 2022,
-    Analog Bits, sec. 3.2); otherwise the model reads none. prior_scale: the weight of a model's output prior
-    (network_logits; training may ramp it in). The caller masks out conditioned and fill positions when reducing.
+    (their sigma is set to 0); weight (B, L) float or None (every position 1). With self_cond (a self-conditioned
+    model's share of batches), a first pass without gradient supplies the estimate of the clean embeddings that the
+    second, trained pass reads (Chen et al. 2022, Analog Bits, sec. 3.2); otherwise the model reads none.
+    prior_scale: the weight of a model's output prior (network_features; training may ramp it in).
     """
     if sigma.ndim == 1:
         sigma = sigma[:, None].expand(ids.shape)
     if cond_mask is not None:
         sigma = sigma.masked_fill(cond_mask, 0.0)
     x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
+    table, bias = model.head_weights()
     estimate = None
     if self_cond:
         with torch.no_grad():
-            first = network_logits(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
-            estimate = score_interpolation(first.softmax(dim=-1), x, sigma, model.embedding_table())  # (B, L, E)
-    logits = network_logits(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale)  # (B, L, V)
-    # (B L, V): the softmax runs over the contiguous last dimension, far faster on the CPU than over dim 1 of a
-    # transposed (B, V, L) view
-    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
-    return (ce, logits) if return_logits else ce
+            first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
+            expected, _, _ = tied_expectation(first, table, bias)
+            estimate = held_clean(expected, x, sigma)  # score interpolation's D, (B, L, E)
+    features = network_features(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale)  # (B, L, E)
+    return tied_cross_entropy(features, table, bias, ids, weight)
 
 
-def autoregressive_loss(model, ids, segment_ids=None, return_logits=False):
-    """The autoregressive baseline's loss: per-token cross-entropy in nats (B, L) float32, where position t holds
-    -log p(ids[t] | the tokens before it in its row); 0 at t = 0. The network (built with causal=True) reads the
-    clean embeddings with c_noise = 0, so it has no noise conditioning. With return_logits, also the logits
-    (B, L, V) aligned the same way (position t: the prediction of ids[t]; zeros at t = 0). The caller keeps only
-    positions that continue their own packed sequence (autoregressive_targets)."""
-    logits = model(model.embed(ids), torch.zeros(ids.shape, device=ids.device), segment_ids).float()
-    B, L, V = logits.shape
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(B, L - 1)
-    ce = F.pad(ce, (1, 0))
-    return (ce, F.pad(logits[:, :-1], (0, 0, 1, 0))) if return_logits else ce
+def autoregressive_loss(model, ids, segment_ids=None, weight=None):
+    """The autoregressive baseline's loss: (loss, ce, argmax) as score_interpolation_loss's, where position t of ce
+    (B, L) float32 holds -log p(ids[t] | the tokens before it in its row) in nats (0 at t = 0), argmax (B, L) int64 the
+    prediction of ids[t] (-1 at t = 0) and loss the sum of weight * ce, weight (B, L) float or None (every position
+    1). The network (built with causal=True) reads the clean embeddings with c_noise = 0, so it has no noise
+    conditioning. The caller's weights keep only positions that continue their own packed sequence
+    (autoregressive_targets)."""
+    features = model.features(model.embed(ids), torch.zeros(ids.shape, device=ids.device), segment_ids)
+    weight = torch.ones(ids.shape, device=ids.device) if weight is None else weight
+    table, bias = model.head_weights()
+    loss, ce, argmax = tied_cross_entropy(features[:, :-1], table, bias, ids[:, 1:], weight[:, 1:])
+    return loss, F.pad(ce, (1, 0)), F.pad(argmax, (1, 0), value=-1)
 
 
 def autoregressive_targets(segment_ids):
@@ -469,15 +507,13 @@ class SamplingRows:
         early exit, and the score-interpolated estimate, which a self-conditioned model reads next."""
         state = self.state
         estimate = state.denoised if self.model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
-        with autocast(self.device, self.precision):
-            logits = network_logits(self.model, x, sigma, self.segment_ids, self_cond=estimate)
-        probs = logits.to(self.dtype).softmax(dim=-1)  # (b, L, V)
-        confidence, argmax = probs.max(dim=-1)
+        expected, confidence, argmax = network_expectation(self.model, x, sigma, self.segment_ids, estimate,
+                                                           self.dtype, self.precision)
         state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
         state.confidence, state.argmax = confidence, argmax
         self.tokens.copy_(torch.where(sigma > 0, argmax, self.tokens))
         self.evaluations[self.rows] += 1
-        state.denoised = score_interpolation(probs, x, sigma, self.table)
+        state.denoised = held_clean(expected, x, sigma)  # score interpolation's D
         return self.denoising.apply(state.denoised, x, sigma, argmax, self.table)
 
     def keep(self, keep):

@@ -27,7 +27,7 @@ from data import sample_rows
 from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, nll_bound,
                        rho_schedule)
 from sampling import GRIDS, draw, parse_length, sample_lengths, sampler_settings, unconditional_layouts
-from utils import ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
+from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
 
 
 def read_lines(path, tokenizer, length, max_lines):
@@ -122,7 +122,8 @@ def sequence_nll(model, sequences, batch_size, pad_id, device):
         segment_ids = torch.ones_like(ids) if segment_ids is None else segment_ids
         ids, segment_ids = ids.to(device), segment_ids.to(device)
         targets = autoregressive_targets(segment_ids)
-        nats += float((autoregressive_loss(model, ids, segment_ids) * targets).sum())
+        loss, _, _ = autoregressive_loss(model, ids, segment_ids, targets.float())  # summed over the targets
+        nats += float(loss)
         tokens += float(targets.sum())
     return nats, tokens
 
@@ -341,6 +342,8 @@ def build_parser():
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
     p.add_argument("--temperature", type=float, default=1.0, help="score temperature of the samples, as in sample.py")
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the network's autocast precision while sampling, as in sample.py (the bound stays fp32)")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "
                         "temperature, clamp, length; repeat the flag)")
@@ -371,12 +374,13 @@ def parse_args(argv=None):
 
 
 def settings_of(args, sampling, **override):
-    """The sample settings (sampler, steps, schedule, grid, temperature, clamp, length), with `override` (a sweep's
-    values), the SamplerSettings they give and the lengths the samples draw from (sampling.sample_lengths, for the
-    checkpoint's `sampling` settings); UsageError for a value out of range. The length is recorded as given, or as
-    "data" or the training length where the default chose it."""
+    """The sample settings (sampler, steps, schedule, grid, temperature, clamp, precision, length), with `override`
+    (a sweep's values), the SamplerSettings they give and the lengths the samples draw from (sampling.sample_lengths,
+    for the checkpoint's `sampling` settings); UsageError for a value out of range. The length is recorded as given,
+    or as "data" or the training length where the default chose it."""
     chosen = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid,
-              "temperature": args.temperature, "clamp": args.clamp, "length": args.length, **override}
+              "temperature": args.temperature, "clamp": args.clamp, "precision": args.precision,
+              "length": args.length, **override}
     length = chosen.pop("length")
     try:
         settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir)

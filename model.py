@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
+from rotary_embedding_torch import RotaryEmbedding
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
@@ -101,6 +101,17 @@ def packed_attention(q, k, v, mask):
     return flex_attention(q, k, v, block_mask=mask)  # CPU: forward only in torch 2.13, for tests
 
 
+def rotate(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021, RoFormer, eq. 34): each adjacent pair (x_2i, x_2i+1) of x (..., L, d)
+    turned by its angle, x cos + (-x_2i+1, x_2i) sin, with cos and sin (..., L, d) float32 of rotary_embedding_torch's
+    interleaved phases, taken once per forward. Equals that library's apply_rotary_emb(phases, x), without its
+    per-call cos and sin, unit scale multiplications and concatenation (a tenth of a CPU training step). -> x's
+    shape and dtype."""
+    pairs = x.unflatten(-1, (-1, 2))
+    turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x * cos + turned * sin).to(x.dtype)
+
+
 class FourierFeatures(nn.Module):
     """Fourier features of a scalar per token with learned frequencies, initialised N(0, 1) (Tancik et al.
     2020; learned as in the original project's noise embedding): (B, L) float -> (B, L, fourier_dim)."""
@@ -116,8 +127,8 @@ class FourierFeatures(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention, rotary on queries and keys.
-    x (B, L, D), freqs (B, 1, L, D/H) fp32 rotary phases, mask (B, 1, L, L) bool, a BlockMask or None
-    -> (B, L, D)."""
+    x (B, L, D), rotary (cos, sin) of the rotary phases, each (B, 1, L, D/H) float32, mask (B, 1, L, L) bool, a
+    BlockMask or None -> (B, L, D)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -125,11 +136,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.model_dim, 3 * cfg.model_dim, bias=False)
         self.out = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
 
-    def forward(self, x, freqs, mask):
+    def forward(self, x, rotary, mask):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, D/H)
-        q, k = apply_rotary_emb(freqs, q), apply_rotary_emb(freqs, k)
-        y = packed_attention(q, k, v, mask)
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D/H)
+        q, k = rotate(qkv[:2], *rotary)  # queries and keys turned together
+        y = packed_attention(q, k, qkv[2], mask)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -160,9 +171,9 @@ class Block(nn.Module):
         self.film = nn.Linear(cfg.time_dim, 4 * cfg.model_dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, time, freqs, mask):
+    def forward(self, x, time, rotary, mask):
         scale1, shift1, scale2, shift2 = self.film(time).chunk(4, dim=-1)  # each (B, L, D)
-        x = x + self.dropout(self.attn((1 + scale1) * self.attn_norm(x) + shift1, freqs, mask))
+        x = x + self.dropout(self.attn((1 + scale1) * self.attn_norm(x) + shift1, rotary, mask))
         return x + self.dropout(self.ffn((1 + scale2) * self.ffn_norm(x) + shift2))
 
 
@@ -178,8 +189,10 @@ class ScoreLM(nn.Module):
     as CDCD uses it); output_offset (B, L, E) float32 or None, a vector added to the head's output before the tied
     projection onto the embeddings, so that logits = (head(h) + offset) . e_v + bias (diffusion.py's output prior:
     z / sigma^2 gives each token's own posterior; the projection then runs in fp32). Returns logits (B, L, V) in the
-    compute dtype (float32 with an offset). `attention` picks the kernel for packed rows: "auto" (FlexAttention on
-    CUDA, else SDPA), "flex" or "sdpa"; it is not part of the architecture.
+    compute dtype (float32 with an offset): project(features(...)), where features are the vectors the tied head
+    projects onto the embeddings, which chunked.py reduces over the vocabulary without forming the logits.
+    `attention` picks the kernel for packed rows: "auto" (FlexAttention on CUDA, else SDPA), "flex" or "sdpa"; it is
+    not part of the architecture.
     """
 
     attention = "auto"
@@ -227,6 +240,23 @@ class ScoreLM(nn.Module):
         return F.normalize(self.embedding(ids).float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
 
     def forward(self, x, c_noise, segment_ids=None, self_cond=None, output_offset=None):
+        return self.project(self.features(x, c_noise, segment_ids, self_cond, output_offset))
+
+    def head_weights(self):
+        """The tied projection's weights: the embedding table (V, E) float32 and the logit bias (V,) float32."""
+        return self.embedding_table(), self.logit_bias
+
+    def project(self, features):
+        """Logits (..., V) of features (..., E): features . e_v + bias, in the features' dtype (float32 for the
+        float32 features of an output offset), the bias added in the matmul."""
+        table, bias = self.head_weights()
+        with torch.autocast(features.device.type, enabled=False):
+            return F.linear(features, table.to(features.dtype), bias.to(features.dtype))
+
+    def features(self, x, c_noise, segment_ids=None, self_cond=None, output_offset=None):
+        """What the tied head projects onto the embeddings: head(h) + output_offset, (B, L, E), in the compute dtype,
+        or float32 with an offset (logits of up to E / sigma_min^2 must keep their small differences). The arguments
+        are forward's; chunked.py reduces these features over the vocabulary without forming the logits."""
         B, L, _ = x.shape
         if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
             segment_ids = torch.ones(B, L, dtype=torch.long, device=x.device)
@@ -239,16 +269,14 @@ class ScoreLM(nn.Module):
             causal = self.cfg.causal
             mask = segment_block_mask(segment_ids, causal) if flex else segment_mask(segment_ids, causal)
         with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32
-            freqs = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
+            phases = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
+            rotary = phases.cos(), phases.sin()  # once for every layer
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
         h = self.input_proj(x)  # (B, L, D)
         if self.self_cond_proj is not None:  # zeros when there is no estimate: every parameter takes part in
             # every forward, as DistributedDataParallel requires
             h = h + self.self_cond_proj(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
         for block in self.blocks:
-            h = block(h, time, freqs, mask)
+            h = block(h, time, rotary, mask)
         h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)
-        if output_offset is not None:  # logits of up to E / sigma_min^2 must keep their small differences: fp32
-            with torch.autocast(x.device.type, enabled=False):
-                return F.linear(h.float() + output_offset.float(), self.embedding_table(), self.logit_bias)
-        return F.linear(h, self.embedding_table().to(h.dtype), self.logit_bias)  # (B, L, V), bias added in the matmul
+        return h if output_offset is None else h.float() + output_offset.float()

@@ -142,20 +142,21 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
 
 
 class TrainingForward(torch.nn.Module):
-    """The training forward, noisy embeddings to per-token loss, as one module, so that DistributedDataParallel
-    and torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, self_cond, prior_scale) ->
-    (ce (B, L), logits), self_cond a bool (this batch takes a self-conditioning pass first), prior_scale the output
-    prior's weight (a 0-dim tensor, so that a ramp does not recompile). A causal model (--objective ar) takes the
+    """The training forward, noisy embeddings to loss, as one module, so that DistributedDataParallel and
+    torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, weight, self_cond, prior_scale) ->
+    (loss, ce (B, L), argmax (B, L)) as score_interpolation_loss returns them, weight (B, L) each position's share of
+    the loss, self_cond a bool (this batch takes a self-conditioning pass first), prior_scale the output prior's
+    weight (a 0-dim tensor, so that a ramp does not recompile). A causal model (--objective ar) takes the
     autoregressive loss instead and ignores sigma, noise, cond_mask and self_cond."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, sigma, noise, segment_ids, cond_mask, self_cond=False, prior_scale=1.0):
+    def forward(self, ids, sigma, noise, segment_ids, cond_mask, weight, self_cond=False, prior_scale=1.0):
         if self.model.cfg.causal:
-            return autoregressive_loss(self.model, ids, segment_ids, return_logits=True)
-        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, return_logits=True,
+            return autoregressive_loss(self.model, ids, segment_ids, weight)
+        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, weight=weight,
                                         self_cond=self_cond, prior_scale=prior_scale)
 
 
@@ -199,13 +200,13 @@ def train_step(model, runner, batch, args, device, scaler, weight, warp=None, st
                                 stratified=args.stratified_sigma)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
     prior_scale = torch.tensor(min(1.0, (step + 1) / args.prior_ramp) if args.prior_ramp else 1.0, device=device)
-    with autocast(device, args.precision):
-        ce, logits = runner(ids, sigma, noise, segment_ids, cond_mask, self_cond, prior_scale)  # (B, L), (B, L, V)
     targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
-    ce_sum = (ce * targets).sum()
-    scaler.scale(ce_sum * weight).backward()
-    correct = ((logits.detach().argmax(dim=-1) == ids) & targets).sum()
-    return ce_sum.detach(), correct, targets.sum(), (sigma, ce.detach(), targets)
+    with autocast(device, args.precision):
+        loss, ce, argmax = runner(ids, sigma, noise, segment_ids, cond_mask, targets * weight, self_cond,
+                                  prior_scale)  # (), (B, L), (B, L)
+    scaler.scale(loss).backward()
+    correct = ((argmax == ids) & targets).sum()
+    return (ce * targets).sum(), correct, targets.sum(), (sigma, ce, targets)
 
 
 def host_counts(batches, pad_id):

@@ -105,6 +105,25 @@ def keep_freed_memory(pad_bytes=1 << 30):
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device):
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512 bf16 or AMX
+    instructions (elsewhere the CPU emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check is not None and check() for check in checks)
+    return False
+
+
+def resolve_precision(precision, device):
+    """--precision as run on `device`: "auto" is bf16 where the device computes it in hardware (native_bf16), else
+    fp32; "fp32", "bf16" and "fp16" stay as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device, precision):
     """The one autocast context for every forward pass: `precision` "fp32" (off), "bf16" or "fp16" on
     device.type. Code that must stay in fp32 inside it (noise levels, rotary phases) disables it locally."""

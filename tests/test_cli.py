@@ -306,6 +306,7 @@ def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_
     ("eval", ["-mdir", "x", "--valid", "y", "--draws", "1"], "--draws 1: must be at least 2"),
     ("prepare", ["-o", "x", "--vocab_size", "5"], "--vocab_size 5: must be at least 16"),
     ("bench", ["sample", "--steps", "0"], "--steps 0: must be at least 1"),
+    ("bench", ["train", "--reference", "nowhere"], "--reference nowhere: no pytorch/trainer.py there"),
     ("plot", [], "the following arguments are required: -mdir/--model_dir"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_the_flag(command, args, message, capsys):
@@ -353,10 +354,11 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
     import bench
     import eval as evaluate
+    import gpu_check
     import plot
     import sample
     parsers = [flags.build_parser(), sample.build_parser(), evaluate.build_parser(), prepare.build_parser(),
-               plot.build_parser(), bench.build_parser()]
+               plot.build_parser(), bench.build_parser(), gpu_check.build_parser()]
     while parsers:
         parser = parsers.pop()
         for action in parser._actions:
@@ -367,7 +369,7 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
 
 def test_no_command_imports_another():
     import ast
-    commands = {"train", "sample", "eval", "bench", "plot", "prepare"}
+    commands = {"train", "sample", "eval", "bench", "plot", "prepare", "gpu_check"}
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             tree = ast.parse(open(os.path.join(ROOT, name)).read())

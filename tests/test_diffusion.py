@@ -41,10 +41,10 @@ def test_per_sequence_sigma_equals_the_same_sigma_per_token():
     noise = torch.randn(3, 8, 16)
     sigma = torch.tensor([1.0, 4.0, 9.0])
     cond = torch.rand(3, 8) < 0.3
-    per_sequence = score_interpolation_loss(model, ids, sigma, noise, cond_mask=cond)
-    per_token = score_interpolation_loss(model, ids, sigma[:, None].expand(3, 8).clone(), noise, cond_mask=cond)
+    _, per_sequence, _ = score_interpolation_loss(model, ids, sigma, noise, cond_mask=cond)
+    _, per_token, _ = score_interpolation_loss(model, ids, sigma[:, None].expand(3, 8).clone(), noise, cond_mask=cond)
     torch.testing.assert_close(per_sequence, per_token)
-    other = score_interpolation_loss(model, ids, sigma.flip(0), noise, cond_mask=cond)
+    _, other, _ = score_interpolation_loss(model, ids, sigma.flip(0), noise, cond_mask=cond)
     assert not torch.allclose(per_sequence, other)
 
 
@@ -64,8 +64,9 @@ def test_fully_conditioned_batch_gives_a_finite_loss_and_gradient():
     model = small_model(vocab_size=50)
     ids = torch.randint(0, 50, (2, 5))
     cond = torch.ones(2, 5, dtype=torch.bool)
-    ce = score_interpolation_loss(model, ids, torch.full((2,), 3.0), torch.randn(2, 5, 16), cond_mask=cond)
-    loss = (ce * ~cond).sum() / (~cond).sum().clamp_min(1)  # as training.optimizer_step weighs it: no 0 / 0
+    weight = (~cond).float() / (~cond).sum().clamp_min(1)  # as training.optimizer_step weighs it: no 0 / 0
+    loss, _, _ = score_interpolation_loss(model, ids, torch.full((2,), 3.0), torch.randn(2, 5, 16), cond_mask=cond,
+                                          weight=weight)
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

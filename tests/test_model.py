@@ -1,8 +1,9 @@
 import pytest
 import torch
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 
 from conftest import small_model
-from model import ModelConfig, segment_mask, segment_positions
+from model import ModelConfig, rotate, segment_mask, segment_positions
 
 
 def test_segment_positions_restart_in_each_sequence():
@@ -95,3 +96,13 @@ def test_a_causal_model_never_sees_later_tokens_nor_other_sequences(attention):
         torch.testing.assert_close(packed[0, 4:], alone[0], atol=1e-5, rtol=1e-5)
     assert segment_mask(torch.tensor([[1, 1, 2]]), causal=True)[0, 0].tolist() == \
         [[True, False, False], [True, True, False], [False, False, True]]
+
+
+def test_rotate_equals_the_rotary_librarys_own_application():
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(16)
+    phases = rotary(segment_positions(torch.tensor([[1] * 5 + [2] * 7, [1] * 12])).float())[:, None]  # (2, 1, 12, 16)
+    x = torch.randn(2, 3, 12, 16)
+    expected = apply_rotary_emb(phases, x)
+    torch.testing.assert_close(rotate(x, phases.cos(), phases.sin()), expected)
+    assert not torch.allclose(expected, x, atol=1e-3)  # positions past 0 are turned

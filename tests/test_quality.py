@@ -29,10 +29,15 @@ def test_a_zero_estimate_reproduces_the_plain_forward_and_a_real_one_is_read():
 
 
 def count_calls(model):
-    """Record every forward of `model`: (whether its output carries a gradient, its self_cond argument)."""
-    calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append((out.requires_grad, args[3] if len(args) > 3
-                                                                  else None)))
+    """Record every pass of `model` through its network (model.features, which forward and the losses call):
+    (whether its output carries a gradient, its self_cond argument)."""
+    calls, features = [], model.features
+
+    def recording(*args):
+        out = features(*args)
+        calls.append((out.requires_grad, args[3] if len(args) > 3 else None))
+        return out
+    model.features = recording
     return calls
 
 
@@ -73,8 +78,13 @@ def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_
 
 def test_sampling_passes_each_evaluation_the_previous_estimate():
     model = small_model(vocab_size=50, self_cond=True).eval()
-    calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append((args, out.detach())))
+    calls, features = [], model.features
+
+    def recording(*args):  # each evaluation's arguments and logits
+        out = features(*args)
+        calls.append((args, model.project(out).detach()))
+        return out
+    model.features = recording
     ids = torch.randint(4, 50, (2, 6))
     cond = torch.zeros(2, 6, dtype=torch.bool)
     cond[:, :2] = True  # a held prompt

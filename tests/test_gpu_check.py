@@ -1,0 +1,38 @@
+"""gpu_check.py on a machine without a GPU: it says so, and every command it would run parses."""
+import pytest
+import torch
+
+import bench
+import flags
+import gpu_check
+import sample
+
+
+def test_without_a_gpu_it_says_so_and_measures_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.run_command(lambda: gpu_check.main(["-o", str(tmp_path / "out")]))
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.startswith("error: no GPU found (torch.cuda.is_available() is False)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_step_is_a_command_its_parser_accepts(tmp_path):
+    steps = gpu_check.plan("c.txt", "m.model", str(tmp_path))
+    assert [name for name, _, _ in steps] == [name for name, _, _ in gpu_check.STEPS]
+    assert sum(seconds for _, seconds, _ in steps) < 600  # under 10 minutes, all steps together
+    for _, _, argv in steps:
+        script, flags_given = argv[1], argv[2:]
+        if script == "bench.py":
+            args = bench.parse_args(flags_given)
+            flags.parse_args(args.train_flags, required=("data_path", "spm_model"))  # what bench passes on
+        elif script == "train.py":
+            assert flags.parse_args(flags_given).model_dir == f"{tmp_path}/run"
+        else:
+            assert script == "sample.py" and sample.parse_args(flags_given).device == "cpu"
+
+
+def test_one_of_d_and_spm_alone_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["-d", "c.txt"])
+    assert "give -d and -spm together, or neither" in capsys.readouterr().err
