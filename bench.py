@@ -23,7 +23,8 @@ from data import PackedBatches, PackedRows, sample_rows
 from diffusion import SAMPLERS, SCHEDULES, Grid, generate
 from model import ModelConfig, ScoreLM
 from sampling import sampler_settings
-from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
+from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device,
+                   resolve_precision, run_command, seed_all)
 
 
 def bench_data(args):
@@ -122,7 +123,8 @@ def bench_train(args):
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     # after this project's step, so that its peak memory is its own
     reference = {} if args.reference is None else bench_reference(args.reference, targs, args.steps, args.warmup)
-    return {"device": name, "preset": targs.preset, "precision": targs.precision, "compile": targs.compile,
+    return {"device": name, "preset": targs.preset, "precision": resolve_precision(targs.precision, device),
+            "compile": targs.compile,
             "attention": args.attention,
             "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
             "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
@@ -206,10 +208,10 @@ def bench_reference(repo, targs, steps, warmup):
 
 
 def bench_sample(args):
-    """Sampling throughput of every sampler on -bsz unconditional rows of -slen tokens: sequences/s, network
-    evaluations/s (each one a forward pass over the batch) and their cost in ms, and evaluations per sequence, over --steps steps after
-    a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed does not depend on them; early
-    exit does)."""
+    """Sampling throughput of every sampler (or --sampler's) on -bsz unconditional rows of -slen tokens: sequences/s,
+    network evaluations/s (each one a forward pass over the batch) and their cost in ms, and evaluations per
+    sequence, over --steps steps after a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed
+    does not depend on them; early exit does)."""
     device = resolve_device(args.device)
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
@@ -249,7 +251,8 @@ def bench_sample(args):
                          "seconds": round(elapsed, 2)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "model": what, "parameters": sum(p.numel() for p in model.parameters()),
-            "precision": args.precision, "batch_size": args.batch_size, "sequence_length": args.sequence_length,
+            "precision": resolve_precision(args.precision, device), "batch_size": args.batch_size,
+            "sequence_length": args.sequence_length,
             "steps": args.steps, "schedule": args.schedule, "early_exit": args.early_exit, **results}
 
 
@@ -298,7 +301,8 @@ def build_parser():
     s.add_argument("-slen", "--sequence_length", type=int, default=64, help="tokens per sequence, bos included")
     s.add_argument("--schedule", choices=SCHEDULES, default="uniform", help="per-token schedule")
     s.add_argument("--early_exit", type=int, metavar="K", help="as sample.py (only meaningful with -mdir)")
-    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision")
+    s.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="the network's autocast precision, as sample.py's")
     s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
     for sub_parser in (d, t, s):
         sub_parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

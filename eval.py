@@ -27,7 +27,8 @@ from data import sample_rows
 from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, nll_bound,
                        rho_schedule)
 from sampling import GRIDS, draw, parse_length, sample_lengths, sampler_settings, unconditional_layouts
-from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command, seed_all
+from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
+                   seed_all)
 
 
 def read_lines(path, tokenizer, length, max_lines):
@@ -342,7 +343,7 @@ def build_parser():
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
     p.add_argument("--temperature", type=float, default=1.0, help="score temperature of the samples, as in sample.py")
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="the network's autocast precision while sampling, as in sample.py (the bound stays fp32)")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "

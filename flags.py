@@ -6,7 +6,7 @@ import json
 import os
 
 from corpus import ENCODING_ERRORS
-from utils import PRECISIONS, ArgumentParser
+from utils import PRECISION_CHOICES, ArgumentParser
 
 FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (after a first, which starts workers)
 DEMO_DIR = "demo"
@@ -36,7 +36,7 @@ DEFAULTS = {
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
-                  max_steps=100_000, precision="fp32", compile=False, max_bad_steps=10, sequence_length=64,
+                  max_steps=100_000, precision="auto", compile=False, max_bad_steps=10, sequence_length=64,
                   sigma_min=1.0, sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.5, time_warp=True,
                   expand_prob=0.1, seed=0, device="auto", log_interval=50, save_interval=1000, keep=0,
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
@@ -118,10 +118,11 @@ def build_parser(description=None):
                           f"{FIT_STEPS} timed steps (again at 2, 4, 8 ... times that, in the schedule's first half) "
                           "the schedule is fitted to the steps that fit, and kept in the checkpoint (--max_steps "
                           "stays the upper bound; off by default; 0 drops a resumed run's budget)")
-    opt.add_argument("--precision", choices=PRECISIONS,
-                     help=f"autocast precision of the network: bf16 on CPUs and GPUs, fp16 on GPUs (with a gradient "
-                          f"scaler, whose overflow steps are skipped); noise levels, preconditioning and the softmax "
-                          f"stay fp32 ({d('precision')})")
+    opt.add_argument("--precision", choices=PRECISION_CHOICES,
+                     help=f"autocast precision of the network: auto (bf16 where the device computes it in hardware, "
+                          f"GPUs and CPUs with AVX-512 bf16 or AMX; else fp32), fp32, bf16, or fp16 on GPUs (with a "
+                          f"gradient scaler, whose overflow steps are skipped); noise levels, preconditioning and the "
+                          f"softmax stay fp32 ({d('precision')})")
     opt.add_argument("--compile", action=argparse.BooleanOptionalAction,
                      help=f"torch.compile the training forward (compiles once, in the first step) ({d('compile')})")
     opt.add_argument("--max_bad_steps", type=int, help=f"stop (exit status 3, last checkpoint intact) after this "

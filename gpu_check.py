@@ -23,9 +23,11 @@ STEPS = [
      "bench.py train -d {data} -spm {spm} --preset large -slen 256 --precision bf16 --compile --warmup 5 --steps 20 "
      "--json"),
     ("FlexAttention, small preset, rows of 256", 60,
-     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention flex --steps 20 --json"),
+     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention flex --steps 20 "
+     "--json"),
     ("SDPA, small preset, rows of 256", 60,
-     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention sdpa --steps 20 --json"),
+     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention sdpa --steps 20 "
+     "--json"),
     ("short training, small preset, bf16", 120,
      "train.py -d {data} -spm {spm} -mdir {out}/run --preset small --max_steps 300 --precision bf16 "
      "--sample_interval 0 --save_interval 300 --no-progress"),

@@ -21,7 +21,7 @@ from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
 from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, draw, parse_length, sample_length,
                       sample_lengths, sampler_settings)
-from utils import PRECISIONS, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command
+from utils import PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command
 
 
 def build_parser():
@@ -88,8 +88,9 @@ def build_parser():
     p.add_argument("--clamp", type=float, default=0.0, metavar="SIGMA",
                    help="below this noise level, replace the denoised estimate by the embedding of its most likely "
                         "token (Diffusion-LM's clamping; 0: never)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the network's autocast precision; the "
-                                                                           "sampling maths stay fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="the network's autocast precision (auto: bf16 where the device computes it in hardware, else "
+                        "fp32; fp32 is faster for a single row); the sampling maths stay fp32")
     p.add_argument("--fp64", action="store_true", help="sampling maths (x, sigma, softmax, denoiser) in float64")
     p.add_argument("--jsonl", action="store_true", help="write JSON lines (sample, seed, prompt, text, ids, steps, "
                                                         "evaluations) instead of plain text")

@@ -22,8 +22,8 @@ from diffusion import Grid
 from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
 from training import Diverged, IntervalMetrics, build_state, optimizer_step, training_runner
-from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint, run_command,
-                   save_checkpoint, seed_all)
+from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
+                   resolve_precision, run_command, save_checkpoint, seed_all)
 
 
 def main(argv=None):
@@ -130,7 +130,8 @@ def start(args, rank, world_size, device):
             print("warning: --precision fp16 on the CPU is slow and gains nothing; bf16 is the CPU's", file=sys.stderr)
         checkpoint.write_run_files(args, state.model)
         corpus = state.loader.rows.cache.meta
-        print(f"{sum(p.numel() for p in state.model.parameters() if p.requires_grad):,} parameters on {device}"
+        print(f"{sum(p.numel() for p in state.model.parameters() if p.requires_grad):,} parameters on {device} "
+              f"({resolve_precision(args.precision, device)})"
               f"{f' x {world_size} processes' if world_size > 1 else ''}; {corpus['examples']:,} examples, "
               f"{corpus['tokens']:,} tokens; {'resuming at step ' + str(step) if step else 'starting'}",
               file=sys.stderr)

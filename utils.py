@@ -103,6 +103,7 @@ def keep_freed_memory(pad_bytes=1 << 30):
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # what --precision accepts; "auto" is resolved per device
 
 
 def native_bf16(device):
@@ -125,8 +126,10 @@ def resolve_precision(precision, device):
 
 
 def autocast(device, precision):
-    """The one autocast context for every forward pass: `precision` "fp32" (off), "bf16" or "fp16" on
-    device.type. Code that must stay in fp32 inside it (noise levels, rotary phases) disables it locally."""
+    """The one autocast context for every forward pass: `precision` "fp32" (off), "bf16", "fp16" or "auto"
+    (resolve_precision) on device.type. Code that must stay in fp32 inside it (noise levels, rotary phases) disables
+    it locally."""
+    precision = resolve_precision(precision, device)
     return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 

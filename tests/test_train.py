@@ -218,3 +218,16 @@ def test_bench_times_training_and_the_loader_on_a_corpus(tmp_path, corpus_file, 
                 "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["examples_in_corpus"] == 400 and 0.9 < result["packing_efficiency"] <= 1
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_given_one_stays(monkeypatch):
+    import utils
+    cpu = torch.device("cpu")
+    for native, expected, dtype in ((True, "bf16", torch.bfloat16), (False, "fp32", None)):
+        monkeypatch.setattr(utils, "native_bf16", lambda device: native)
+        assert utils.resolve_precision("auto", cpu) == expected
+        with utils.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (dtype is not None)
+            assert dtype is None or torch.get_autocast_dtype("cpu") == dtype
+        assert [utils.resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    assert not utils.native_bf16(torch.device("meta"))  # neither a GPU nor a CPU: fp32
