@@ -93,6 +93,9 @@ def bench_train(args):
     device = resolve_device(targs.device)
     if args.attention == "flex" and device.type != "cuda":
         raise UsageError("--attention flex: FlexAttention trains on CUDA only (on the CPU it has no backward pass)")
+    if args.reference and device.type != "cpu":
+        raise UsageError(f"--reference: the original's step runs on the CPU in fp32; time this one there too "
+                         f"(--device cpu), not on {device}")
     tokenizer = Tokenizer(targs.spm_model)
     state = training.build_state(targs, tokenizer, device)
     state.model.attention = args.attention
@@ -201,7 +204,9 @@ def bench_reference(repo, targs, steps, warmup):
     done = subprocess.run([sys.executable, "-c", REFERENCE_STEP, json.dumps(settings)], cwd=folder,
                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if done.returncode:
-        raise UsageError(f"--reference {repo}: its training step failed: {done.stderr.strip().splitlines()[-1]}")
+        tail = done.stderr.strip().splitlines()
+        raise UsageError(f"--reference {repo}: its training step failed: "
+                         f"{tail[-1] if tail else f'exit status {done.returncode}'}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {"reference_parameters": result["parameters"], "reference_tokens_per_s": round(result["tokens_per_s"]),
             "reference_text_tokens_per_s": round(result["text_tokens_per_s"])}
@@ -289,7 +294,8 @@ def build_parser():
                    help="the attention kernel of packed rows (auto: FlexAttention on CUDA, else SDPA)")
     t.add_argument("--reference", metavar="DIR",
                    help="also time the original project's step afterwards, from a checkout of "
-                        "thorinf/score-based-diffusion-lm at DIR, at the same shape, batch and corpus")
+                        "thorinf/score-based-diffusion-lm (21f0090) at DIR, at the same shape, batch and corpus, on "
+                        "the CPU in fp32 (this step's device must be the CPU)")
     s = sub.add_parser("sample", help="sampling sequences/s and network evaluations/s of every sampler")
     s.add_argument("-mdir", "--model_dir", help="a run folder of train.py (default: untrained weights of --preset)")
     s.add_argument("--preset", choices=flags.PRESETS, help="architecture without -mdir (default: small)")

@@ -39,6 +39,10 @@ class TiedCrossEntropy(torch.autograd.Function):
     def chunks(ctx, features, table, bias, targets, weight, grads, chunk):
         """forward's work, under no autocast."""
         table_c = table.to(features.dtype)
+        # the gradients' products: in bf16 for bf16 features (fp32's range), else in fp32, since fp16 would underflow
+        # the unscaled gradients (the loss scale is applied in backward)
+        grad_dtype = torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float32
+        table_g = table.to(grad_dtype)
         ce = torch.empty(len(features), dtype=torch.float32, device=features.device)
         argmax = torch.empty(len(features), dtype=torch.long, device=features.device)
         if grads:
@@ -58,12 +62,12 @@ class TiedCrossEntropy(torch.autograd.Function):
                 w = weight[rows]
                 dlogits = probs.mul_((w / total)[:, None]).scatter_add_(1, target, -w[:, None])
                 grad_bias += dlogits.sum(dim=0)
-                if features.dtype == torch.float32:  # straight into the gradients, no temporaries
-                    torch.mm(dlogits, table_c, out=grad_features[rows])
-                    grad_table.addmm_(dlogits.t(), features[rows])
+                if grad_dtype == torch.float32:  # straight into the gradients, no temporaries
+                    torch.mm(dlogits, table_g, out=grad_features[rows])
+                    grad_table.addmm_(dlogits.t(), features[rows].float())
                 else:
-                    dlogits = dlogits.to(features.dtype)
-                    grad_features[rows] = (dlogits @ table_c).float()
+                    dlogits = dlogits.to(grad_dtype)
+                    grad_features[rows] = (dlogits @ table_g).float()
                     grad_table += (dlogits.t() @ features[rows]).float()
         loss = (ce * weight).sum()
         ctx.mark_non_differentiable(ce, argmax)
@@ -76,7 +80,7 @@ class TiedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_ce, grad_argmax):
         if not ctx.grads:
             raise RuntimeError("TiedCrossEntropy ran without grads=True; its gradients were not computed")
-        # scaled in float32, then cast: a loss scale (fp16) keeps small gradients from underflowing
+        # scaled in float32, then cast to each input's dtype
         grads = [(g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None)
 
@@ -84,15 +88,16 @@ class TiedCrossEntropy(torch.autograd.Function):
 def tied_cross_entropy(features, table, bias, targets, weight=None, chunk=None):
     """The tied head's cross-entropy, chunked (TiedCrossEntropy): features (..., E) in the compute dtype, table (V, E),
     bias (V,), targets (...) int64 and weight (...) float or None (every position 1) -> (loss, ce, argmax): the 0-dim
-    float32 sum of weight * ce, differentiable with respect to features, table and bias when grad mode is on; ce
-    (...) float32 per-position cross-entropy in nats; argmax (...) int64, the most likely token at each position.
+    float32 sum of weight * ce, differentiable with respect to features, table and bias when grad mode is on (not
+    the weights); ce (...) float32 per-position cross-entropy in nats, not differentiable (a loss built from it gets
+    no gradient: weigh the positions through `weight`); argmax (...) int64, the most likely token at each position.
     The gradient equals F.cross_entropy's on the full logits (features @ table.T + bias). chunk: rows at a time
     (default CHUNK_ROWS)."""
     shape = targets.shape
     weight = torch.ones(shape, device=targets.device) if weight is None else weight
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (features, table, bias))
     loss, ce, argmax = TiedCrossEntropy.apply(features.reshape(-1, features.shape[-1]), table, bias.float(),
-                                              targets.reshape(-1), weight.reshape(-1).float(), grads,
+                                              targets.reshape(-1), weight.detach().reshape(-1).float(), grads,
                                               chunk or CHUNK_ROWS)
     return loss, ce.view(shape), argmax.view(shape)
 

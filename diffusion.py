@@ -99,7 +99,8 @@ def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, sel
 
 def network_features(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
     """The preconditioned network up to its tied head: features (B, L, E), whose products with the embeddings plus
-    the logit bias are network_logits' logits (model.project), in the compute dtype (float32 with an output prior).
+    the logit bias are network_logits' logits (model.project; in bf16 up to the rounding of the bias, which the
+    chunked head adds in fp32), in the compute dtype (float32 with an output prior).
     For a network with a tied head (model.head_weights); arguments as network_inputs'."""
     return model.features(*network_inputs(model, x, sigma, segment_ids, sigma_data, self_cond, prior_scale))
 
@@ -158,9 +159,10 @@ def held_clean(expected, x, sigma):
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
                              weight=None, self_cond=False, prior_scale=1.0):
     """CDCD's loss, the cross-entropy of the clean tokens: (loss, ce, argmax), where ce (B, L) float32 is each
-    position's cross-entropy in nats, loss the 0-dim float32 sum of weight * ce (differentiable; the caller's weights
-    mask out conditioned and fill positions and set the mean) and argmax (B, L) int64 each position's most likely
-    token (for the accuracy). The tied head runs chunked (chunked.tied_cross_entropy): no (B L) x V logits are kept.
+    position's cross-entropy in nats (not differentiable), loss the 0-dim float32 sum of weight * ce (differentiable:
+    the caller's weights mask out conditioned and fill positions and set the mean; a loss weighting goes there) and
+    argmax (B, L) int64 each position's most likely token (for the accuracy). The tied head runs chunked
+    (chunked.tied_cross_entropy): no (B L) x V logits are kept.
 
     ids (B, L) int64 clean tokens; sigma (B,) or (B, L) float noise levels (a per-sequence level is
     broadcast over the row); noise (B, L, E) standard normal; cond_mask (B, L) bool positions held clean

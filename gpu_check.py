@@ -9,6 +9,7 @@ says so and exits with status 1, measuring nothing.
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -36,10 +37,18 @@ STEPS = [
 ]
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts run from wherever this one is called
+
+
 def plan(data, spm, out):
-    """The steps as (name, seconds allowed, argv), with the corpus, tokenizer and output folder filled in."""
-    return [(name, seconds, [sys.executable] + command.format(data=data, spm=spm, out=out).split())
-            for name, seconds, command in STEPS]
+    """The steps as (name, seconds allowed, argv), with the corpus, tokenizer and output folder filled in (paths
+    with spaces stay one argument) and each script's path beside this one."""
+    steps = []
+    for name, seconds, command in STEPS:
+        script, *rest = shlex.split(command)
+        argv = [word.format(data=data, spm=spm, out=out) for word in rest]
+        steps.append((name, seconds, [sys.executable, os.path.join(HERE, script)] + argv))
+    return steps
 
 
 def run_step(name, seconds, argv):
@@ -84,7 +93,11 @@ def main(argv=None):
     if data is None:
         corpus = os.path.join(args.output_dir, "demo")
         if not os.path.exists(os.path.join(corpus, "bpe.model")):
-            subprocess.run([sys.executable, "prepare.py", "--demo", "-o", corpus], check=True, capture_output=True)
+            built = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), "--demo", "-o", corpus],
+                                   capture_output=True, text=True)
+            if built.returncode:
+                tail = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
+                raise CommandError(f"the demo corpus was not built in {corpus}: {tail[-1]}")
         data, spm = os.path.join(corpus, "train.txt"), os.path.join(corpus, "bpe.model")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": []}
     for name, seconds, command in plan(data, spm, args.output_dir):

@@ -45,6 +45,20 @@ def test_in_bf16_the_gradients_come_back_in_each_inputs_dtype_and_near_fp32s():
         torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max(), rtol=0.05)
 
 
+def test_in_fp16_small_gradients_do_not_underflow_before_the_loss_scale():
+    torch.manual_seed(0)
+    features = torch.randn(64, 16).half().requires_grad_()
+    table, bias = torch.randn(50, 16, requires_grad=True), torch.randn(50, requires_grad=True)
+    targets, weight = torch.randint(0, 50, (64,)), torch.full((64,), 1 / 65536)  # a large step's share per position
+    loss, _, _ = tied_cross_entropy(features, table, bias, targets, weight, chunk=16)
+    (65536 * loss).backward()  # GradScaler's initial scale
+    t32 = table.detach().clone().requires_grad_()
+    (65536 * (F.cross_entropy(features.detach().float() @ t32.T + bias.detach(), targets, reduction="none")
+              * weight).sum()).backward()
+    assert ((table.grad == 0) & (t32.grad != 0)).sum() == 0
+    torch.testing.assert_close(table.grad, t32.grad, atol=1e-3 * t32.grad.abs().max(), rtol=1e-2)
+
+
 def test_tied_expectation_equals_the_softmax_of_the_full_logits():
     torch.manual_seed(0)
     features, table, bias = torch.randn(2, 19, 16), torch.randn(50, 16), torch.randn(50)

@@ -57,7 +57,8 @@ def test_an_old_run_resumes_to_the_weights_the_old_version_reached(old_run, caps
 def test_an_old_run_samples_and_evaluates_as_the_old_version_did(old_run, capsys):
     run, expected = old_run
     # in fp32, as the old version sampled by default (auto is bf16 on CPUs that have it)
-    sample.main(["-mdir", str(run), "-n", "3", "--steps", "5", "--jsonl", "--prompt", "the river", "--precision", "fp32"])
+    sample.main(["-mdir", str(run), "-n", "3", "--steps", "5", "--jsonl", "--prompt", "the river",
+                 "--precision", "fp32"])
     sample.main(["-mdir", str(run), "-n", "2", "--steps", "4", "--ema", "0.999", "--sampler", "heun", "--schedule",
                  "ar", "--jsonl", "--precision", "fp32"])
     samples = [json.loads(line)["ids"] for line in capsys.readouterr().out.splitlines()]

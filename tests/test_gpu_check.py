@@ -1,4 +1,6 @@
 """gpu_check.py on a machine without a GPU: it says so, and every command it would run parses."""
+import os
+
 import pytest
 import torch
 
@@ -18,11 +20,13 @@ def test_without_a_gpu_it_says_so_and_measures_nothing(tmp_path, monkeypatch, ca
 
 
 def test_every_step_is_a_command_its_parser_accepts(tmp_path):
-    steps = gpu_check.plan("c.txt", "m.model", str(tmp_path))
+    steps = gpu_check.plan("my c.txt", "m.model", str(tmp_path))
     assert [name for name, _, _ in steps] == [name for name, _, _ in gpu_check.STEPS]
     assert sum(seconds for _, seconds, _ in steps) < 600  # under 10 minutes, all steps together
     for _, _, argv in steps:
-        script, flags_given = argv[1], argv[2:]
+        assert os.path.isfile(argv[1])  # found beside gpu_check.py, from any working folder
+        script, flags_given = os.path.basename(argv[1]), argv[2:]
+        assert "my c.txt" in flags_given or script == "sample.py"  # a path with a space stays one argument
         if script == "bench.py":
             args = bench.parse_args(flags_given)
             flags.parse_args(args.train_flags, required=("data_path", "spm_model"))  # what bench passes on

@@ -95,7 +95,8 @@ def test_jsonl_records_and_a_suffix_of_eos_alone(memorised_run, capsys):
 def test_a_length_range_draws_each_length_from_the_sample_seed(memorised_run, capsys):
     model_dir, _ = memorised_run
     # fp32: bf16's rounding of a product depends on the batch's shape
-    flags = ["-n", "12", "--length", "6:20", "--jsonl", "--seed", "3", "--schedule", "confidence", "--precision", "fp32"]
+    flags = ["-n", "12", "--length", "6:20", "--jsonl", "--seed", "3", "--schedule", "confidence",
+             "--precision", "fp32"]
     first = records(run_sample(capsys, model_dir, *flags, "--batch_size", "12")[0])
     again = records(run_sample(capsys, model_dir, *flags, "--batch_size", "5")[0])
     lengths = [len(r["ids"]) for r in first]
