@@ -25,10 +25,12 @@ class TiedCrossEntropy(torch.autograd.Function):
     backward pass and the (N, V) tensors it keeps are not needed. forward(features (N, E), table (V, E), bias (V,)
     float32, targets (N,) int64, weight (N,) float32, grads bool, chunk int) -> loss (0-dim float32) = sum_i
     weight_i ce_i, with ce (N,) float32 nats and argmax (N,) int64 (each row's most likely token), neither
-    differentiable. The matmuls run in the features' dtype (the table is cast to it), the softmax and the gradients
-    in float32. With `grads` the gradients of the loss with respect to features, table and bias are computed in
-    forward and scaled by the loss's incoming gradient in backward (Liger Kernel's fused linear cross-entropy works
-    the same way, Hsu et al. 2024); without, backward is not available."""
+    differentiable. The logits' product runs in the features' dtype (the table is cast to it) and the softmax in
+    float32; the gradients' products run in bf16 for bf16 features and in float32 otherwise (fp16 would underflow
+    them before backward applies the loss scale), and they are kept in float32. With `grads` the gradients of the
+    loss with respect to features, table and bias are computed in forward and scaled by the loss's incoming gradient
+    in backward (Liger Kernel's fused linear cross-entropy works the same way, Hsu et al. 2024); without, backward
+    is not available."""
 
     @staticmethod
     def forward(ctx, features, table, bias, targets, weight, grads, chunk):
