@@ -110,14 +110,12 @@ def network_expectation(model, x, sigma, segment_ids=None, self_cond=None, dtype
     returns them, the expected clean embedding under softmax(logits) (B, L, E) `dtype`, the top probability (B, L)
     and its token (B, L) int64. The network runs under `precision`'s autocast; with a tied head (head_weights) the
     softmax is reduced a chunk of rows at a time, no (B, L, V) kept; any other network's logits are taken whole."""
+    tied = hasattr(model, "head_weights")
     with autocast(x.device, precision):
-        if hasattr(model, "head_weights"):
-            features = network_features(model, x, sigma, segment_ids, self_cond=self_cond)
-        else:
-            logits = network_logits(model, x, sigma, segment_ids, self_cond=self_cond)
-    if hasattr(model, "head_weights"):
-        return tied_expectation(features, *model.head_weights(), dtype)
-    probs = logits.to(dtype).softmax(dim=-1)
+        out = (network_features if tied else network_logits)(model, x, sigma, segment_ids, self_cond=self_cond)
+    if tied:
+        return tied_expectation(out, *model.head_weights(), dtype)
+    probs = out.to(dtype).softmax(dim=-1)
     return (probs @ model.embedding_table().to(dtype), *probs.max(dim=-1))
 
 

@@ -105,7 +105,7 @@ def rotate(x, cos, sin):
     """Rotary position embedding (Su et al. 2021, RoFormer, eq. 34): each adjacent pair (x_2i, x_2i+1) of x (..., L, d)
     turned by its angle, x cos + (-x_2i+1, x_2i) sin, with cos and sin (..., L, d) float32 of rotary_embedding_torch's
     interleaved phases, taken once per forward. Equals that library's apply_rotary_emb(phases, x), without its
-    per-call cos and sin, unit scale multiplications and concatenation (a tenth of a CPU training step). -> x's
+    per-call cos and sin, unit scale multiplications and concatenation (RESULTS.md, "Training throughput"). -> x's
     shape and dtype."""
     pairs = x.unflatten(-1, (-1, 2))
     turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
