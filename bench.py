@@ -24,7 +24,7 @@ from diffusion import SAMPLERS, SCHEDULES, Grid, generate
 from model import ModelConfig, ScoreLM
 from sampling import sampler_settings
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device,
-                   resolve_precision, run_command, seed_all)
+                   resolve_precision, run_command, seed_all, warn_if_emulated)
 
 
 def bench_data(args):
@@ -91,6 +91,7 @@ def bench_train(args):
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
     device = resolve_device(targs.device)
+    warn_if_emulated(targs.precision, device)
     if args.attention == "flex" and device.type != "cuda":
         raise UsageError("--attention flex: FlexAttention trains on CUDA only (on the CPU it has no backward pass)")
     if args.reference and device.type != "cpu":
@@ -218,6 +219,7 @@ def bench_sample(args):
     sequence, over --steps steps after a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed
     does not depend on them; early exit does)."""
     device = resolve_device(args.device)
+    warn_if_emulated(args.precision, device)
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
         model, tokenizer, sampling = load_model(args.model_dir, device=device)

@@ -425,6 +425,17 @@ def prepare_corpus(lines, out_dir, valid_fraction, vocab_size, source="the corpu
     return counts
 
 
+def line_lengths(paths, tokenizer):
+    """The length in tokens (bos and eos included, as a training row holds it) of every line of the prepared files
+    `paths` (one example a line, UTF-8), as a sorted list of int."""
+    lengths = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            while lines := [line.rstrip("\n") for _, line in zip(range(ENCODE_LINES), f)]:
+                lengths += [len(ids) + 2 for ids in tokenizer.sp.encode(lines)]
+    return sorted(lengths)
+
+
 def docstring_sentences(root):
     """English sentences from the docstrings of the .py files under `root`, parsed (never imported), in a
     stable order. Keeps sentences of 5 to 40 words, made mostly of letters, that end with a full stop."""

@@ -28,7 +28,7 @@ from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_
                        rho_schedule)
 from sampling import GRIDS, draw, parse_length, sample_lengths, sampler_settings, unconditional_layouts
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
-                   seed_all)
+                   seed_all, warn_if_emulated)
 
 
 def read_lines(path, tokenizer, length, max_lines):
@@ -243,9 +243,9 @@ def save_figure(plt, fig, path):
         plt.close(fig)
 
 
-def plot_curve(curve, path):
-    """Draw cross-entropy and accuracy against sigma to `path`; returns False without matplotlib or where the
-    file cannot be written."""
+def plot_curve(curve, path, title):
+    """Draw cross-entropy and accuracy against sigma to `path` under `title`, the legend below the axes; returns
+    False without matplotlib or where the file cannot be written."""
     plt = pyplot()
     if plt is None:
         return False
@@ -258,8 +258,9 @@ def plot_curve(curve, path):
     right = ax.twinx()
     right.plot(sigmas, [point["accuracy"] for point in curve], marker="s", color="tab:orange", label="accuracy")
     right.set_ylabel("accuracy")
-    fig.legend(loc="upper center")
-    fig.tight_layout()
+    ax.set_title(title, fontsize="medium")
+    fig.legend(loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room below the axes for the legend
     return save_figure(plt, fig, path)
 
 
@@ -428,6 +429,8 @@ def check_request(args, model, sampling):
 def evaluate(args, device):
     """Every figure eval.py reports, as one dict."""
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
+    if not model.cfg.causal:  # the precision of sampling
+        warn_if_emulated(args.precision, device)
     args.pad_id = tokenizer.pad_id
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, model, sampling)
@@ -474,7 +477,8 @@ def diffusion_figures(model, lines, sampling, args, device):
     sigmas = rho_schedule(grid, sampling["sigma_min"], sampling["sigma_max"], 7.0).flip(0).tolist()
     result["ce_by_sigma"] = ce_by_sigma(model, lines, sigmas, args, device, generator)
     plot = os.path.join(args.plot_dir or args.model_dir, "ce_by_sigma.png")
-    result["plot"] = plot if plot_curve(result["ce_by_sigma"], plot) else None
+    title = f"Loss by noise level: {os.path.basename(os.path.abspath(args.model_dir))}, {len(lines):,} valid lines"
+    result["plot"] = plot if plot_curve(result["ce_by_sigma"], plot, title) else None
     return result
 
 

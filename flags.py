@@ -196,10 +196,18 @@ def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), desc
 def resolve(args, required=("data_path", "spm_model", "model_dir")):
     """Fill every flag of `args` that was not given from DEFAULTS and check the values; returns the first problem as
     a message, or None."""
+    if args.demo and (args.data_path or args.spm_model):
+        given = " and ".join(flag for flag, value in (("-d", args.data_path), ("-spm", args.spm_model)) if value)
+        return (f"--demo with {given}: --demo trains on the demo corpus; to train on your own, drop --demo (its "
+                "settings are --preset tiny --max_steps 1000)")
     rows = [DEFAULTS["demo"]] if args.demo else []
     saved = saved_args(args.model_dir or (DEFAULTS["demo"]["model_dir"] if args.demo else None))
     if isinstance(saved, str):
         return saved
+    if saved and args.preset and saved.get("preset", args.preset) != args.preset:
+        return (f"--preset {args.preset}: the run in {args.model_dir} was started with --preset {saved['preset']} and "
+                f"keeps its architecture and settings; drop --preset to resume it, or give another -mdir to start the "
+                f"{args.preset} preset afresh")
     rows = [saved, DEFAULTS["legacy"]] + rows if saved else rows
     if (args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)) == "ar":
         given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),

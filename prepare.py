@@ -8,10 +8,12 @@ unk 3 and the ten digits as user-defined symbols (the recipe of the original pro
 whitespace become one space, blank lines are dropped and invalid UTF-8 is replaced, each counted in the report;
 the split is by a hash of the line. Nothing in DIR is replaced unless all four files are written.
 """
+import math
 import os
 import sys
 
-from corpus import build_demo, prepare_corpus, read_raw
+from corpus import Tokenizer, build_demo, line_lengths, prepare_corpus, read_raw
+from flags import DEFAULTS
 from utils import ArgumentParser, UsageError, run_command
 
 
@@ -25,6 +27,23 @@ def build_parser():
     p.add_argument("--valid_fraction", type=float, default=0.01, help="share of lines held out for validation")
     p.add_argument("--demo", action="store_true", help="build the demo corpus instead of reading --input")
     return p
+
+
+def report_lengths(folder, row):
+    """Say how many of the prepared lines in `folder` are longer than train.py's default row of `row` tokens (bos and
+    eos included) and the -slen that holds 99% of them whole (all of them, where 99% already fit): training crops a
+    longer line and eval.py leaves it out."""
+    lengths = line_lengths([os.path.join(folder, name) for name in ("train.txt", "valid.txt")],
+                           Tokenizer(os.path.join(folder, "bpe.model")))
+    longer = sum(n > row for n in lengths)
+    fit = lengths[math.ceil(0.99 * len(lengths)) - 1]
+    if longer:
+        hold = f"-slen {fit} holds 99% of the lines whole" if fit > row else f"-slen {lengths[-1]} holds all of them"
+        print(f"note: {longer:,} of {len(lengths):,} lines ({100 * longer / len(lengths):.1f}%) are longer than "
+              f"train.py's default rows of {row} tokens (bos and eos included): training crops them and eval.py "
+              f"leaves them out; {hold}", file=sys.stderr)
+    else:
+        print(f"every line fits train.py's default rows of {row} tokens (the longest: {lengths[-1]})", file=sys.stderr)
 
 
 def main(argv=None):
@@ -54,6 +73,7 @@ def main(argv=None):
     print(f"{args.output_dir}: {counts['read']:,} lines read; {n_train:,} train and {n_valid:,} valid; "
           f"{counts['blank']:,} blank lines dropped; {counts['undecodable']:,} lines had invalid UTF-8 "
           f"(replaced by U+FFFD); tokenizer of {vocab_size:,} pieces", file=sys.stderr)
+    report_lengths(args.output_dir, DEFAULTS["every"]["sequence_length"])
     if n_valid == 0 and args.valid_fraction > 0:
         print(f"warning: {args.output_dir}/valid.txt is empty: no line fell to the --valid_fraction "
               f"{args.valid_fraction} share of {n_train:,}; give a larger --valid_fraction, or hold out lines of your "

@@ -21,7 +21,8 @@ from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
 from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, draw, parse_length, sample_length,
                       sample_lengths, sampler_settings)
-from utils import PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command
+from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
+                   warn_if_emulated)
 
 
 def build_parser():
@@ -188,11 +189,15 @@ def held_tokens(tokenizer, pieces, suffix):
 
 def build_layouts(args, tokenizer, sampling):
     """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
-    Raises UsageError if a prompt or template does not fit (the shortest length of a range)."""
+    Raises UsageError if a prompt or template does not fit (the shortest length of a range), or if a sample would
+    be longer than the rows the model was trained on."""
     training_length = sampling["sequence_length"]
     lengths = sample_lengths(args.length, sampling, args.model_dir)
     if args.suffix is not None:
         warn_unknown(tokenizer, [args.suffix], "--suffix")
+    if not isinstance(lengths, list) and lengths[1] > training_length:
+        asked = f"--length {lengths[0]}" + f":{lengths[1]}" * (lengths[0] < lengths[1])
+        raise beyond_training(asked, lengths[1], training_length, args.model_dir)
     layouts, sources = [], []
     for prompt, pieces, where in read_prompts(args):
         drawn = isinstance(lengths, list)  # from the training lines' lengths, at most the training rows
@@ -210,11 +215,16 @@ def build_layouts(args, tokenizer, sampling):
             length = sample_length(lengths, args.seed, len(layouts), fewest)
             layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
             sources.append(prompt)
-    longest = max(len(ids) for ids, _ in layouts)
-    if longest > training_length:
-        print(f"warning: samples of up to {longest} tokens are longer than the training rows ({training_length}); "
-              "positions past them were never trained", file=sys.stderr)
+            if len(layouts[-1][0]) > training_length:
+                raise beyond_training(where, len(layouts[-1][0]), training_length, args.model_dir)
     return layouts, sources
+
+
+def beyond_training(where, length, training_length, model_dir):
+    """The UsageError for a sample of `length` tokens, asked for by `where`, in a model trained on shorter rows."""
+    return UsageError(f"{where}: a sample of {length} tokens is longer than the {training_length}-token rows "
+                      f"{model_dir} was trained on (positions past them were never trained); ask for at most "
+                      f"{training_length} tokens, or train with a larger -slen")
 
 
 def main(argv=None):
@@ -224,6 +234,7 @@ def main(argv=None):
     if args.suffix is not None:
         checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
+    warn_if_emulated(args.precision, device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
     if model.cfg.causal:
         raise UsageError(f"{args.model_dir}: an autoregressive baseline (train.py --objective ar); eval.py scores "

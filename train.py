@@ -23,7 +23,7 @@ from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
 from training import Diverged, IntervalMetrics, build_state, optimizer_step, training_runner
 from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
-                   resolve_precision, run_command, save_checkpoint, seed_all)
+                   resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
 
 
 def main(argv=None):
@@ -126,8 +126,7 @@ def start(args, rank, world_size, device):
             print(f"note: warming up over {steps(warmup_steps(args))}, a tenth of --max_steps {args.max_steps}, "
                   f"instead of --warmup_steps {args.warmup_steps}, so that the run trains at its learning rate",
                   file=sys.stderr)
-        if args.precision == "fp16" and device.type == "cpu":
-            print("warning: --precision fp16 on the CPU is slow and gains nothing; bf16 is the CPU's", file=sys.stderr)
+        warn_if_emulated(args.precision, device)
         checkpoint.write_run_files(args, state.model)
         corpus = state.loader.rows.cache.meta
         print(f"{sum(p.numel() for p in state.model.parameters() if p.requires_grad):,} parameters on {device} "
@@ -149,7 +148,16 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
     unfitted = state.budget is not None and state.budget.end_step is None  # no total to show until the fit
     bar = tqdm(total=None if unfitted else state.schedule_end(args), initial=step,
                disable=not (args.progress and main_rank), dynamic_ncols=True)
-    interval, bad_in_a_row = IntervalMetrics(device), 0
+    interval, bad_in_a_row, lr = IntervalMetrics(device), 0, None
+
+    def log(step):
+        """Write the interval's metrics up to `step` (rank 0) and show its loss on the bar."""
+        line = interval.line(step, lr, loader.epoch)
+        line["tokens_per_s"] *= loader.world_size  # every rank trains on as many rows
+        bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+        if main_rank:
+            metrics_file.write(**line)
+
     state.model.train()
     if state.budget is not None:
         state.budget.start()
@@ -165,19 +173,17 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
             bad_in_a_row = bad_in_a_row + 1 if status == "bad" else 0
             check_bad_steps(status, bad_in_a_row, step, args, main_rank)
             continue
-        bad_in_a_row, step = 0, step + 1
+        bad_in_a_row, step, lr = 0, step + 1, stats["lr"]
         interval.add(stats)
         bar.update(1)
         if step % args.log_interval == 0 or step == state.schedule_end(args):
-            line = interval.line(step, stats["lr"], loader.epoch)
-            line["tokens_per_s"] *= loader.world_size  # every rank trains on as many rows
-            bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
-            if main_rank:
-                metrics_file.write(**line)
+            log(step)
         if step % args.save_interval == 0:
             save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
             print_samples(state, tokenizer, args, device, step, prompts)
+    if interval.steps:  # the steps since the last line, when the time budget or a stop ended the run between lines
+        log(step)
     bar.close()
     if metrics_file:
         metrics_file.close()

@@ -106,14 +106,39 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # what --precision accepts; "auto" is resolved per device
 
 
+# oneDNN's instruction sets that compute bf16 (AVX-512 bf16, AMX, AVX10) as ONEDNN_MAX_CPU_ISA names them
+ONEDNN_BF16_ISAS = ("BF16", "AMX", "AVX10", "FP16")
+
+
+def cpu_kernels_reach_avx512():
+    """Whether the CPU kernels this process runs may use AVX-512: ATen's (ATEN_CPU_CAPABILITY) and oneDNN's
+    (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) are not pinned below the instructions that compute bf16.
+    A pin to AVX2 makes a bf16 CPU compute bf16 as an AVX2 CPU does, emulated."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2") \
+        and (isa in ("ALL", "DEFAULT") or any(name in isa for name in ONEDNN_BF16_ISAS))
+
+
 def native_bf16(device):
     """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512 bf16 or AMX
-    instructions (elsewhere the CPU emulates bf16, slower than fp32)."""
+    instructions whose kernels are not pinned below them (cpu_kernels_reach_avx512); elsewhere the CPU emulates bf16,
+    many times slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return any(check is not None and check() for check in checks)
+        return any(check is not None and check() for check in checks) and cpu_kernels_reach_avx512()
+    return False
+
+
+def native_fp16(device):
+    """Whether `device` computes fp16 in hardware: any CUDA GPU, or a CPU with AMX fp16 instructions whose kernels are
+    not pinned below them; other CPUs emulate fp16, many times slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        check = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+        return check is not None and check() and cpu_kernels_reach_avx512()
     return False
 
 
@@ -123,6 +148,20 @@ def resolve_precision(precision, device):
     if precision != "auto":
         return precision
     return "bf16" if native_bf16(device) else "fp32"
+
+
+def warn_if_emulated(precision, device):
+    """Print one warning line on stderr if `device` does not compute --precision `precision` in hardware (bf16
+    without native_bf16, fp16 without native_fp16) and return it (else None): the run goes on, emulated, many times
+    slower than in fp32 (RESULTS.md, "Emulated bf16 and fp16")."""
+    native = {"bf16": native_bf16, "fp16": native_fp16}.get(precision)
+    if native is None or native(device):
+        return None
+    warning = (f"warning: --precision {precision} is emulated on this {device.type.upper()} (no {precision} instructions "
+            f"in the kernels it runs): expect it to run many times slower than fp32 (15x in RESULTS.md); "
+            f"--precision auto picks {resolve_precision('auto', device)} here")
+    print(warning, file=sys.stderr)
+    return warning
 
 
 def autocast(device, precision):

@@ -13,6 +13,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 from corpus import Tokenizer, demo_sentences, prepare_corpus  # noqa: E402
 from diffusion import Grid, ScheduleState, advance, denoiser_logits, score_interpolation  # noqa: E402
 from model import ModelConfig, ScoreLM  # noqa: E402
+import utils  # noqa: E402
 
 torch.set_num_threads(2)
 VOCAB_SIZE = 2000  # the demo's tokenizer
@@ -22,6 +23,18 @@ VOCAB_SIZE = 2000  # the demo's tokenizer
 def token_cache_home(tmp_path_factory):
     """Corpus caches go to a temporary folder, never to the user's ~/.cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+NATIVE_BF16 = utils.native_bf16  # the real check, for the tests of it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def auto_precision_is_fp32():
+    """--precision auto resolves to fp32 in every test, on every CPU: what a run computes (and so every figure the
+    tests assert) does not then depend on whether this CPU has bf16 instructions. Tests of bf16 ask for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "native_bf16", lambda device: False)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +108,7 @@ def schedule_sigmas(schedule, cond_mask, steps, sigma_min, sigma_max, rho, warp=
 
 
 TINY = ["-dim", "32", "-nl", "2", "-nh", "2", "-emb", "16", "-bsz", "4", "-slen", "32", "-lr", "3e-3", "-wus", "2",
-        "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1"]
+        "--log_interval", "2", "--sample_interval", "0", "--no-progress", "--seed", "1", "--precision", "fp32"]
 
 
 def run_train(corpus, spm, model_dir, *extra):

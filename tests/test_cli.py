@@ -233,6 +233,26 @@ def test_prepare_reports_the_lines_it_dropped_and_replaced(tmp_path, corpus_line
     assert "303 lines read" in err and "2 blank lines dropped" in err and "1 lines had invalid UTF-8" in err
 
 
+def test_prepare_counts_the_lines_longer_than_the_default_rows_and_names_the_flag(tmp_path, corpus_lines, capsys):
+    short = list(dict.fromkeys(" ".join(line.split()[:4]) for line in corpus_lines))[:200]
+    long_lines = [" ".join(corpus_lines[i:i + 8]) for i in range(0, 80, 8)]  # 10 lines of 8 corpus lines each
+    out = tmp_path / "out"
+    for lines in (short, short + long_lines):
+        (tmp_path / "raw.txt").write_text("\n".join(lines) + "\n")
+        prepare.main(["-i", str(tmp_path / "raw.txt"), "-o", str(out), "--vocab_size", "300"])
+        tokenizer = Tokenizer(str(out / "bpe.model"))
+        lengths = sorted(len(tokenizer.encode(line)) for name in ("train.txt", "valid.txt")
+                         for line in (out / name).read_text().splitlines())
+        err = capsys.readouterr().err
+        if lines == short:
+            assert lengths[-1] <= 64
+            assert f"every line fits train.py's default rows of 64 tokens (the longest: {lengths[-1]})" in err
+    assert len(lengths) == 210 and sum(n > 64 for n in lengths) == 10 and lengths[207] > 64  # 99%: 208 of 210
+    assert ("note: 10 of 210 lines (4.8%) are longer than train.py's default rows of 64 tokens (bos and eos "
+            f"included): training crops them and eval.py leaves them out; -slen {lengths[207]} holds 99% of the lines "
+            "whole") in err
+
+
 def test_a_model_folder_that_cannot_take_a_checkpoint_is_refused_before_training(tmp_path, corpus_file, spm_path):
     model_dir = tmp_path / "run"
     (model_dir / "metrics.jsonl").mkdir(parents=True)
@@ -241,7 +261,8 @@ def test_a_model_folder_that_cannot_take_a_checkpoint_is_refused_before_training
     assert not (model_dir / "ckpt.pt").exists()
 
 
-def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, corpus_file, spm_path, monkeypatch):
+def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed_or_preset(tmp_path, corpus_file, spm_path,
+                                                                              monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.chdir(tmp_path)  # not the checkout's own demo/, which a user's `train.py --demo` may have left
         args = train.parse_args(["--demo", "--max_steps", "100000", "--sample_interval", "1000", "--preset", "base"])
@@ -252,7 +273,13 @@ def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed(tmp_path, cor
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
     with pytest.raises(Exception, match="--seed 5: the run was started with --seed 1"):
         run_train(corpus_file, spm_path, model_dir, "--max_steps", "3", "--seed", "5")
-
+    # a resumed run keeps its preset's architecture: another --preset is refused, not ignored
+    command = ["-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir)]
+    assert train.parse_args(command + ["--preset", "base"]).model_dim == 32  # the preset it was started with
+    with pytest.raises(SystemExit):
+        train.parse_args(command + ["--preset", "tiny"])
+    assert f"--preset tiny: the run in {model_dir} was started with --preset base and keeps its architecture" \
+        in capsys.readouterr().err
 
 def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corpus_file, spm_path):
     model_dir = tmp_path / "run"
@@ -302,6 +329,8 @@ def test_a_resumed_run_keeps_its_own_flags_where_the_defaults_changed_since(tmp_
     ("train", ["--demo", "--max_steps", "-5"], "--max_steps -5: must be at least 0"),
     ("train", ["--demo", "--time_budget", "-1"], "--time_budget -1: minutes, 0 (no budget) or more"),
     ("train", ["-d", "c.txt", "-spm", "m.model"], "--model_dir is required (or use --demo)"),
+    ("train", ["--demo", "-d", "c.txt"], "--demo with -d: --demo trains on the demo corpus; to train on your own, drop "
+                                         "--demo (its settings are --preset tiny --max_steps 1000)"),
     ("sample", ["-mdir", "x", "--steps", "0"], "--steps 0: must be at least 1"),
     ("eval", ["-mdir", "x", "--valid", "y", "--draws", "1"], "--draws 1: must be at least 2"),
     ("prepare", ["-o", "x", "--vocab_size", "5"], "--vocab_size 5: must be at least 16"),

@@ -205,3 +205,19 @@ def test_progress_goes_to_stderr_and_lines_too_long_for_the_rows_are_counted_lou
                    "--no-progress", "--plot_dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert json.loads(out)["skipped_share"] == pytest.approx(2 / 6) and "%|" not in err
+
+
+def test_the_loss_by_noise_level_plot_has_a_title_and_its_legend_below_the_axes(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn, save = {}, evaluate.save_figure
+
+    def measured(plt, fig, path):
+        fig.canvas.draw()
+        drawn.update(title=fig.axes[0].get_title(), axes=[ax.get_window_extent() for ax in fig.axes],
+                     legend=fig.legends[0].get_window_extent())
+        return save(plt, fig, path)
+    monkeypatch.setattr(evaluate, "save_figure", measured)
+    curve = [{"sigma": s, "ce": 8 * s / (s + 1), "accuracy": 1 / (s + 1)} for s in (0.5, 1, 5, 20, 50)]
+    assert evaluate.plot_curve(curve, str(tmp_path / "ce_by_sigma.png"), "Loss by noise level: run")
+    assert drawn["title"] == "Loss by noise level: run"
+    assert all(drawn["legend"].y1 <= axes.y0 for axes in drawn["axes"])  # below both axes, covering no curve

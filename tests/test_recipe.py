@@ -219,10 +219,13 @@ def test_a_run_stops_when_its_budget_is_spent(tmp_path, corpus_file, spm_path, m
         clock.seconds = 1.0 if step < 25 else 4.0  # the machine slows down after the fit
         return real_step(state, args, device, step)
     monkeypatch.setattr(train, "optimizer_step", slower_after_the_fit)
-    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--time_budget", "1")
+    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--time_budget", "1", "--log_interval", "100")
     assert checkpoint["time_budget"]["end_step"] == 60  # fitted at 1 s a step
     assert checkpoint["step"] < 60 and checkpoint["time_budget"]["spent"] >= 60
     assert "--time_budget 1: spent at step" in capsys.readouterr().err
+    # the steps after the last full log interval (here every step) are logged when the budget ends the run
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [checkpoint["step"]] and math.isfinite(lines[0]["loss"])
 
 
 def test_a_run_that_ends_at_its_fitted_step_with_time_left_says_so_when_started_again(tmp_path, corpus_file,

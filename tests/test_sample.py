@@ -133,7 +133,10 @@ def test_unusable_text_and_sizes_end_with_one_line_errors(memorised_run, capsys)
              (["--length", "4:12", "--prompt", "an entity that has physical existence"],
               "leave nothing to generate in --length 4 (the shortest of --length 4:12)"),
              (["--length", "4", "--suffix", "entity that"],
-              f"an unprompted sample: {1 + suffix} held tokens (bos, suffix and eos)")]
+              f"an unprompted sample: {1 + suffix} held tokens (bos, suffix and eos)"),
+             # longer than the 32-token rows it was trained on
+             (["--length", "20:33"], "--length 20:33: a sample of 33 tokens is longer than the 32-token rows"),
+             (["--infill", "a [31] b"], "--infill: a sample of 34 tokens is longer than the 32-token rows")]
     for flags, message in cases:
         with pytest.raises(UsageError, match=re.escape(message)):
             sample.main(["-mdir", str(model_dir), *flags])
