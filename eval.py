@@ -414,13 +414,18 @@ def load_judge(path, tokenizer, length, device):
 
 def check_request(args, model, sampling):
     """Refuse, before any work, what the run cannot do: samples of an autoregressive run, a warped grid without a
-    warp, a --plot_dir that is not a folder."""
+    warp, samples longer than the training rows, a --plot_dir that is not a folder."""
     if model.cfg.causal and (args.samples or args.sweep):
         raise UsageError(f"{args.model_dir}: an autoregressive run; --samples and --sweep score a diffusion run's "
                          "samples")
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
+    for length in [args.length, *dict(args.sweep or []).get("length", [])]:
+        if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
+            asked = f"--length {length[0]}" + f":{length[1]}" * (length[0] < length[1])
+            raise UsageError(f"{asked}: longer than the {sampling['sequence_length']}-token rows {args.model_dir} was "
+                             f"trained on (positions past them were never trained)")
     if args.plot_dir and not os.path.isdir(args.plot_dir):
         problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
         raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")
@@ -429,11 +434,11 @@ def check_request(args, model, sampling):
 def evaluate(args, device):
     """Every figure eval.py reports, as one dict."""
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    if not model.cfg.causal:  # the precision of sampling
-        warn_if_emulated(args.precision, device)
     args.pad_id = tokenizer.pad_id
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, model, sampling)
+    if args.samples or args.sweep:  # --precision is sampling's (the bound stays fp32)
+        warn_if_emulated(args.precision, device)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     share = skipped / (skipped + len(lines))
     if skipped:

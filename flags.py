@@ -205,7 +205,8 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     if isinstance(saved, str):
         return saved
     if saved and args.preset and saved.get("preset", args.preset) != args.preset:
-        return (f"--preset {args.preset}: the run in {args.model_dir} was started with --preset {saved['preset']} and "
+        model_dir = args.model_dir or DEFAULTS["demo"]["model_dir"]
+        return (f"--preset {args.preset}: the run in {model_dir} was started with --preset {saved['preset']} and "
                 f"keeps its architecture and settings; drop --preset to resume it, or give another -mdir to start the "
                 f"{args.preset} preset afresh")
     rows = [saved, DEFAULTS["legacy"]] + rows if saved else rows

@@ -76,8 +76,9 @@ def main(argv=None):
     report_lengths(args.output_dir, DEFAULTS["every"]["sequence_length"])
     if n_valid == 0 and args.valid_fraction > 0:
         print(f"warning: {args.output_dir}/valid.txt is empty: no line fell to the --valid_fraction "
-              f"{args.valid_fraction} share of {n_train:,}; give a larger --valid_fraction, or hold out lines of your "
-              "own for eval.py", file=sys.stderr)
+              f"{args.valid_fraction} share of {n_train:,} (the split is by a hash of each line, so a file that is "
+              "already one side of such a split, a prepared train.txt, stays whole); give a larger --valid_fraction, "
+              "or hold out lines of your own for eval.py", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,6 @@ def main(argv=None):
     if args.suffix is not None:
         checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
-    warn_if_emulated(args.precision, device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
     if model.cfg.causal:
         raise UsageError(f"{args.model_dir}: an autoregressive baseline (train.py --objective ar); eval.py scores "
@@ -242,6 +241,7 @@ def main(argv=None):
     layouts, sources = build_layouts(args, tokenizer, sampling)
     settings = args.settings
     grid = settings.sigma_grid(sampling, args.model_dir)
+    warn_if_emulated(args.precision, device)  # once the request is known to be good
     print(f"{len(layouts)} samples, {settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
     evaluations = 0

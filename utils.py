@@ -106,39 +106,40 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # what --precision accepts; "auto" is resolved per device
 
 
-# oneDNN's instruction sets that compute bf16 (AVX-512 bf16, AMX, AVX10) as ONEDNN_MAX_CPU_ISA names them
-ONEDNN_BF16_ISAS = ("BF16", "AMX", "AVX10", "FP16")
+# the values of ONEDNN_MAX_CPU_ISA below oneDNN's first instruction set with bf16 products (AVX512_CORE_BF16)
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
-def cpu_kernels_reach_avx512():
-    """Whether the CPU kernels this process runs may use AVX-512: ATen's (ATEN_CPU_CAPABILITY) and oneDNN's
-    (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) are not pinned below the instructions that compute bf16.
-    A pin to AVX2 makes a bf16 CPU compute bf16 as an AVX2 CPU does, emulated."""
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2") \
-        and (isa in ("ALL", "DEFAULT") or any(name in isa for name in ONEDNN_BF16_ISAS))
+def onednn_pinned_below_bf16():
+    """Whether oneDNN, which computes the CPU's bf16 and fp16 matrix products, is pinned below the instructions that
+    compute them (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA, set to AVX2, say): it then converts every
+    operand, as on a CPU without them. oneDNN ignores a value it does not know, and so does this check; ATen's own pin
+    (ATEN_CPU_CAPABILITY) leaves the products fast (RESULTS.md, "Emulated bf16 and fp16")."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return isa.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16
 
 
 def native_bf16(device):
-    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512 bf16 or AMX
-    instructions whose kernels are not pinned below them (cpu_kernels_reach_avx512); elsewhere the CPU emulates bf16,
-    many times slower than fp32."""
+    """Whether `device` computes bf16 in hardware: a CUDA GPU with bf16 (not emulating it), or a CPU with AVX-512
+    bf16 or AMX instructions whose matrix products are not pinned below them (onednn_pinned_below_bf16); elsewhere
+    bf16 is emulated, many times slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return any(check is not None and check() for check in checks) and cpu_kernels_reach_avx512()
+        return any(check is not None and check() for check in checks) and not onednn_pinned_below_bf16()
     return False
 
 
 def native_fp16(device):
-    """Whether `device` computes fp16 in hardware: any CUDA GPU, or a CPU with AMX fp16 instructions whose kernels are
-    not pinned below them; other CPUs emulate fp16, many times slower than fp32."""
+    """Whether `device` computes fp16 in hardware: any CUDA GPU, or a CPU with AMX fp16 instructions whose matrix
+    products are not pinned below them (torch has no check of AVX-512 fp16 alone, so such a CPU counts as emulating
+    it); other CPUs emulate fp16, many times slower than fp32."""
     if device.type == "cuda":
         return True
     if device.type == "cpu":
         check = getattr(torch.cpu, "_is_amx_fp16_supported", None)
-        return check is not None and check() and cpu_kernels_reach_avx512()
+        return check is not None and check() and not onednn_pinned_below_bf16()
     return False
 
 
@@ -150,16 +151,21 @@ def resolve_precision(precision, device):
     return "bf16" if native_bf16(device) else "fp32"
 
 
+EMULATION_SLOWDOWN = {"bf16": "15x", "fp16": "18x"}  # RESULTS.md, "Emulated bf16 and fp16" (kernels pinned to AVX2)
+
+
 def warn_if_emulated(precision, device):
-    """Print one warning line on stderr if `device` does not compute --precision `precision` in hardware (bf16
-    without native_bf16, fp16 without native_fp16) and return it (else None): the run goes on, emulated, many times
-    slower than in fp32 (RESULTS.md, "Emulated bf16 and fp16")."""
+    """Print one warning line on stderr if the CPU or CUDA `device` does not compute --precision `precision` in
+    hardware (bf16 without native_bf16, fp16 without native_fp16) and return it (else None): the run goes on,
+    emulated, many times slower than in fp32 (RESULTS.md, "Emulated bf16 and fp16"). Other devices are not judged."""
     native = {"bf16": native_bf16, "fp16": native_fp16}.get(precision)
-    if native is None or native(device):
+    if native is None or device.type not in ("cpu", "cuda") or native(device):
         return None
-    warning = (f"warning: --precision {precision} is emulated on this {device.type.upper()} (no {precision} instructions "
-            f"in the kernels it runs): expect it to run many times slower than fp32 (15x in RESULTS.md); "
-            f"--precision auto picks {resolve_precision('auto', device)} here")
+    where = "CPU" if device.type == "cpu" else "GPU"
+    warning = (f"warning: --precision {precision} is emulated on this {where} (no {precision} instructions in the "
+               f"kernels it runs): expect it to run many times slower than fp32 (a training step "
+               f"{EMULATION_SLOWDOWN[precision]} in RESULTS.md); --precision auto picks "
+               f"{resolve_precision('auto', device)} here")
     print(warning, file=sys.stderr)
     return warning
 

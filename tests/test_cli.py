@@ -268,7 +268,12 @@ def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed_or_preset(tmp
         args = train.parse_args(["--demo", "--max_steps", "100000", "--sample_interval", "1000", "--preset", "base"])
         assert (args.max_steps, args.sample_interval, args.preset) == (100000, 1000, "base")
         args = train.parse_args(["--demo"])
+        (tmp_path / "demo" / "model").mkdir(parents=True)
+        (tmp_path / "demo" / "model" / "args.json").write_text(json.dumps({"preset": "tiny"}))
+        with pytest.raises(SystemExit):
+            train.parse_args(["--demo", "--preset", "small"])
     assert (args.max_steps, args.sample_interval, args.preset) == (1000, 0, "tiny")
+    assert "--preset small: the run in demo/model was started with --preset tiny" in capsys.readouterr().err
     model_dir = tmp_path / "run"
     run_train(corpus_file, spm_path, model_dir, "--max_steps", "2")
     with pytest.raises(Exception, match="--seed 5: the run was started with --seed 1"):
@@ -280,6 +285,7 @@ def test_demo_keeps_explicit_flags_and_resume_refuses_another_seed_or_preset(tmp
         train.parse_args(command + ["--preset", "tiny"])
     assert f"--preset tiny: the run in {model_dir} was started with --preset base and keeps its architecture" \
         in capsys.readouterr().err
+
 
 def test_a_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, corpus_file, spm_path):
     model_dir = tmp_path / "run"

@@ -190,6 +190,17 @@ def test_an_autoregressive_run_has_no_samples_to_score(memorised_ar_run, tmp_pat
     assert json.load(open(model_dir / "args.json"))["expand_prob"] == 0.0  # no pads after eos to predict
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--length", "33"], "--length 33: longer than the 32-token rows"),
+    (["--sweep", "length=16,20:40"], "--length 20:40: longer than the 32-token rows")])
+def test_samples_longer_than_the_training_rows_are_refused_before_any_work(memorised_run, tmp_path, flags, message):
+    model_dir, lines = memorised_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match=message):
+        evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2", *flags])
+
+
 def test_progress_goes_to_stderr_and_lines_too_long_for_the_rows_are_counted_loudly(memorised_run, tmp_path, capsys):
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"

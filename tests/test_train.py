@@ -230,23 +230,23 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_given_on
             assert torch.is_autocast_enabled("cpu") == (dtype is not None)
             assert dtype is None or torch.get_autocast_dtype("cpu") == dtype
         assert [utils.resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
-    assert not utils.native_bf16(torch.device("meta"))  # neither a GPU nor a CPU: fp32
 
 
-@pytest.mark.parametrize("capability, onednn, native", [
-    ("AVX512", None, True), ("AVX512", "AVX512_CORE_BF16", True), ("AVX512", "avx512_core_amx", True),
-    ("AVX2", None, False), ("AVX512", "AVX2", False), ("AVX512", "AVX512_CORE", False), ("DEFAULT", None, False)])
-def test_a_bf16_cpu_whose_kernels_are_pinned_below_avx512_computes_bf16_emulated(monkeypatch, capability, onednn,
-                                                                                 native):
+@pytest.mark.parametrize("variable, value, native", [
+    (None, None, True), ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+    ("ONEDNN_MAX_CPU_ISA", "avx512_core_amx", True),
+    ("ONEDNN_MAX_CPU_ISA", "ALL", True), ("ONEDNN_MAX_CPU_ISA", "no such isa", True),  # oneDNN ignores it too
+    ("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("ONEDNN_MAX_CPU_ISA", "avx512_core", False),
+    ("DNNL_MAX_CPU_ISA", "AVX2", False), ("ATEN_CPU_CAPABILITY", "avx2", True)])  # ATen's pin: products stay fast
+def test_a_bf16_cpu_whose_matrix_products_are_pinned_below_bf16_emulates_it(monkeypatch, variable, value, native):
     from conftest import NATIVE_BF16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    if onednn is None:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    if variable is not None:
+        monkeypatch.setenv(variable, value)
     assert NATIVE_BF16(torch.device("cpu")) is native
+    assert not NATIVE_BF16(torch.device("meta"))  # neither a GPU nor a CPU
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -256,8 +256,9 @@ def test_bf16_asked_for_where_it_is_emulated_is_warned_about_once_and_the_run_go
     import sample
     import utils
     monkeypatch.setattr(utils, "native_bf16", lambda device: native)
-    warning = ("warning: --precision bf16 is emulated on this CPU (no bf16 instructions in the kernels it runs): expect "
-               "it to run many times slower than fp32 (15x in RESULTS.md); --precision auto picks fp32 here\n")
+    warning = ("warning: --precision bf16 is emulated on this CPU (no bf16 instructions in the kernels it runs): "
+               "expect it to run many times slower than fp32 (a training step 15x in RESULTS.md); --precision auto "
+               "picks fp32 here\n")
     run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "2", "--precision", "bf16")
     err = capsys.readouterr().err
     assert err.count(warning) == (not native) and "parameters on cpu (bf16)" in err
@@ -265,6 +266,9 @@ def test_bf16_asked_for_where_it_is_emulated_is_warned_about_once_and_the_run_go
     sample.main(["-mdir", str(memorised_run[0]), "--steps", "2", "-n", "1", "--precision", "bf16"])
     captured = capsys.readouterr()
     assert captured.err.count(warning) == (not native) and len(captured.out.splitlines()) == 1
+    with pytest.raises(utils.UsageError, match="--length 40: a sample of 40 tokens"):  # a bad request: its error alone
+        sample.main(["-mdir", str(memorised_run[0]), "--length", "40", "--precision", "bf16"])
+    assert "warning" not in capsys.readouterr().err
     assert utils.warn_if_emulated("fp32", torch.device("cpu")) is None and "warning" not in capsys.readouterr().err
 
 
@@ -272,3 +276,4 @@ def test_fp16_is_emulated_on_a_cpu_without_amx_fp16(monkeypatch):
     import utils
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
     assert "--precision fp16 is emulated on this CPU" in utils.warn_if_emulated("fp16", torch.device("cpu"))
+    assert utils.warn_if_emulated("bf16", torch.device("meta")) is None  # neither a CPU nor a GPU: not judged
