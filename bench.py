@@ -91,7 +91,6 @@ def bench_train(args):
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
     device = resolve_device(targs.device)
-    warn_if_emulated(targs.precision, device)
     if args.attention == "flex" and device.type != "cuda":
         raise UsageError("--attention flex: FlexAttention trains on CUDA only (on the CPU it has no backward pass)")
     if args.reference and device.type != "cpu":
@@ -101,6 +100,7 @@ def bench_train(args):
     state = training.build_state(targs, tokenizer, device)
     state.model.attention = args.attention
     state.runner = training.training_runner(state.model, targs)
+    warn_if_emulated(targs.precision, device)  # once the inputs are known to be good
     keys, began = [], time.perf_counter()
     try:
         for step in range(args.warmup + args.steps):
@@ -219,7 +219,6 @@ def bench_sample(args):
     sequence, over --steps steps after a two-step warm-up. Weights from -mdir, or untrained ones of --preset (speed
     does not depend on them; early exit does)."""
     device = resolve_device(args.device)
-    warn_if_emulated(args.precision, device)
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
         model, tokenizer, sampling = load_model(args.model_dir, device=device)
@@ -233,6 +232,7 @@ def bench_sample(args):
         shape = {k: v for k, v in flags.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
         model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
         sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
+    warn_if_emulated(args.precision, device)  # once the inputs are known to be good
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
     ids, cond_mask, _ = sample_rows([layout] * args.batch_size, pad)
     ids, cond_mask = ids.to(device), cond_mask.to(device)

@@ -411,7 +411,9 @@ def prepare_corpus(lines, out_dir, valid_fraction, vocab_size, source="the corpu
     try:
         counts = write_splits(lines, temporary[0], temporary[1], valid_fraction)
         if counts[0] == 0:
-            raise UsageError(f"{source}: no training line left after cleaning")
+            raise UsageError(f"{source}: no training line left after cleaning" if counts[1] == 0 else
+                             f"{source}: every line fell to valid.txt (the split is by a hash of each line, so a file "
+                             "that is already the valid side of such a split stays whole); give --valid_fraction 0")
         train_tokenizer(temporary[0], os.path.join(out_dir, "tmp.bpe"), vocab_size, source)
         for tmp, path in zip(temporary, final):
             os.replace(tmp, path)

@@ -421,11 +421,13 @@ def check_request(args, model, sampling):
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
-    for length in [args.length, *dict(args.sweep or []).get("length", [])]:
-        if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
+    row = sampling["sequence_length"]
+    for length in [args.length, *dict(args.sweep or []).get("length", [])] if args.samples or args.sweep else []:
+        if isinstance(length, tuple) and length[1] > row:
             asked = f"--length {length[0]}" + f":{length[1]}" * (length[0] < length[1])
-            raise UsageError(f"{asked}: longer than the {sampling['sequence_length']}-token rows {args.model_dir} was "
-                             f"trained on (positions past them were never trained)")
+            raise UsageError(f"{asked}: longer than the {row}-token rows {args.model_dir} was trained on (positions "
+                             f"past them were never trained); ask for at most {row} tokens, or train with a larger "
+                             "-slen")
     if args.plot_dir and not os.path.isdir(args.plot_dir):
         problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
         raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")
@@ -437,9 +439,9 @@ def evaluate(args, device):
     args.pad_id = tokenizer.pad_id
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, model, sampling)
-    if args.samples or args.sweep:  # --precision is sampling's (the bound stays fp32)
-        warn_if_emulated(args.precision, device)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
+    if args.samples or args.sweep:  # --precision is sampling's (the bound stays fp32); once the inputs are good
+        warn_if_emulated(args.precision, device)
     share = skipped / (skipped + len(lines))
     if skipped:
         print(f"warning: {skipped:,} of {skipped + len(lines):,} lines read from {args.valid} ({percent(share)}) are "

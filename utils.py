@@ -116,7 +116,7 @@ def onednn_pinned_below_bf16():
     operand, as on a CPU without them. oneDNN ignores a value it does not know, and so does this check; ATen's own pin
     (ATEN_CPU_CAPABILITY) leaves the products fast (RESULTS.md, "Emulated bf16 and fp16")."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return isa.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16
+    return isa.upper() in ONEDNN_ISAS_WITHOUT_BF16
 
 
 def native_bf16(device):

@@ -233,6 +233,16 @@ def test_prepare_reports_the_lines_it_dropped_and_replaced(tmp_path, corpus_line
     assert "303 lines read" in err and "2 blank lines dropped" in err and "1 lines had invalid UTF-8" in err
 
 
+def test_prepare_on_the_valid_side_of_its_own_split_says_why_nothing_is_left_to_train(tmp_path, corpus_lines):
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join(corpus_lines) + "\n")
+    prepare.main(["-i", str(raw), "-o", str(tmp_path / "out"), "--vocab_size", "300", "--valid_fraction", "0.3"])
+    with pytest.raises(UsageError, match="valid.txt: every line fell to valid.txt \\(the split is by a hash of each"):
+        prepare.main(["-i", str(tmp_path / "out" / "valid.txt"), "-o", str(tmp_path / "again"), "--valid_fraction",
+                      "0.3"])
+    assert not (tmp_path / "again").exists()
+
+
 def test_prepare_counts_the_lines_longer_than_the_default_rows_and_names_the_flag(tmp_path, corpus_lines, capsys):
     short = list(dict.fromkeys(" ".join(line.split()[:4]) for line in corpus_lines))[:200]
     long_lines = [" ".join(corpus_lines[i:i + 8]) for i in range(0, 80, 8)]  # 10 lines of 8 corpus lines each

@@ -201,6 +201,24 @@ def test_samples_longer_than_the_training_rows_are_refused_before_any_work(memor
         evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2", *flags])
 
 
+def test_eval_warns_of_emulated_bf16_only_when_it_samples_and_only_once_its_inputs_are_good(memorised_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import utils
+    monkeypatch.setattr(utils, "native_bf16", lambda device: False)
+    model_dir, lines = memorised_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--precision", "bf16",
+               "--plot_dir", str(tmp_path)]
+    evaluate.main(command)  # the bound alone: fp32 whatever --precision says
+    assert "is emulated" not in capsys.readouterr().err
+    with pytest.raises(UsageError, match="no checkpoint"):
+        evaluate.main(command + ["--samples", "2", "--judge", str(tmp_path / "nowhere")])
+    assert "is emulated" not in capsys.readouterr().err
+    evaluate.main(command + ["--samples", "2", "--steps", "2"])
+    assert capsys.readouterr().err.count("warning: --precision bf16 is emulated on this CPU") == 1
+
+
 def test_progress_goes_to_stderr_and_lines_too_long_for_the_rows_are_counted_loudly(memorised_run, tmp_path, capsys):
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
