@@ -26,7 +26,8 @@ from corpus import decode_line
 from data import sample_rows
 from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, nll_bound,
                        rho_schedule)
-from sampling import GRIDS, draw, parse_length, sample_lengths, sampler_settings, unconditional_layouts
+from sampling import (GRIDS, beyond_training, draw, length_flag, parse_length, sample_lengths, sampler_settings,
+                      unconditional_layouts)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    seed_all, warn_if_emulated)
 
@@ -421,13 +422,9 @@ def check_request(args, model, sampling):
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
-    row = sampling["sequence_length"]
     for length in [args.length, *dict(args.sweep or []).get("length", [])] if args.samples or args.sweep else []:
-        if isinstance(length, tuple) and length[1] > row:
-            asked = f"--length {length[0]}" + f":{length[1]}" * (length[0] < length[1])
-            raise UsageError(f"{asked}: longer than the {row}-token rows {args.model_dir} was trained on (positions "
-                             f"past them were never trained); ask for at most {row} tokens, or train with a larger "
-                             "-slen")
+        if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
+            raise beyond_training(length_flag(length), length[1], sampling["sequence_length"], args.model_dir)
     if args.plot_dir and not os.path.isdir(args.plot_dir):
         problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
         raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")

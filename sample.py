@@ -19,8 +19,8 @@ from checkpoint import load_model
 from corpus import decode_line
 from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
-from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, draw, parse_length, sample_length,
-                      sample_lengths, sampler_settings)
+from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, beyond_training, draw, length_flag,
+                      parse_length, sample_length, sample_lengths, sampler_settings)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    warn_if_emulated)
 
@@ -196,8 +196,7 @@ def build_layouts(args, tokenizer, sampling):
     if args.suffix is not None:
         warn_unknown(tokenizer, [args.suffix], "--suffix")
     if not isinstance(lengths, list) and lengths[1] > training_length:
-        asked = f"--length {lengths[0]}" + f":{lengths[1]}" * (lengths[0] < lengths[1])
-        raise beyond_training(asked, lengths[1], training_length, args.model_dir)
+        raise beyond_training(length_flag(lengths), lengths[1], training_length, args.model_dir)
     layouts, sources = [], []
     for prompt, pieces, where in read_prompts(args):
         drawn = isinstance(lengths, list)  # from the training lines' lengths, at most the training rows
@@ -218,13 +217,6 @@ def build_layouts(args, tokenizer, sampling):
             if len(layouts[-1][0]) > training_length:
                 raise beyond_training(where, len(layouts[-1][0]), training_length, args.model_dir)
     return layouts, sources
-
-
-def beyond_training(where, length, training_length, model_dir):
-    """The UsageError for a sample of `length` tokens, asked for by `where`, in a model trained on shorter rows."""
-    return UsageError(f"{where}: a sample of {length} tokens is longer than the {training_length}-token rows "
-                      f"{model_dir} was trained on (positions past them were never trained); ask for at most "
-                      f"{training_length} tokens, or train with a larger -slen")
 
 
 def main(argv=None):

@@ -150,6 +150,19 @@ def parse_length(text):
     return lo, hi
 
 
+def length_flag(lengths):
+    """--length as the user gave it, from parse_length's (A, B): "--length 64" or "--length 16:48"."""
+    return f"--length {lengths[0]}" + f":{lengths[1]}" * (lengths[0] < lengths[1])
+
+
+def beyond_training(where, length, row, model_dir):
+    """The UsageError for a sample of `length` tokens, asked for by `where` (a flag), from the model in `model_dir`
+    trained on rows of `row` tokens: positions past them were never trained."""
+    return UsageError(f"{where}: a sample of {length} tokens is longer than the {row}-token rows {model_dir} was "
+                      f"trained on (positions past them were never trained); ask for at most {row} tokens, or train "
+                      "with a larger -slen")
+
+
 def sample_lengths(length, sampling, where):
     """What sample_length draws from for --length `length` (parse_length's value, or None for the default) and a
     checkpoint's `sampling` settings: a range (lo, hi), or the training examples' length counts. The default is

@@ -191,8 +191,8 @@ def test_an_autoregressive_run_has_no_samples_to_score(memorised_ar_run, tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--length", "33"], "--length 33: longer than the 32-token rows"),
-    (["--sweep", "length=16,20:40"], "--length 20:40: longer than the 32-token rows")])
+    (["--length", "33"], "--length 33: a sample of 33 tokens is longer than the 32-token rows"),
+    (["--sweep", "length=16,20:40"], "--length 20:40: a sample of 40 tokens is longer than the 32-token rows")])
 def test_samples_longer_than_the_training_rows_are_refused_before_any_work(memorised_run, tmp_path, flags, message):
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
