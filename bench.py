@@ -65,8 +65,25 @@ def bench_data(args):
             "slot_use": round(used / slots, 4)}
 
 
-# Dense bf16 peak of known accelerators (FLOP/s), for MFU; from the vendors' data sheets
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 tensor peak (FLOP/s, without sparsity) of GPUs by the exact name torch.cuda.get_device_name gives, for
+# MFU; from the vendors' data sheets. A name not here (another form factor is another peak: H100 PCIe is 756, not
+# the SXM's 989) gives no MFU rather than a wrong one; --peak_tflops supplies it.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H800": 989e12, "NVIDIA H800 PCIe": 756e12, "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12,
+}
+
+
+def training_flops(n_mm, num_layers, model_dim, keys, self_cond=0.0):
+    """Model FLOPs per real token of a training step: a forward pass is 2 N_mm + 4 layers D keys (the matrix
+    products, and attention's scores and weighted values over `keys` attended keys), the backward pass twice that
+    (Kaplan et al. 2020's 6N, with attention), and a self-conditioning pass, on a share `self_cond` of the steps, one
+    forward more."""
+    return (3 + self_cond) * (2 * n_mm + 4 * num_layers * model_dim * keys)
 
 
 def matmul_params(model):
@@ -84,9 +101,11 @@ def attended_keys(segment_ids):
 
 def bench_train(args):
     """Training throughput in real (non-fill) tokens/s and text tokens/s (neither fill nor padding) over --steps after
-    --warmup steps (their seconds, compilation included, as warmup_s), model FLOP/s at 6 N_mm + 12 layers D T_att
-    per real token (Kaplan et al. 2020's 6N plus attention), MFU against the device's peak where known, and peak
-    memory (MB; CUDA: allocated, else the process's resident set)."""
+    --warmup steps (their seconds, compilation included, as warmup_s; with --compile, the graphs compiled), each
+    step's loss (warm-up included; two kernels on one --seed must give the same), model FLOP/s per real token
+    (training_flops: Kaplan et al. 2020's 6N plus attention and the self-conditioning pass), MFU against the device's
+    peak (PEAK_FLOPS by its exact name, or --peak_tflops), and peak memory (MB; CUDA: allocated, else the process's
+    resident set)."""
     targs = flags.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
@@ -101,7 +120,7 @@ def bench_train(args):
     state.model.attention = args.attention
     state.runner = training.training_runner(state.model, targs)
     warn_if_emulated(targs.precision, device)  # once the inputs are known to be good
-    keys, began = [], time.perf_counter()
+    keys, losses, began = [], [], time.perf_counter()
     try:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
@@ -109,6 +128,7 @@ def bench_train(args):
                 started, tokens, text = time.perf_counter(), 0, 0
                 warmup_s = started - began
             status, stats = training.optimizer_step(state, targs, device, step)
+            losses.append(stats["loss"])  # read after the timing: no host sync per step
             if step >= args.warmup:
                 tokens, text = tokens + stats["tokens"], text + stats["text"]
         sync(device)
@@ -119,17 +139,19 @@ def bench_train(args):
         state.loader.close()
     model = state.model
     n_mm = matmul_params(model)
-    flops_per_token = 6 * n_mm + 12 * targs.num_layers * targs.model_dim * sum(keys) / len(keys)
+    self_cond = targs.self_cond if model.cfg.self_cond else 0.0  # the share of steps with a first pass
+    flops_per_token = training_flops(n_mm, targs.num_layers, targs.model_dim, sum(keys) / len(keys), self_cond)
     tokens_per_s = tokens / elapsed
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    peak = PEAK_FLOPS.get(name) if args.peak_tflops is None else args.peak_tflops * 1e12
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     # after this project's step, so that its peak memory is its own
     reference = {} if args.reference is None else bench_reference(args.reference, targs, args.steps, args.warmup)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if targs.compile else None
     return {"device": name, "preset": targs.preset, "precision": resolve_precision(targs.precision, device),
-            "compile": targs.compile,
-            "attention": args.attention,
+            "compile": targs.compile, "compiled_graphs": graphs,
+            "attention": model.attention,  # the kernel used: "auto" settled to "flex" or "sdpa"
             "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
             "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
             "mean_attended_keys": round(sum(keys) / len(keys), 1), "warmup_s": round(warmup_s, 1),
@@ -138,7 +160,8 @@ def bench_train(args):
             "flops_per_token": round(flops_per_token),
             "flops_per_s": round(flops_per_token * tokens_per_s),
             "mfu": peak and round(flops_per_token * tokens_per_s / peak, 4),
-            "peak_memory_mb": round(memory), **reference,
+            "peak_memory_mb": round(memory), "losses": [round(x, 6) for x in torch.stack(losses).tolist()],
+            **reference,
             **({"vs_reference": round(tokens_per_s / reference["reference_tokens_per_s"], 2),
                 "text_vs_reference": round(text / elapsed / reference["reference_text_tokens_per_s"], 2)}
                if reference else {})}
@@ -230,7 +253,7 @@ def bench_sample(args):
         seed_all(0)
         preset = args.preset or "small"
         shape = {k: v for k, v in flags.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
-        model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval()
+        model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval().settle_attention()
         sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
     warn_if_emulated(args.precision, device)  # once the inputs are known to be good
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
@@ -292,6 +315,8 @@ def build_parser():
                               "--compile, --device, ...), are passed on to train.py's parser.")
     t.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
     t.add_argument("--steps", type=int, default=30, help="steps timed")
+    t.add_argument("--peak_tflops", type=float, help="the device's dense peak in TFLOP/s at the run's precision, for "
+                                                      "MFU (default: PEAK_FLOPS's bf16 figure for GPUs it names)")
     t.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                    help="the attention kernel of packed rows (auto: FlexAttention on CUDA, else SDPA)")
     t.add_argument("--reference", metavar="DIR",
@@ -324,6 +349,8 @@ def parse_args(argv=None):
     if args.command == "train":
         args.train_flags = rest
         check_at_least(p, {"--steps": (args.steps, 1), "--warmup": (args.warmup, 0)})
+        if args.peak_tflops is not None and not args.peak_tflops > 0:
+            p.error(f"--peak_tflops {args.peak_tflops}: must be above 0")
         if args.reference and not os.path.isfile(os.path.join(args.reference, "pytorch", "trainer.py")):
             p.error(f"--reference {args.reference}: no pytorch/trainer.py there (a checkout of "
                     "thorinf/score-based-diffusion-lm at 21f0090)")

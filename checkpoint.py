@@ -58,8 +58,9 @@ def load_model(model_dir, ema=None, device="cpu"):
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
                          f"{model.cfg.vocab_size}")
     warp = checkpoint.get("time_warp")
-    return model.to(device).eval(), tokenizer, {"length_counts": None, **checkpoint["sampling"],
-                                                "warp": warp and TimeWarp.from_state_dict(warp)}
+    model = model.to(device).eval().settle_attention()  # its attention kernel chosen once, for this device
+    return model, tokenizer, {"length_counts": None, **checkpoint["sampling"],
+                              "warp": warp and TimeWarp.from_state_dict(warp)}
 
 
 def sampling_config(args, length_counts=None):
@@ -83,28 +84,35 @@ def checkpoint_dict(state, step, args, rng_states):
             "time_budget": None if state.budget is None else state.budget.state_dict()}
 
 
-def rng_state():
-    """Torch (CPU and, where present, CUDA) and Python generator states, as tensors and lists."""
+def rng_state(device):
+    """The CPU's torch and Python generator states, and on a CUDA `device` that GPU's (the one this process draws
+    on: not every visible GPU's, which a resume with fewer visible GPUs could not restore), as tensors and lists."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
-    """Restore what rng_state saved."""
+def set_rng_state(state, device):
+    """Restore what rng_state saved; its GPU generator goes to a CUDA `device`, and is dropped on another device. A
+    checkpoint written before kept every visible GPU's state in a list: the one at the device's index is used,
+    if there is one."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if isinstance(saved, list):
+        index = device.index or 0
+        saved = saved[index] if index < len(saved) else None
+    if saved is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved, device)
 
 
-def gathered_rng_states(world_size):
-    """Every rank's rng_state(), in rank order (a list of one in a single process)."""
+def gathered_rng_states(world_size, device):
+    """Every rank's rng_state(device), in rank order (a list of one in a single process)."""
     if world_size == 1:
-        return [rng_state()]
+        return [rng_state(device)]
     states = [None] * world_size
-    torch.distributed.all_gather_object(states, rng_state())
+    torch.distributed.all_gather_object(states, rng_state(device))
     return states
 
 
@@ -132,7 +140,7 @@ def restore(checkpoint, path, state, args):
     restore_budget(checkpoint, state.budget, warn)
     if state.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         state.scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint, args, rank, state.loader.world_size, warn)
+    restore_rng(checkpoint, args, rank, state.loader.world_size, warn, state.model.logit_bias.device)
     return checkpoint["step"]
 
 
@@ -237,12 +245,12 @@ def restore_budget(checkpoint, budget, warn):
              "end is fitted afresh")
 
 
-def restore_rng(checkpoint, args, rank, world_size, warn):
-    """Restore this rank's generators; under another number of processes, seed new ones per rank and step (each
-    rank still draws its own noise) and say what that changes."""
+def restore_rng(checkpoint, args, rank, world_size, warn, device):
+    """Restore this rank's generators (its GPU's on a CUDA `device`); under another number of processes, seed new
+    ones per rank and step (each rank still draws its own noise) and say what that changes."""
     ranks = checkpoint.get("rng_ranks", [checkpoint["rng"]])
     if len(ranks) == world_size:
-        set_rng_state(ranks[rank])
+        set_rng_state(ranks[rank], device)
         return
     warn(f"the run had {len(ranks)} process(es), now {world_size}: the data position continues, each step now takes "
          f"{args.batch_size * world_size} rows (-bsz is per process) with the same learning rate, and the noise is "

@@ -9,7 +9,18 @@ Shapes: N rows (any leading dims flattened), E embedding dim, V vocabulary.
 """
 import torch
 
-CHUNK_ROWS = 256  # rows of logits at a time: 256 x 8,000 fp32 is 8 MB (RESULTS.md, "Training throughput")
+CHUNK_ROWS = 256  # rows of logits at a time on the CPU: 256 x 8,000 fp32 is 8 MB (RESULTS.md, "Training throughput")
+# logits at a time elsewhere (a GPU): 256 MB of fp32, so that a batch is a few large products, not hundreds of
+# small ones (128 rows of 256 tokens are 4 chunks of 8,192 rows at a vocabulary of 8,000); not yet measured on a GPU
+DEVICE_CHUNK_LOGITS = 2**26
+
+
+def chunk_rows(device, vocab_size):
+    """Rows of logits a chunk holds on `device` for a vocabulary of `vocab_size`: CHUNK_ROWS on the CPU (a chunk
+    that stays in cache), else DEVICE_CHUNK_LOGITS / vocab_size, at least CHUNK_ROWS."""
+    if device.type == "cpu":
+        return CHUNK_ROWS
+    return max(CHUNK_ROWS, DEVICE_CHUNK_LOGITS // vocab_size)
 
 
 def chunk_logits(features, table, bias):
@@ -87,6 +98,7 @@ class TiedCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+@torch.compiler.disable  # run eagerly under torch.compile, which would unroll the chunk loop (one copy per chunk)
 def tied_cross_entropy(features, table, bias, targets, weight=None, chunk=None):
     """The tied head's cross-entropy, chunked (TiedCrossEntropy): features (..., E) in the compute dtype, table (V, E),
     bias (V,), targets (...) int64 and weight (...) float or None (every position 1) -> (loss, ce, argmax): the 0-dim
@@ -94,24 +106,26 @@ def tied_cross_entropy(features, table, bias, targets, weight=None, chunk=None):
     the weights); ce (...) float32 per-position cross-entropy in nats, not differentiable (a loss built from it gets
     no gradient: weigh the positions through `weight`); argmax (...) int64, the most likely token at each position.
     The gradient equals F.cross_entropy's on the full logits (features @ table.T + bias). chunk: rows at a time
-    (default CHUNK_ROWS)."""
+    (default chunk_rows of the device). Under torch.compile it runs eagerly, a graph break: compiled, the loop is
+    unrolled, and its compile time grows with the batch (minutes at 128 rows of 256 tokens)."""
     shape = targets.shape
     weight = torch.ones(shape, device=targets.device) if weight is None else weight
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (features, table, bias))
     loss, ce, argmax = TiedCrossEntropy.apply(features.reshape(-1, features.shape[-1]), table, bias.float(),
                                               targets.reshape(-1), weight.detach().reshape(-1).float(), grads,
-                                              chunk or CHUNK_ROWS)
+                                              chunk or chunk_rows(features.device, len(table)))
     return loss, ce.view(shape), argmax.view(shape)
 
 
+@torch.compiler.disable  # as tied_cross_entropy
 @torch.no_grad()
 def tied_expectation(features, table, bias, dtype=torch.float32, chunk=None):
     """The softmax of the tied head's logits, reduced a chunk of rows at a time: features (..., E), table (V, E),
     bias (V,) -> (expected, top, argmax): expected (..., E) `dtype`, softmax(logits) @ table (score interpolation's
     estimate, Dieleman et al. 2022, section 3); top (...) `dtype`, the largest probability; argmax (...) int64, its
     token. The logits are formed as in chunk_logits, then cast to `dtype` (float32 or float64) for the softmax.
-    chunk: rows at a time (default CHUNK_ROWS)."""
-    flat, chunk = features.reshape(-1, features.shape[-1]), chunk or CHUNK_ROWS
+    chunk: rows at a time (default chunk_rows of the device). Eager under torch.compile, as tied_cross_entropy."""
+    flat, chunk = features.reshape(-1, features.shape[-1]), chunk or chunk_rows(features.device, len(table))
     table_c, table_out = table.to(flat.dtype), table.to(dtype)
     expected = torch.empty(len(flat), table.shape[1], dtype=dtype, device=flat.device)
     top = torch.empty(len(flat), dtype=dtype, device=flat.device)

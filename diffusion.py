@@ -3,7 +3,8 @@ the likelihood bound, the samplers, the per-token sampling schedules, the sampli
 them. The network is received as an argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `cfg.output_prior`,
 `embed`, `embedding_table` and `__call__(x, c_noise, segment_ids, self_cond, offset) -> logits`; the training losses
 and chunked sampling also need its tied head, `features(...)` (the same arguments) and `head_weights() -> (table,
-bias)`, as model.ScoreLM has), and a time warp (timewarp.py) as any callable u -> sigma; neither module is imported
+bias)`, as model.ScoreLM has; a network with `packing(segment_ids, length, device)` gets a batch's attention mask
+built once, see packed()), and a time warp (timewarp.py) as any callable u -> sigma; neither module is imported
 here.
 
 Every noise level is per token: sigma has shape (B, L), and a position with sigma = 0 is conditioned (held
@@ -53,13 +54,15 @@ def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, gener
 
 def stratified_uniform(u, drawn, generator=None):
     """`u` (any shape) with its entries at the True positions of `drawn` replaced by a stratified sample of U(0, 1):
-    the n of them take one value from each slice [k/n, (k+1)/n), k = 0..n-1, in a random order (a host sync for
-    n)."""
-    n = int(drawn.sum())
-    order = torch.randperm(n, generator=generator, device=u.device)
-    u = u.clone()
-    u[drawn] = (order + torch.rand(n, generator=generator, device=u.device)) / n
-    return u
+    the n of them take one value from each slice [k/n, (k+1)/n), k = 0..n-1, in a random order. n stays on the
+    device (no host sync): random keys put the drawn entries first in a random order, and each takes its place k in
+    that order as its slice."""
+    keys = torch.rand(u.shape, generator=generator, device=u.device).masked_fill(~drawn, 2.0)  # the drawn below 1
+    order = keys.flatten().argsort()
+    place = torch.empty_like(order)
+    place[order] = torch.arange(order.numel(), device=u.device)
+    values = (place.view(u.shape) + torch.rand(u.shape, generator=generator, device=u.device)) / drawn.sum()
+    return torch.where(drawn, values.to(u.dtype), u)
 
 
 def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
@@ -90,6 +93,13 @@ def network_inputs(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, sel
     if model.cfg.output_prior:
         inputs.append(prior_scale * output_prior_offset(x, sigma))
     return inputs
+
+
+def packed(model, segment_ids, length, device):
+    """A batch's packing as the network reads it, built once for the several evaluations of one batch (a
+    self-conditioned training step, every sampler step): model.packing(segment_ids, length, device), which the
+    network takes in place of the segment ids, for a network that has it; else the segment ids (B, L) or None."""
+    return model.packing(segment_ids, length, device) if hasattr(model, "packing") else segment_ids
 
 
 def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
@@ -177,6 +187,7 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     table, bias = model.head_weights()
     estimate = None
     if self_cond:
+        segment_ids = packed(model, segment_ids, ids.shape[1], ids.device)  # the mask of both passes, built once
         with torch.no_grad():
             first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
             expected, _, _ = tied_expectation(first, table, bias)
@@ -491,6 +502,7 @@ class SamplingRows:
         self.table = model.embedding_table().to(dtype)  # (V, E)
         self.rows = torch.arange(len(ids))  # the rows still sampling, as indices into the batch
         self.segment_ids, self.tokens = segment_ids, ids.clone()
+        self.packing = packed(model, segment_ids, ids.shape[1], self.device)  # every step's, built once
         self.state = ScheduleState.start(cond_mask)
         self.evaluations = torch.zeros(len(ids), dtype=torch.long)
 
@@ -507,7 +519,7 @@ class SamplingRows:
         early exit, and the score-interpolated estimate, which a self-conditioned model reads next."""
         state = self.state
         estimate = state.denoised if self.model.cfg.self_cond else None  # the previous evaluation's (Chen et al. 2022)
-        expected, confidence, argmax = network_expectation(self.model, x, sigma, self.segment_ids, estimate,
+        expected, confidence, argmax = network_expectation(self.model, x, sigma, self.packing, estimate,
                                                            self.dtype, self.precision)
         state.stable = torch.zeros_like(state.free) if state.argmax is None else argmax == state.argmax
         state.confidence, state.argmax = confidence, argmax
@@ -520,6 +532,7 @@ class SamplingRows:
         """Go on with the rows `keep` (b,) bool alone."""
         self.rows, self.tokens = self.rows[keep.cpu()], self.tokens[keep]
         self.segment_ids = None if self.segment_ids is None else self.segment_ids[keep]
+        self.packing = packed(self.model, self.segment_ids, self.tokens.shape[1], self.device)
         self.state = self.state.select(keep)
 
 

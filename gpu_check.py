@@ -1,6 +1,8 @@
 """The checks that need a CUDA GPU, as one script of under 10 minutes: training throughput and MFU of the large
-preset (bf16, compiled), FlexAttention against SDPA on packed rows, a short bf16 training, and its CUDA checkpoint
-sampled on the CPU. Each step is a command of this repository, run in turn; the figures go to OUT/gpu_check.json.
+preset (bf16, compiled), FlexAttention against SDPA on packed rows (their losses on one seed, eager and compiled), an
+exact resume on the GPU, the GPU's checkpoint sampled on the CPU and, with two GPUs, a run under torchrun. Each step
+is a command of this repository, run in turn; its figures (the last JSON line it prints on stdout) and its warnings
+(stderr) go to OUT/gpu_check.json, then the comparisons between steps.
 
     python gpu_check.py [-d corpus.txt -spm bpe.model] [-o gpu_check_out]
 
@@ -10,6 +12,7 @@ says so and exits with status 1, measuring nothing.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -18,56 +21,114 @@ import torch
 
 from utils import ArgumentParser, CommandError, run_command
 
+TRAIN_TINY = ("train.py -d {data} -spm {spm} --preset tiny --max_steps 100 --save_interval 50 --keep 2 "
+              "--precision bf16 --sample_interval 0 --no-progress -mdir {out}/")
+KERNELS = "bench.py train -d {data} -spm {spm} -slen 256 --precision bf16 --json"
+
 # (name, seconds allowed, command) of each step; {data}, {spm} and {out} are filled in by plan()
 STEPS = [
-    ("large preset, bf16, compiled", 240,
+    ("large preset, bf16, compiled", 170,
      "bench.py train -d {data} -spm {spm} --preset large -slen 256 --precision bf16 --compile --warmup 5 --steps 20 "
      "--json"),
-    ("FlexAttention, small preset, rows of 256", 60,
-     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention flex --steps 20 "
-     "--json"),
-    ("SDPA, small preset, rows of 256", 60,
-     "bench.py train -d {data} -spm {spm} --preset small -slen 256 --precision bf16 --attention sdpa --steps 20 "
-     "--json"),
-    ("short training, small preset, bf16", 120,
-     "train.py -d {data} -spm {spm} -mdir {out}/run --preset small --max_steps 300 --precision bf16 "
-     "--sample_interval 0 --save_interval 300 --no-progress"),
-    ("the CUDA checkpoint sampled on the CPU", 60,
-     "sample.py -mdir {out}/run --device cpu -n 4 --steps 50 --no-progress"),
+    ("FlexAttention, small preset", 40, KERNELS + " --preset small --attention flex --steps 20"),
+    ("SDPA, small preset", 40, KERNELS + " --preset small --attention sdpa --steps 20"),
+    ("FlexAttention, tiny preset, compiled", 75, KERNELS + " --preset tiny --attention flex --compile --steps 10"),
+    ("SDPA, tiny preset, compiled", 75, KERNELS + " --preset tiny --attention sdpa --compile --steps 10"),
+    ("100 steps straight, tiny preset", 60, TRAIN_TINY + "straight"),
+    ("the same 100 steps, resumed at step 50", 60, TRAIN_TINY + "resumed"),
+    ("the GPU's checkpoint sampled on the CPU", 30, "sample.py -mdir {out}/straight --device cpu -n 4 --steps 50 "
+                                                    "--no-progress"),
 ]
+# with two GPUs or more, also: two processes under torchrun (NCCL), whose time budget is fitted at step 21 with an
+# all-reduce across the ranks
+TWO_GPU_STEPS = [
+    ("two GPUs under torchrun, NCCL, a time budget", 50,
+     "torchrun --nproc-per-node 2 train.py -d {data} -spm {spm} --preset tiny --time_budget 0.4 --precision bf16 "
+     "--sample_interval 0 --no-progress -mdir {out}/two_gpus"),
+]
+LOSS_TOLERANCE = 1e-2  # relative, per step: bf16 kernels that round differently, not a kernel that is wrong
+RESUME_TOLERANCE = 1e-3  # absolute, per weight: GPU kernels with atomic adds are not bit-reproducible
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts run from wherever this one is called
 
 
-def plan(data, spm, out):
-    """The steps as (name, seconds allowed, argv), with the corpus, tokenizer and output folder filled in (paths
-    with spaces stay one argument) and each script's path beside this one."""
-    steps = []
-    for name, seconds, command in STEPS:
-        script, *rest = shlex.split(command)
-        argv = [word.format(data=data, spm=spm, out=out) for word in rest]
-        steps.append((name, seconds, [sys.executable, os.path.join(HERE, script)] + argv))
-    return steps
+def plan(data, spm, out, steps=None):
+    """The steps (default STEPS) as (name, seconds allowed, argv), with the corpus, tokenizer and output folder filled
+    in (paths with spaces stay one argument) and each script's path beside this one; a command that starts with
+    torchrun runs torch's launcher with this Python."""
+    planned = []
+    for name, seconds, command in STEPS if steps is None else steps:
+        words = [word.format(data=data, spm=spm, out=out) for word in shlex.split(command)]
+        launcher = []
+        if words[0] == "torchrun":
+            script = next(i for i, word in enumerate(words) if word.endswith(".py"))
+            launcher, words = ["-m", "torch.distributed.run", *words[1:script]], words[script:]
+        planned.append((name, seconds, [sys.executable, *launcher, os.path.join(HERE, words[0]), *words[1:]]))
+    return planned
 
 
 def run_step(name, seconds, argv):
-    """Run one step's command with its time allowed: {"step", "seconds", "status"} and its JSON figures or the
-    tail of its output."""
+    """Run one step's command with its time allowed: {"step", "seconds", "status"}, its figures (the last line of its
+    stdout that is a JSON object; stderr is never parsed, so warnings there cannot hide them), and the tail of its
+    stderr ("stderr") or, when it failed, of both."""
     started = time.perf_counter()
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds)
-        status, output = done.returncode, done.stdout + done.stderr
+        status, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
         status = "timed out"
-        output = "".join((part or b"").decode(errors="replace") for part in (e.stdout, e.stderr))
+        stdout, stderr = ((part or b"").decode(errors="replace") for part in (e.stdout, e.stderr))
     result = {"step": name, "seconds": round(time.perf_counter() - started, 1), "status": status}
-    last = output.strip().splitlines()[-1] if output.strip() else ""
-    if status == 0 and last.startswith("{"):
-        result["figures"] = json.loads(last)
-    else:
-        result["output"] = output.strip().splitlines()[-8:]
+    objects = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if status == 0 and objects:
+        result["figures"] = json.loads(objects[-1])
+    if stderr.strip():
+        result["stderr"] = stderr.strip().splitlines()[-8:]
+    if status != 0 and stdout.strip():
+        result["stdout"] = stdout.strip().splitlines()[-8:]
     return result
+
+
+def before_step(name, out):
+    """What a step needs done first: the resumed run starts from the straight run's step-50 checkpoint."""
+    if name.startswith("the same 100 steps, resumed"):
+        resumed = os.path.join(out, "resumed")
+        os.makedirs(resumed, exist_ok=True)
+        shutil.copyfile(os.path.join(out, "straight", "ckpt-00000050.pt"), os.path.join(resumed, "ckpt.pt"))
+        shutil.copyfile(os.path.join(out, "straight", "tokenizer.model"), os.path.join(resumed, "tokenizer.model"))
+
+
+def loss_difference(a, b):
+    """The largest relative difference between two bench steps' losses, step by step, or None without both."""
+    la, lb = (step.get("figures", {}).get("losses") for step in (a, b))
+    if not la or not lb or len(la) != len(lb):
+        return None
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb))
+
+
+def weight_difference(path_a, path_b):
+    """The largest absolute difference between the weights of two checkpoints, or None if either is missing."""
+    if not (os.path.isfile(path_a) and os.path.isfile(path_b)):
+        return None
+    a, b = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (path_a, path_b))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def comparisons(steps, out):
+    """Each comparison between steps: {"compare", "difference", "tolerance", "agree"} (difference None when a step
+    it needs failed; agree is then False)."""
+    by_name = {step["step"]: step for step in steps}
+    found = [("FlexAttention against SDPA, losses of 25 steps, eager",
+              loss_difference(by_name["FlexAttention, small preset"], by_name["SDPA, small preset"]), LOSS_TOLERANCE),
+             ("FlexAttention against SDPA, losses of 15 steps, compiled",
+              loss_difference(by_name["FlexAttention, tiny preset, compiled"], by_name["SDPA, tiny preset, compiled"]),
+              LOSS_TOLERANCE),
+             ("a run resumed at step 50 against a straight one, weights at step 100",
+              weight_difference(*(os.path.join(out, run, "ckpt.pt") for run in ("straight", "resumed"))),
+              RESUME_TOLERANCE)]
+    return [{"compare": what, "difference": difference, "tolerance": tolerance,
+             "agree": difference is not None and difference <= tolerance} for what, difference, tolerance in found]
 
 
 def build_parser():
@@ -99,15 +160,29 @@ def main(argv=None):
                 tail = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
                 raise CommandError(f"the demo corpus was not built in {corpus}: {tail[-1]}")
         data, spm = os.path.join(corpus, "train.txt"), os.path.join(corpus, "bpe.model")
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": []}
-    for name, seconds, command in plan(data, spm, args.output_dir):
-        results["steps"].append(run_step(name, seconds, command))
+    for run in ("straight", "resumed", "two_gpus"):  # a folder of an earlier check would be resumed, not trained
+        shutil.rmtree(os.path.join(args.output_dir, run), ignore_errors=True)
+    results = {"device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+               "steps": []}
+    steps = plan(data, spm, args.output_dir)
+    if torch.cuda.device_count() >= 2:
+        steps += plan(data, spm, args.output_dir, TWO_GPU_STEPS)
+    for name, seconds, command in steps:
+        try:
+            before_step(name, args.output_dir)
+            results["steps"].append(run_step(name, seconds, command))
+        except OSError as e:  # what the step needs is missing: an earlier step failed
+            results["steps"].append({"step": name, "seconds": 0.0, "status": f"not run: {e}"})
         print(json.dumps(results["steps"][-1]), flush=True)
+    results["comparisons"] = comparisons(results["steps"], args.output_dir)
+    for comparison in results["comparisons"]:
+        print(json.dumps(comparison), flush=True)
     with open(os.path.join(args.output_dir, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=1)
     failed = [s["step"] for s in results["steps"] if s["status"] != 0]
+    failed += [c["compare"] for c in results["comparisons"] if not c["agree"]]
     if failed:
-        raise CommandError(f"{len(failed)} of {len(STEPS)} steps failed: {', '.join(failed)} (gpu_check.json)")
+        raise CommandError(f"{len(failed)} checks failed: {'; '.join(failed)} (gpu_check.json)")
 
 
 if __name__ == "__main__":

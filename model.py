@@ -6,6 +6,7 @@ Shapes: B batch, L length, E embedding dim, D model dim, H heads, V vocabulary.
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -66,39 +67,75 @@ def segment_block_mask(segment_ids, causal=False):
     return create_block_mask(same_segment, B, None, L, L, device=segment_ids.device)
 
 
-_compiled_flex_attention = None
-_flex_checked = {}  # device -> whether FlexAttention ran there and agreed with SDPA
+_compiled_flex_attention = None  # torch.compile(flex_attention), made once (compiled_flex_attention)
+_flex_checked = {}  # (device, head dim) -> whether FlexAttention ran there and agreed with SDPA
+
+
+def compiled_flex_attention():
+    """FlexAttention compiled (it is slow uncompiled), made on first call and kept for the process. Made before a
+    compiled forward first reads it (ScoreLM.settle_attention), so that the forward's graph is not traced again once
+    it exists. Shapes are left to torch.compile's automatic dynamic dims: a second batch shape (eval.py's batches,
+    rows leaving an early-exit sampler) compiles one kernel for any size instead of one per shape."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
 
 
 @torch.compiler.disable
-def flex_attention_works(device):
-    """Whether compiled FlexAttention runs on `device` and gives SDPA's output on a small packed example; checked
-    once per device (a GPU whose torch lacks a working FlexAttention falls back to SDPA with a warning)."""
-    if device not in _flex_checked:
-        try:
-            segment_ids = torch.tensor([[1] * 40 + [2] * 60 + [0] * 28], device=device)
-            q, k, v = (torch.randn(1, 2, 128, 16, device=device) for _ in range(3))
-            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(segment_ids))
-            got = packed_attention(q, k, v, segment_block_mask(segment_ids))
-            _flex_checked[device] = bool(torch.allclose(got, expected, atol=1e-3))
-        except Exception:  # no kernel for this device or torch build
-            _flex_checked[device] = False
-        if not _flex_checked[device]:
-            warnings.warn(f"FlexAttention is unavailable or disagrees with SDPA on {device}; using SDPA")
-    return _flex_checked[device]
+def flex_attention_works(device, head_dim=16):
+    """Whether FlexAttention runs on `device` at head dim `head_dim` and agrees with SDPA (flex_agrees_with_sdpa,
+    the backward pass included except on the CPU, where torch 2.13's FlexAttention has none); checked once per
+    device and head dim. A failure warns and the caller uses SDPA."""
+    device = torch.device(device)
+    key = (str(device), head_dim)
+    if key not in _flex_checked:
+        _flex_checked[key] = flex_agrees_with_sdpa(device, head_dim, backward=device.type != "cpu")
+        if not _flex_checked[key]:
+            warnings.warn(f"FlexAttention is unavailable or disagrees with SDPA on {device} at head dim {head_dim}; "
+                          "using SDPA")
+    return _flex_checked[key]
+
+
+def flex_agrees_with_sdpa(device, head_dim, backward=True):
+    """Whether packed_attention with a BlockMask gives SDPA's output (and, with `backward`, its gradients) on a packed
+    example of two sequences and fill, (1, 2, 128, head_dim), within 1e-3. Computed in fp32 whatever autocast is
+    active: a bf16 result differs from SDPA's by rounding alone (one step near 1 is 2e-3), which says nothing of the
+    kernel, and the answer must not depend on which precision asked first. Draws from a generator of its own: the
+    device's default one draws the run's noise, and one draw more would change a resumed run. An exception (no kernel
+    for this device or torch build) is a False."""
+    generator = torch.Generator(device).manual_seed(0)
+    segment_ids = torch.tensor([[1] * 40 + [2] * 60 + [0] * 28], device=device)
+    try:  # in fp32 and with gradients, whatever the caller's autocast, no_grad or inference mode
+        with torch.autocast(device.type, enabled=False), torch.inference_mode(False), torch.enable_grad():
+            q, k, v, grad = (torch.randn(1, 2, 128, head_dim, device=device, generator=generator) for _ in range(4))
+            results = []
+            for mask in (segment_mask(segment_ids), segment_block_mask(segment_ids)):
+                inputs = [t.clone().requires_grad_(backward) for t in (q, k, v)]
+                out = packed_attention(*inputs, mask)
+                grads = torch.autograd.grad(out, inputs, grad) if backward else ()
+                results.append([out.detach(), *grads])
+        return all(torch.allclose(got, expected, atol=1e-3, rtol=1e-3) for expected, got in zip(*results))
+    except Exception:  # no kernel for this device or torch build
+        return False
 
 
 def packed_attention(q, k, v, mask):
     """Attention of (B, H, L, D/H) queries, keys and values under a segment mask: FlexAttention (compiled, on
     CUDA) for a BlockMask, scaled_dot_product_attention for a boolean (B, 1, L, L) mask or None."""
-    global _compiled_flex_attention
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    v = v.contiguous()  # a strided view of the fused projection gives wrong output in compiled FlexAttention (CPU)
     if q.is_cuda:
-        if _compiled_flex_attention is None:  # compiled on first use: FlexAttention is slow uncompiled
-            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex_attention(q, k, v, block_mask=mask)
+        return compiled_flex_attention()(q, k, v, block_mask=mask)
     return flex_attention(q, k, v, block_mask=mask)  # CPU: forward only in torch 2.13, for tests
+
+
+class Packing(NamedTuple):
+    """A batch's packing as every layer reads it (ScoreLM.packing): rotary, the phases (cos, sin) of each token's
+    position, each (B or 1, 1, L, D/H) float32; mask, a (B or 1, 1, L, L) bool, a BlockMask, or None."""
+    rotary: tuple
+    mask: object  # (B or 1, 1, L, L) bool, a BlockMask, or None
 
 
 def rotate(x, cos, sin):
@@ -127,7 +164,7 @@ class FourierFeatures(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention, rotary on queries and keys.
-    x (B, L, D), rotary (cos, sin) of the rotary phases, each (B, 1, L, D/H) float32, mask (B, 1, L, L) bool, a
+    x (B, L, D), rotary (cos, sin) of the rotary phases, each (B or 1, 1, L, D/H) float32, mask (B, 1, L, L) bool, a
     BlockMask or None -> (B, L, D)."""
 
     def __init__(self, cfg):
@@ -253,30 +290,53 @@ class ScoreLM(nn.Module):
         with torch.autocast(features.device.type, enabled=False):
             return F.linear(features, table.to(features.dtype), bias.to(features.dtype))
 
-    def features(self, x, c_noise, segment_ids=None, self_cond=None, output_offset=None):
-        """What the tied head projects onto the embeddings: head(h) + output_offset, (B, L, E), in the compute dtype,
-        or float32 with an offset (logits of up to E / sigma_min^2 must keep their small differences). The arguments
-        are forward's; chunked.py reduces these features over the vocabulary without forming the logits."""
-        B, L, _ = x.shape
+    def settle_attention(self):
+        """Resolve `attention` "auto" once for the device the model is on, before it is compiled or run: "flex" on
+        CUDA where flex_attention_works at this model's head dim, else "sdpa"; and make the compiled FlexAttention
+        kernel where it will be used. Afterwards the forward checks nothing (under torch.compile, no graph break and
+        no retrace). Returns the model."""
+        device = self.logit_bias.device
+        if self.attention == "auto":
+            works = device.type == "cuda" and flex_attention_works(device, self.cfg.model_dim // self.cfg.num_heads)
+            self.attention = "flex" if works else "sdpa"
+        if self.attention == "flex" and device.type == "cuda":
+            compiled_flex_attention()
+        return self
+
+    def packing(self, segment_ids, length=None, device=None):
+        """What every layer's attention needs of a batch's packing, built once per batch (a self-conditioned step
+        and every sampler step evaluate the network more than once on the same rows): Packing(rotary, mask), the
+        rotary phases (cos, sin), each (B or 1, 1, L, D/H) float32, of each token's position in its own sequence,
+        and the attention mask (a BlockMask for "flex", a (B or 1, 1, L, L) bool for "sdpa", None without packing).
+        segment_ids (B, L) int or None (then `length` and `device` give one sequence a row of L tokens)."""
         if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
-            segment_ids = torch.ones(B, L, dtype=torch.long, device=x.device)
+            segment_ids = torch.ones(1, length, dtype=torch.long, device=device)
         if segment_ids is None:
-            positions, mask = torch.arange(L, device=x.device).expand(B, L), None
+            positions, mask = torch.arange(length, device=device)[None], None
         else:
-            flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda
-                                                and flex_attention_works(x.device))
+            flex = self.attention == "flex" or (self.attention == "auto" and segment_ids.is_cuda
+                                                and flex_attention_works(segment_ids.device,
+                                                                         self.cfg.model_dim // self.cfg.num_heads))
             positions = segment_positions(segment_ids)
             causal = self.cfg.causal
             mask = segment_block_mask(segment_ids, causal) if flex else segment_mask(segment_ids, causal)
-        with torch.autocast(x.device.type, enabled=False):  # rotary phases stay in fp32
-            phases = self.rotary(positions.float())[:, None]  # (B, 1, L, D/H)
-            rotary = phases.cos(), phases.sin()  # once for every layer
+        with torch.autocast(positions.device.type, enabled=False):  # rotary phases stay in fp32
+            phases = self.rotary(positions.float())[:, None]  # (B or 1, 1, L, D/H)
+        return Packing((phases.cos(), phases.sin()), mask)
+
+    def features(self, x, c_noise, segment_ids=None, self_cond=None, output_offset=None):
+        """What the tied head projects onto the embeddings: head(h) + output_offset, (B, L, E), in the compute dtype,
+        or float32 with an offset (logits of up to E / sigma_min^2 must keep their small differences). The arguments
+        are forward's (segment_ids may also be the batch's Packing, built once by packing()); chunked.py reduces
+        these features over the vocabulary without forming the logits."""
+        B, L, _ = x.shape
+        packing = segment_ids if isinstance(segment_ids, Packing) else self.packing(segment_ids, L, x.device)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
         h = self.input_proj(x)  # (B, L, D)
         if self.self_cond_proj is not None:  # zeros when there is no estimate: every parameter takes part in
             # every forward, as DistributedDataParallel requires
             h = h + self.self_cond_proj(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
         for block in self.blocks:
-            h = block(h, time, rotary, mask)
+            h = block(h, time, packing.rotary, packing.mask)
         h = self.head(self.norm(h.float()))  # the last norm in fp32, as its weight is; (B, L, E)
         return h if output_offset is None else h.float() + output_offset.float()

@@ -48,6 +48,7 @@ class TimeWarp:
         self.window = torch.zeros(2, bins, device=device)  # this fit's summed cross-entropy and tokens per bin
         self.s_knots = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # the bin edges
         self.cdf_knots = self.unwarped_cdf(self.s_knots)  # F at the edges: no warp until the first fit
+        self._on_device = None  # (the cdf_knots copied, their copy and s_knots' on a device): knots_on
 
     def level(self, s):
         """sigma at coordinate s (tensor, any shape): sigma_min (sigma_max / sigma_min)^s."""
@@ -64,9 +65,15 @@ class TimeWarp:
         low, high = self.sigma_min ** inv_rho, self.sigma_max ** inv_rho
         return ((self.level(s) ** inv_rho - low) / (high - low)).clamp(0.0, 1.0)
 
+    def knots_on(self, device):
+        """(cdf_knots, s_knots), float64 on `device`: copied from the host once per fit, not at every draw."""
+        if self._on_device is None or self._on_device[0] is not self.cdf_knots or self._on_device[1].device != device:
+            self._on_device = (self.cdf_knots, self.cdf_knots.to(device), self.s_knots.to(device))
+        return self._on_device[1:]
+
     def __call__(self, u):
         """Levels sigma = sigma(F^-1(u)) for u in [0, 1], same shape and dtype as u (float)."""
-        cdf, s_knots = self.cdf_knots.to(u.device, torch.float64), self.s_knots.to(u.device, torch.float64)
+        cdf, s_knots = self.knots_on(u.device)
         u64 = u.double().clamp(0.0, 1.0)
         hi = torch.searchsorted(cdf, u64.contiguous(), right=True).clamp(1, len(cdf) - 1)
         lo = hi - 1

@@ -22,7 +22,7 @@ from diffusion import Grid
 from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
 from training import Diverged, IntervalMetrics, build_state, optimizer_step, training_runner
-from utils import (MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
+from utils import (CommandError, MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
                    resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
 
 
@@ -37,6 +37,12 @@ def main(argv=None):
     try:
         run(args, rank, world_size, device)
     except RuntimeError as e:
+        if out_of_memory(e):
+            raise CommandError(f"{f'rank {rank}: ' if rank else ''}out of memory on {device} at -bsz "
+                               f"{args.batch_size}, rows of {args.sequence_length} tokens: halve -bsz and double "
+                               f"--accumulation_steps (-bsz {max(1, args.batch_size // 2)} --accumulation_steps "
+                               f"{2 * args.accumulation_steps}) for the same rows per step; the last checkpoint is "
+                               "intact") from None
         if rank == 0:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -45,6 +51,11 @@ def main(argv=None):
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def out_of_memory(error):
+    """Whether a RuntimeError is the device's (torch.OutOfMemoryError) or the CPU allocator's running out."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def build_demo_corpus():
@@ -76,7 +87,7 @@ def run(args, rank, world_size, device):
     path = os.path.join(args.model_dir, checkpoint.CHECKPOINT)
 
     def save(at_step):
-        states = checkpoint.gathered_rng_states(world_size)
+        states = checkpoint.gathered_rng_states(world_size, device)
         if rank == 0:
             save_checkpoint(checkpoint.checkpoint_dict(state, at_step, args, states), path)
             if args.keep:

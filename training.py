@@ -49,8 +49,10 @@ class TimeBudget:
     seconds of anything else on the machine move it), so the end is fitted again at 2, 4, 8, ... times FIT_STEPS timed
     steps from the rate of the latest half of them, as long as the run is in the first half of its schedule; after that
     the end stays, so the decay is not moved late in the run. state_dict() goes into the checkpoint, so a resumed run
-    keeps the same end (it refits only while still in that first half)."""
+    keeps the same end (it refits only while still in that first half). `device`: the run's, where the ranks agree on
+    the end (NCCL reduces CUDA tensors only)."""
     seconds: float
+    device: torch.device = torch.device("cpu")
     spent: float = 0.0
     end_step: int = None
     timed: list = field(default_factory=list)  # this process's step times, seconds
@@ -81,7 +83,7 @@ class TimeBudget:
             return False
         window = self.timed[1:] if k == 1 else self.timed[-(timed // 2):]  # all timed steps, then the latest half
         rate = len(window) / max(sum(window), 1e-9)  # steps per second
-        end = torch.tensor(float(step + int(rate * max(self.seconds - self.spent, 0.0))))
+        end = torch.full((), float(step + int(rate * max(self.seconds - self.spent, 0.0))), device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(end, op=torch.distributed.ReduceOp.MIN)
         self.end_step = int(end)
@@ -137,7 +139,7 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget)
+    budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget, device)
     return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, warp, budget=budget)
 
 
@@ -162,11 +164,13 @@ class TrainingForward(torch.nn.Module):
 
 def training_runner(model, args, world_size=1):
     """What the training steps call: TrainingForward(model), in DistributedDataParallel with several processes,
-    compiled with --compile (rows have one fixed shape, so it compiles once). Weights, EMA and checkpoints
-    always come from `model` itself."""
+    compiled with --compile (rows have one fixed shape, so it compiles once; the chunked head runs eagerly between
+    graphs). The attention kernel is settled first (ScoreLM.settle_attention), so that the compiled forward checks
+    nothing. Weights, EMA and checkpoints always come from `model` itself."""
+    model.settle_attention()
     runner = TrainingForward(model)
-    if world_size > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    if world_size > 1:  # the model's buffers (rotary frequencies) never change: no broadcast of them every forward
+        runner = torch.nn.parallel.DistributedDataParallel(runner, broadcast_buffers=False)
     return torch.compile(runner, dynamic=False) if args.compile else runner
 
 
@@ -187,19 +191,30 @@ def loss_targets(segment_ids, cond_mask, causal=False):
     return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
 
 
+def batch_to(batch, device):
+    """A batch's ids, segment_ids and cond_mask (each (B, L)) on `device`: on a GPU as one copy from pinned memory
+    that does not wait for the device (three blocking copies would each stall the host); unchanged on the CPU."""
+    keys = ("ids", "segment_ids", "cond_mask")
+    if device.type != "cuda":
+        return tuple(batch[k].to(device) for k in keys)
+    stacked = torch.stack([batch[k].long() for k in keys]).pin_memory().to(device, non_blocking=True)
+    ids, segment_ids, cond_mask = stacked.unbind()
+    return ids, segment_ids, cond_mask.bool()
+
+
 def train_step(model, runner, batch, args, device, scaler, weight, warp=None, step=0):
     """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`, the summed
     masked cross-entropy multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss
     position of the step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy
     (nats), right argmax predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's
     fit."""
-    ids, segment_ids, cond_mask = (batch[k].to(device) for k in ("ids", "segment_ids", "cond_mask"))
+    ids, segment_ids, cond_mask = batch_to(batch, device)
     per_token = bool(torch.rand(()) < args.multilevel_prob)
     self_cond = model.cfg.self_cond and bool(torch.rand(()) < args.self_cond)  # no draw without: same stream
     sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp,
                                 stratified=args.stratified_sigma)
     noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
-    prior_scale = torch.tensor(min(1.0, (step + 1) / args.prior_ramp) if args.prior_ramp else 1.0, device=device)
+    prior_scale = torch.full((), min(1.0, (step + 1) / args.prior_ramp) if args.prior_ramp else 1.0, device=device)
     targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
     with autocast(device, args.precision):
         loss, ce, argmax = runner(ids, sigma, noise, segment_ids, cond_mask, targets * weight, self_cond,
@@ -237,7 +252,7 @@ def optimizer_step(state, args, device, step):
     stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id)}
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
     local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"], model.cfg.causal).sum()) for b in batches)  # host
-    targets = all_reduce_sum(torch.tensor(float(local), device=device))
+    targets = all_reduce_sum(torch.full((), float(local), device=device))  # a fill, not a copy from the host
     weight = loader.world_size / targets.clamp_min(1.0)
     sums, observed = torch.zeros(2, device=device), []  # summed cross-entropy, right predictions
     for i, batch in enumerate(batches):

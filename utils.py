@@ -123,8 +123,9 @@ def native_bf16(device):
     """Whether `device` computes bf16 in hardware: a CUDA GPU with bf16 (not emulating it), or a CPU with AVX-512
     bf16 or AMX instructions whose matrix products are not pinned below them (onednn_pinned_below_bf16); elsewhere
     bf16 is emulated, many times slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # Ampere (compute capability 8) and later; ROCm GPUs all have it. torch's own
+        # is_bf16_supported() asks the current device, not this one, and counts emulation by default
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return any(check is not None and check() for check in checks) and not onednn_pinned_below_bf16()
@@ -179,17 +180,29 @@ def autocast(device, precision):
 
 
 def distributed_setup(device_name):
-    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL with one GPU per rank (LOCAL_RANK) on CUDA,
-    else gloo; returns (rank, world_size, device). A single process returns (0, 1, resolve_device(name))."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL with one GPU per rank (rank_gpu) on CUDA, else
+    gloo; returns (rank, world_size, device). A single process returns (0, 1, resolve_device(name))."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = rank_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
+
+
+def rank_gpu(local_rank, visible):
+    """The GPU of the process with LOCAL_RANK `local_rank` among `visible` GPUs: the one at its local rank, or the
+    only one it sees (a scheduler that gives each process its own GPU, as SLURM's --gpus-per-task does). Raises
+    UsageError when there are fewer GPUs than processes on the machine."""
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise UsageError(f"LOCAL_RANK {local_rank}: this process sees {visible} GPUs; start one process per GPU "
+                         f"(torchrun --nproc-per-node {visible})")
+    return torch.device("cuda", local_rank)
 
 
 def all_reduce_sum(tensor):

@@ -22,7 +22,10 @@ def test_without_a_gpu_it_says_so_and_measures_nothing(tmp_path, monkeypatch, ca
 def test_every_step_is_a_command_its_parser_accepts(tmp_path):
     steps = gpu_check.plan("my c.txt", "m.model", str(tmp_path))
     assert [name for name, _, _ in steps] == [name for name, _, _ in gpu_check.STEPS]
-    assert sum(seconds for _, seconds, _ in steps) < 600  # under 10 minutes, all steps together
+    assert sum(seconds for _, seconds, _ in steps + gpu_check.plan("c", "m", "o", gpu_check.TWO_GPU_STEPS)) <= 600
+    two_gpus = gpu_check.plan("my c.txt", "m.model", str(tmp_path), gpu_check.TWO_GPU_STEPS)
+    assert two_gpus[0][2][1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]  # torchrun, this Python
+    steps += [(name, seconds, [argv[0], *argv[5:]]) for name, seconds, argv in two_gpus]  # the script's own flags
     for _, _, argv in steps:
         assert os.path.isfile(argv[1])  # found beside gpu_check.py, from any working folder
         script, flags_given = os.path.basename(argv[1]), argv[2:]
@@ -31,7 +34,8 @@ def test_every_step_is_a_command_its_parser_accepts(tmp_path):
             args = bench.parse_args(flags_given)
             flags.parse_args(args.train_flags, required=("data_path", "spm_model"))  # what bench passes on
         elif script == "train.py":
-            assert flags.parse_args(flags_given).model_dir == f"{tmp_path}/run"
+            assert flags.parse_args(flags_given).model_dir in [f"{tmp_path}/{run}" for run in ("straight", "resumed",
+                                                                                              "two_gpus")]
         else:
             assert script == "sample.py" and sample.parse_args(flags_given).device == "cpu"
 
