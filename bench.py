@@ -6,6 +6,7 @@
     python bench.py sample [-mdir out | --preset small] [--steps 200] [-bsz 64] [-slen 64] [--json]
 """
 import json
+import math
 import os
 import resource
 import subprocess
@@ -78,12 +79,14 @@ PEAK_FLOPS = {
 }
 
 
-def training_flops(n_mm, num_layers, model_dim, keys, self_cond=0.0):
+def training_flops(n_mm, num_layers, model_dim, keys, self_cond=0.0, head=0):
     """Model FLOPs per real token of a training step: a forward pass is 2 N_mm + 4 layers D keys (the matrix
     products, and attention's scores and weighted values over `keys` attended keys), the backward pass twice that
-    (Kaplan et al. 2020's 6N, with attention), and a self-conditioning pass, on a share `self_cond` of the steps, one
-    forward more."""
-    return (3 + self_cond) * (2 * n_mm + 4 * num_layers * model_dim * keys)
+    (Kaplan et al. 2020's 6N, with attention), and a self-conditioning pass, on a share `self_cond` of the steps (the
+    expected share: which steps take one is drawn), one forward more and its softmax's expectation over the `head`
+    (V x E) embeddings, 2 V E."""
+    forward = 2 * n_mm + 4 * num_layers * model_dim * keys
+    return 3 * forward + self_cond * (forward + 2 * head)
 
 
 def matmul_params(model):
@@ -140,7 +143,8 @@ def bench_train(args):
     model = state.model
     n_mm = matmul_params(model)
     self_cond = targs.self_cond if model.cfg.self_cond else 0.0  # the share of steps with a first pass
-    flops_per_token = training_flops(n_mm, targs.num_layers, targs.model_dim, sum(keys) / len(keys), self_cond)
+    flops_per_token = training_flops(n_mm, targs.num_layers, targs.model_dim, sum(keys) / len(keys), self_cond,
+                                     model.embedding.weight.numel())
     tokens_per_s = tokens / elapsed
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = PEAK_FLOPS.get(name) if args.peak_tflops is None else args.peak_tflops * 1e12
@@ -253,7 +257,7 @@ def bench_sample(args):
         seed_all(0)
         preset = args.preset or "small"
         shape = {k: v for k, v in flags.PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
-        model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval().settle_attention()
+        model = ScoreLM(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device).eval().settle_attention(False)
         sigma_min, sigma_max, what = 1.0, 10.0, f"untrained {preset} preset"
     warn_if_emulated(args.precision, device)  # once the inputs are known to be good
     layout = ([bos] + [pad] * (L - 1), [True] + [False] * (L - 1))
@@ -349,8 +353,8 @@ def parse_args(argv=None):
     if args.command == "train":
         args.train_flags = rest
         check_at_least(p, {"--steps": (args.steps, 1), "--warmup": (args.warmup, 0)})
-        if args.peak_tflops is not None and not args.peak_tflops > 0:
-            p.error(f"--peak_tflops {args.peak_tflops}: must be above 0")
+        if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+            p.error(f"--peak_tflops {args.peak_tflops}: must be a number above 0")
         if args.reference and not os.path.isfile(os.path.join(args.reference, "pytorch", "trainer.py")):
             p.error(f"--reference {args.reference}: no pytorch/trainer.py there (a checkout of "
                     "thorinf/score-based-diffusion-lm at 21f0090)")

@@ -58,7 +58,7 @@ def load_model(model_dir, ema=None, device="cpu"):
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
                          f"{model.cfg.vocab_size}")
     warp = checkpoint.get("time_warp")
-    model = model.to(device).eval().settle_attention()  # its attention kernel chosen once, for this device
+    model = model.to(device).eval().settle_attention(training=False)  # its attention kernel, chosen once here
     return model, tokenizer, {"length_counts": None, **checkpoint["sampling"],
                               "warp": warp and TimeWarp.from_state_dict(warp)}
 

@@ -11,7 +11,7 @@ import torch
 
 CHUNK_ROWS = 256  # rows of logits at a time on the CPU: 256 x 8,000 fp32 is 8 MB (RESULTS.md, "Training throughput")
 # logits at a time elsewhere (a GPU): 256 MB of fp32, so that a batch is a few large products, not hundreds of
-# small ones (128 rows of 256 tokens are 4 chunks of 8,192 rows at a vocabulary of 8,000); not yet measured on a GPU
+# small ones (128 rows of 256 tokens are 4 chunks of 8,388 rows at a vocabulary of 8,000); not yet measured on a GPU
 DEVICE_CHUNK_LOGITS = 2**26
 
 

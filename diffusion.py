@@ -3,7 +3,7 @@ the likelihood bound, the samplers, the per-token sampling schedules, the sampli
 them. The network is received as an argument (anything with `cfg.embedding_dim`, `cfg.self_cond`, `cfg.output_prior`,
 `embed`, `embedding_table` and `__call__(x, c_noise, segment_ids, self_cond, offset) -> logits`; the training losses
 and chunked sampling also need its tied head, `features(...)` (the same arguments) and `head_weights() -> (table,
-bias)`, as model.ScoreLM has; a network with `packing(segment_ids, length, device)` gets a batch's attention mask
+bias)`, as model.ScoreLM has; a network with `packing(segment_ids, shape, device)` gets a batch's attention mask
 built once, see packed()), and a time warp (timewarp.py) as any callable u -> sigma; neither module is imported
 here.
 
@@ -61,7 +61,9 @@ def stratified_uniform(u, drawn, generator=None):
     order = keys.flatten().argsort()
     place = torch.empty_like(order)
     place[order] = torch.arange(order.numel(), device=u.device)
-    values = (place.view(u.shape) + torch.rand(u.shape, generator=generator, device=u.device)) / drawn.sum()
+    # in float64: in float32, place + r rounds up to the next slice's edge once place is large
+    r = torch.rand(u.shape, generator=generator, device=u.device)
+    values = (place.view(u.shape) + r.double()) / drawn.sum()
     return torch.where(drawn, values.to(u.dtype), u)
 
 
@@ -95,11 +97,14 @@ def network_inputs(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, sel
     return inputs
 
 
-def packed(model, segment_ids, length, device):
+def packed(model, segment_ids, shape, device):
     """A batch's packing as the network reads it, built once for the several evaluations of one batch (a
-    self-conditioned training step, every sampler step): model.packing(segment_ids, length, device), which the
-    network takes in place of the segment ids, for a network that has it; else the segment ids (B, L) or None."""
-    return model.packing(segment_ids, length, device) if hasattr(model, "packing") else segment_ids
+    self-conditioned training step, every sampler step): model.packing(segment_ids, shape, device) for rows of
+    `shape` (B, L), which the network takes in place of the segment ids, for a network that has it (and rows to
+    build it for); else the segment ids (B, L) or None."""
+    if not hasattr(model, "packing") or shape[0] == 0:
+        return segment_ids
+    return model.packing(segment_ids, shape, device)
 
 
 def network_logits(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
@@ -187,7 +192,7 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     table, bias = model.head_weights()
     estimate = None
     if self_cond:
-        segment_ids = packed(model, segment_ids, ids.shape[1], ids.device)  # the mask of both passes, built once
+        segment_ids = packed(model, segment_ids, ids.shape, ids.device)  # the mask of both passes, built once
         with torch.no_grad():
             first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
             expected, _, _ = tied_expectation(first, table, bias)
@@ -502,7 +507,7 @@ class SamplingRows:
         self.table = model.embedding_table().to(dtype)  # (V, E)
         self.rows = torch.arange(len(ids))  # the rows still sampling, as indices into the batch
         self.segment_ids, self.tokens = segment_ids, ids.clone()
-        self.packing = packed(model, segment_ids, ids.shape[1], self.device)  # every step's, built once
+        self.packing = packed(model, segment_ids, ids.shape, self.device)  # every step's, built once
         self.state = ScheduleState.start(cond_mask)
         self.evaluations = torch.zeros(len(ids), dtype=torch.long)
 
@@ -532,7 +537,7 @@ class SamplingRows:
         """Go on with the rows `keep` (b,) bool alone."""
         self.rows, self.tokens = self.rows[keep.cpu()], self.tokens[keep]
         self.segment_ids = None if self.segment_ids is None else self.segment_ids[keep]
-        self.packing = packed(self.model, self.segment_ids, self.tokens.shape[1], self.device)
+        self.packing = packed(self.model, self.segment_ids, self.tokens.shape, self.device)
         self.state = self.state.select(keep)
 
 

@@ -68,7 +68,7 @@ def segment_block_mask(segment_ids, causal=False):
 
 
 _compiled_flex_attention = None  # torch.compile(flex_attention), made once (compiled_flex_attention)
-_flex_checked = {}  # (device, head dim) -> whether FlexAttention ran there and agreed with SDPA
+_flex_checked = {}  # (device, head dim, backward) -> whether FlexAttention ran there and agreed with SDPA
 
 
 def compiled_flex_attention():
@@ -83,14 +83,15 @@ def compiled_flex_attention():
 
 
 @torch.compiler.disable
-def flex_attention_works(device, head_dim=16):
+def flex_attention_works(device, head_dim=16, backward=True):
     """Whether FlexAttention runs on `device` at head dim `head_dim` and agrees with SDPA (flex_agrees_with_sdpa,
-    the backward pass included except on the CPU, where torch 2.13's FlexAttention has none); checked once per
-    device and head dim. A failure warns and the caller uses SDPA."""
+    with `backward` the backward pass too, never on the CPU, where torch 2.13's FlexAttention has none); checked once
+    per device, head dim and pass. A failure warns and the caller uses SDPA."""
     device = torch.device(device)
-    key = (str(device), head_dim)
+    backward = backward and device.type != "cpu"
+    key = (str(device), head_dim, backward)
     if key not in _flex_checked:
-        _flex_checked[key] = flex_agrees_with_sdpa(device, head_dim, backward=device.type != "cpu")
+        _flex_checked[key] = flex_agrees_with_sdpa(device, head_dim, backward)
         if not _flex_checked[key]:
             warnings.warn(f"FlexAttention is unavailable or disagrees with SDPA on {device} at head dim {head_dim}; "
                           "using SDPA")
@@ -133,9 +134,9 @@ def packed_attention(q, k, v, mask):
 
 class Packing(NamedTuple):
     """A batch's packing as every layer reads it (ScoreLM.packing): rotary, the phases (cos, sin) of each token's
-    position, each (B or 1, 1, L, D/H) float32; mask, a (B or 1, 1, L, L) bool, a BlockMask, or None."""
+    position, each (B or 1, 1, L, D/H) float32; mask, a (B, 1, L, L) bool, a BlockMask, or None."""
     rotary: tuple
-    mask: object  # (B or 1, 1, L, L) bool, a BlockMask, or None
+    mask: object
 
 
 def rotate(x, cos, sin):
@@ -290,29 +291,31 @@ class ScoreLM(nn.Module):
         with torch.autocast(features.device.type, enabled=False):
             return F.linear(features, table.to(features.dtype), bias.to(features.dtype))
 
-    def settle_attention(self):
+    def settle_attention(self, training=True):
         """Resolve `attention` "auto" once for the device the model is on, before it is compiled or run: "flex" on
-        CUDA where flex_attention_works at this model's head dim, else "sdpa"; and make the compiled FlexAttention
-        kernel where it will be used. Afterwards the forward checks nothing (under torch.compile, no graph break and
-        no retrace). Returns the model."""
+        CUDA where flex_attention_works at this model's head dim (its backward pass checked too when `training`),
+        else "sdpa"; and make the compiled FlexAttention kernel where it will be used. Afterwards the forward checks
+        nothing (under torch.compile, no graph break and no retrace). Returns the model."""
         device = self.logit_bias.device
         if self.attention == "auto":
-            works = device.type == "cuda" and flex_attention_works(device, self.cfg.model_dim // self.cfg.num_heads)
+            head_dim = self.cfg.model_dim // self.cfg.num_heads
+            works = device.type == "cuda" and flex_attention_works(device, head_dim, backward=training)
             self.attention = "flex" if works else "sdpa"
         if self.attention == "flex" and device.type == "cuda":
             compiled_flex_attention()
         return self
 
-    def packing(self, segment_ids, length=None, device=None):
+    def packing(self, segment_ids, shape=None, device=None):
         """What every layer's attention needs of a batch's packing, built once per batch (a self-conditioned step
         and every sampler step evaluate the network more than once on the same rows): Packing(rotary, mask), the
         rotary phases (cos, sin), each (B or 1, 1, L, D/H) float32, of each token's position in its own sequence,
-        and the attention mask (a BlockMask for "flex", a (B or 1, 1, L, L) bool for "sdpa", None without packing).
-        segment_ids (B, L) int or None (then `length` and `device` give one sequence a row of L tokens)."""
+        and the attention mask (a BlockMask for "flex", a (B, 1, L, L) bool for "sdpa", None for rows of one
+        sequence each in a bidirectional model). segment_ids (B, L) int, or None for one sequence a row (then
+        `shape`, (B, L), and `device` give the rows)."""
         if segment_ids is None and self.cfg.causal:  # one sequence a row, causal mask still needed
-            segment_ids = torch.ones(1, length, dtype=torch.long, device=device)
+            segment_ids = torch.ones(shape, dtype=torch.long, device=device)
         if segment_ids is None:
-            positions, mask = torch.arange(length, device=device)[None], None
+            positions, mask = torch.arange(shape[1], device=device)[None], None
         else:
             flex = self.attention == "flex" or (self.attention == "auto" and segment_ids.is_cuda
                                                 and flex_attention_works(segment_ids.device,
@@ -330,7 +333,7 @@ class ScoreLM(nn.Module):
         are forward's (segment_ids may also be the batch's Packing, built once by packing()); chunked.py reduces
         these features over the vocabulary without forming the logits."""
         B, L, _ = x.shape
-        packing = segment_ids if isinstance(segment_ids, Packing) else self.packing(segment_ids, L, x.device)
+        packing = segment_ids if isinstance(segment_ids, Packing) else self.packing(segment_ids, (B, L), x.device)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
         h = self.input_proj(x)  # (B, L, D)
         if self.self_cond_proj is not None:  # zeros when there is no estimate: every parameter takes part in

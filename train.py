@@ -38,11 +38,7 @@ def main(argv=None):
         run(args, rank, world_size, device)
     except RuntimeError as e:
         if out_of_memory(e):
-            raise CommandError(f"{f'rank {rank}: ' if rank else ''}out of memory on {device} at -bsz "
-                               f"{args.batch_size}, rows of {args.sequence_length} tokens: halve -bsz and double "
-                               f"--accumulation_steps (-bsz {max(1, args.batch_size // 2)} --accumulation_steps "
-                               f"{2 * args.accumulation_steps}) for the same rows per step; the last checkpoint is "
-                               "intact") from None
+            raise CommandError(out_of_memory_message(args, device, rank)) from None
         if rank == 0:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -56,6 +52,19 @@ def main(argv=None):
 def out_of_memory(error):
     """Whether a RuntimeError is the device's (torch.OutOfMemoryError) or the CPU allocator's running out."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def out_of_memory_message(args, device, rank):
+    """The one line that ends a run out of memory: where, the flags to change, and whether a checkpoint is there to
+    resume from."""
+    where = f"{f'rank {rank}: ' if rank else ''}out of memory on {device} at -bsz {args.batch_size}, rows of " \
+            f"{args.sequence_length} tokens"
+    advice = (f"halve -bsz and double --accumulation_steps (-bsz {args.batch_size // 2} --accumulation_steps "
+              f"{2 * args.accumulation_steps}) for about as many rows a step") if args.batch_size > 1 else \
+        "take a smaller --preset or a shorter -slen"
+    path = os.path.join(args.model_dir, checkpoint.CHECKPOINT)
+    saved = f"{path} is intact and resumes" if os.path.exists(path) else "no checkpoint had been written yet"
+    return f"{where}: {advice}; {saved}"
 
 
 def build_demo_corpus():

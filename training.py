@@ -169,7 +169,7 @@ def training_runner(model, args, world_size=1):
     nothing. Weights, EMA and checkpoints always come from `model` itself."""
     model.settle_attention()
     runner = TrainingForward(model)
-    if world_size > 1:  # the model's buffers (rotary frequencies) never change: no broadcast of them every forward
+    if world_size > 1:  # the model's buffers (the rotary embedding's cache) need no broadcast at every forward
         runner = torch.nn.parallel.DistributedDataParallel(runner, broadcast_buffers=False)
     return torch.compile(runner, dynamic=False) if args.compile else runner
 

@@ -125,7 +125,8 @@ def native_bf16(device):
     bf16 is emulated, many times slower than fp32."""
     if device.type == "cuda":  # Ampere (compute capability 8) and later; ROCm GPUs all have it. torch's own
         # is_bf16_supported() asks the current device, not this one, and counts emulation by default
-        return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+        return torch.cuda.is_available() and (bool(torch.version.hip) or
+                                              torch.cuda.get_device_properties(device).major >= 8)
     if device.type == "cpu":
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return any(check is not None and check() for check in checks) and not onednn_pinned_below_bf16()
@@ -187,22 +188,24 @@ def distributed_setup(device_name):
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = rank_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        device = rank_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(),
+                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
 
 
-def rank_gpu(local_rank, visible):
-    """The GPU of the process with LOCAL_RANK `local_rank` among `visible` GPUs: the one at its local rank, or the
-    only one it sees (a scheduler that gives each process its own GPU, as SLURM's --gpus-per-task does). Raises
-    UsageError when there are fewer GPUs than processes on the machine."""
-    if visible == 1:
+def rank_gpu(local_rank, visible, local_world_size=1):
+    """The GPU of the process with LOCAL_RANK `local_rank` among `visible` GPUs, `local_world_size` processes on its
+    machine: the one at its local rank, or the only one it sees when it is its machine's only process as far as its
+    launcher says (a scheduler that gives each process its own GPU, as SLURM's --gpus-per-task does). Raises
+    UsageError when the machine's processes outnumber the GPUs they see."""
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1 and local_world_size == 1:
         return torch.device("cuda", 0)
-    if local_rank >= visible:
-        raise UsageError(f"LOCAL_RANK {local_rank}: this process sees {visible} GPUs; start one process per GPU "
-                         f"(torchrun --nproc-per-node {visible})")
-    return torch.device("cuda", local_rank)
+    raise UsageError(f"LOCAL_RANK {local_rank}: this process sees {visible} GPU{'s' * (visible != 1)}; start one "
+                     f"process per GPU (torchrun --nproc-per-node {visible})")
 
 
 def all_reduce_sum(tensor):

@@ -3,6 +3,7 @@ compiled attention, the chunked head under torch.compile, collectives on the run
 checkpoints, its bf16 answer, its device per rank, out-of-memory errors, the MFU table and gpu_check.py's parsing.
 Where a test needs torch.cuda it stands in for the few functions the code calls, and says what that checks; none of
 this measures a GPU (gpu_check.py does)."""
+import json
 import sys
 import types
 
@@ -20,7 +21,8 @@ import train
 import training
 import utils
 from conftest import NATIVE_BF16, small_model
-from diffusion import draw_training_sigma, score_interpolation_loss
+from diffusion import (EarlyExit, Grid, draw_training_sigma, euler_step, generate, score_interpolation_loss,
+                       uniform_schedule)
 from model import Packing, flex_agrees_with_sdpa, flex_attention_works, segment_block_mask, segment_positions
 
 CPU = torch.device("cpu")
@@ -142,6 +144,34 @@ def test_stratified_levels_are_drawn_without_reading_a_value_on_the_host():
     assert sigma.shape == (2, 5) and sigma.device.type == "meta"
 
 
+@pytest.mark.parametrize("early_exit", [None, EarlyExit(patience=2, confidence=0.0)])
+def test_flex_attention_samples_rows_of_different_lengths_as_sdpa_does(early_exit):
+    # the kernel CUDA picks: the last rows to finish left a sampler with no rows, whose block mask could not be built
+    ids, cond = torch.zeros(3, 12, dtype=torch.long), torch.zeros(3, 12, dtype=torch.bool)
+    cond[0, 7:] = cond[1, 10:] = True  # rows of 7, 10 and 12 tokens; the rest is held padding
+    segment_ids = (~cond).long()
+    segment_ids[2] = 1
+    out = {}
+    for attention in ("flex", "sdpa"):
+        model = small_model(vocab_size=50).eval()
+        model.attention = attention
+        out[attention] = generate(model, euler_step, uniform_schedule, Grid(0.5, 10.0, 7.0), ids, cond, [0, 1, 2], 8,
+                                  segment_ids=segment_ids, early_exit=early_exit)
+    for flex, sdpa in zip(out["flex"], out["sdpa"]):
+        assert torch.equal(flex, sdpa)
+
+
+def test_a_causal_model_without_segment_ids_attends_alike_with_either_kernel():
+    x, c_noise = torch.randn(3, 10, 16), torch.rand(3, 10)
+    logits = {}
+    for attention in ("flex", "sdpa"):
+        model = small_model(vocab_size=50, causal=True).eval()
+        model.attention = attention
+        with torch.no_grad():
+            logits[attention] = model(x, c_noise)  # a mask of ones(1, L) was read at rows 1 and 2
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+
+
 # The chunked head under torch.compile
 
 def traced_ops(chunk, rows):
@@ -231,9 +261,11 @@ def test_bf16_is_native_on_the_runs_gpu_from_ampere_on(monkeypatch):
 
 def test_each_rank_takes_its_local_gpu_or_the_only_one_it_sees():
     assert utils.rank_gpu(1, 1) == torch.device("cuda", 0)  # a scheduler gave each process its own GPU
-    assert utils.rank_gpu(3, 4) == torch.device("cuda", 3)
+    assert utils.rank_gpu(3, 4, 4) == torch.device("cuda", 3)
     with pytest.raises(utils.UsageError, match="LOCAL_RANK 2: this process sees 2 GPUs; .*--nproc-per-node 2"):
-        utils.rank_gpu(2, 2)
+        utils.rank_gpu(2, 2, 4)
+    with pytest.raises(utils.UsageError, match="LOCAL_RANK 1: this process sees 1 GPU; "):
+        utils.rank_gpu(1, 1, 2)  # torchrun started two processes on a machine whose one GPU they share
 
 
 def test_running_out_of_memory_is_one_line_naming_the_batch_flags(monkeypatch, capsys, tmp_path, corpus_file,
@@ -241,13 +273,19 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_flags(monkeypatch, c
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(train, "run", out_of_memory)
-    with pytest.raises(SystemExit) as stopped:
-        utils.run_command(lambda: train.main(["-d", corpus_file, "-spm", spm_path, "-mdir", str(tmp_path), "-bsz", "64",
-                                              "--accumulation_steps", "2"]))
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: out of memory on cpu at -bsz 64")
-    assert "-bsz 32 --accumulation_steps 4" in err[0]
+    command = ["-d", corpus_file, "-spm", spm_path, "-mdir", str(tmp_path), "--accumulation_steps", "2"]
+    for bsz, saved, expected in [("64", False, "(-bsz 32 --accumulation_steps 4) for about as many rows a step; no "
+                                               "checkpoint had been written yet"),
+                                 ("1", True, "take a smaller --preset or a shorter -slen; ")]:
+        if saved:
+            (tmp_path / "ckpt.pt").write_bytes(b"")
+        with pytest.raises(SystemExit) as stopped:
+            utils.run_command(lambda: train.main(command + ["-bsz", bsz]))
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: out of memory on cpu at -bsz {bsz}, rows of 64 tokens")
+        assert expected in err[0]
+    assert err[0].endswith("ckpt.pt is intact and resumes")
 
 
 def test_ddp_does_not_broadcast_the_unchanging_buffers(monkeypatch):
@@ -272,31 +310,37 @@ def test_mfu_uses_the_exact_gpus_peak_and_counts_the_self_conditioning_pass():
     assert "NVIDIA H100" not in bench.PEAK_FLOPS  # a name not listed gets no MFU
     plain = bench.training_flops(1000, 2, 8, 10)
     assert plain == 6 * 1000 + 12 * 2 * 8 * 10
-    assert bench.training_flops(1000, 2, 8, 10, self_cond=0.5) == plain + 0.5 * (2 * 1000 + 4 * 2 * 8 * 10)
+    assert bench.training_flops(1000, 2, 8, 10, self_cond=0.5, head=300) == \
+        plain + 0.5 * (2 * 1000 + 4 * 2 * 8 * 10 + 2 * 300)
 
 
 def test_gpu_check_keeps_a_steps_figures_when_it_warns_on_stderr():
     script = ("import json, sys; print('compiling', flush=True); print(json.dumps({'mfu': 0.42}), flush=True); "
+              "print('{ a sample that starts with a brace'); "
               "print('UserWarning: TensorFloat32 tensor cores are available', file=sys.stderr)")
     result = gpu_check.run_step("a step", 60, [sys.executable, "-c", script])
     assert result["status"] == 0 and result["figures"] == {"mfu": 0.42}
     assert result["stderr"] == ["UserWarning: TensorFloat32 tensor cores are available"]
 
 
-def test_gpu_check_compares_the_kernels_losses_and_the_resumed_weights(tmp_path):
+def test_gpu_check_compares_the_kernels_losses_and_a_resumed_runs(tmp_path):
     steps = [{"step": name, "status": 0, "figures": {"losses": losses}} for name, losses in [
         ("FlexAttention, small preset", [7.0, 6.0]), ("SDPA, small preset", [7.0, 6.03]),
         ("FlexAttention, tiny preset, compiled", [7.0, 6.0]), ("SDPA, tiny preset, compiled", [7.0, 6.0])]]
-    for run, shift in (("straight", 0.0), ("resumed", 0.5)):
+    for run, first in (("straight", 1), ("resumed", 51)):
         (tmp_path / run).mkdir()
-        torch.save({"model": {"w": torch.ones(3) + shift}}, tmp_path / run / "ckpt.pt")
+        lines = [{"step": s, "loss": 5.0 + (s == 52 and run == "resumed") * 0.1} for s in range(first, 101)]
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     eager, compiled, resumed = gpu_check.comparisons(steps, str(tmp_path))
     assert eager["difference"] == pytest.approx(0.03 / 6.03) and eager["agree"]  # 0.5% < 1%
     assert compiled["difference"] == 0.0 and compiled["agree"]
-    assert resumed["difference"] == 0.5 and not resumed["agree"]
+    assert resumed["difference"] == pytest.approx(0.1 / 5.0) and not resumed["agree"]  # step 52 drew other noise
     steps[1]["figures"]["losses"] = [7.0, 5.0]
     assert not gpu_check.comparisons(steps, str(tmp_path))[0]["agree"]
     del steps[3]["figures"]  # a failed step: nothing to compare, not agreeing
     assert gpu_check.comparisons(steps, str(tmp_path))[1] == {
         "compare": "FlexAttention against SDPA, losses of 15 steps, compiled", "difference": None,
         "tolerance": gpu_check.LOSS_TOLERANCE, "agree": False}
+    with open(tmp_path / "resumed" / "metrics.jsonl", "w") as f:  # a resumed run stopped before step 100
+        f.write(json.dumps({"step": 51, "loss": 5.0}) + "\n" + json.dumps({"step": 52, "loss": 5.0}) + "\n")
+    assert gpu_check.comparisons(steps, str(tmp_path))[2]["difference"] is None
