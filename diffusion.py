@@ -49,22 +49,20 @@ def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, gener
             drawn[:, 0] = False
         u = stratified_uniform(u, drawn, generator)
     u = u[:, :L] if per_token else u.gather(1, segment_ids)
-    return rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)
+    return (rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)).float()
 
 
 def stratified_uniform(u, drawn, generator=None):
-    """`u` (any shape) with its entries at the True positions of `drawn` replaced by a stratified sample of U(0, 1):
-    the n of them take one value from each slice [k/n, (k+1)/n), k = 0..n-1, in a random order. n stays on the
-    device (no host sync): random keys put the drawn entries first in a random order, and each takes its place k in
-    that order as its slice."""
+    """`u` (any shape) as float64, with its entries at the True positions of `drawn` replaced by a stratified sample of
+    U(0, 1): the n of them take one value from each slice [k/n, (k+1)/n), k = 0..n-1, in a random order (in float32 a
+    value just below a slice's edge would round onto it). n stays on the device (no host sync): random keys put the
+    drawn entries first in a random order, and each takes its place k in that order as its slice."""
     keys = torch.rand(u.shape, generator=generator, device=u.device).masked_fill(~drawn, 2.0)  # the drawn below 1
     order = keys.flatten().argsort()
     place = torch.empty_like(order)
     place[order] = torch.arange(order.numel(), device=u.device)
-    # in float64: in float32, place + r rounds up to the next slice's edge once place is large
     r = torch.rand(u.shape, generator=generator, device=u.device)
-    values = (place.view(u.shape) + r.double()) / drawn.sum()
-    return torch.where(drawn, values.to(u.dtype), u)
+    return torch.where(drawn, (place.view(u.shape) + r.double()) / drawn.sum(), u.double())
 
 
 def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):

@@ -188,21 +188,21 @@ def distributed_setup(device_name):
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = rank_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(),
-                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        shared = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1  # torchrun's
+        device = rank_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(), shared)
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
 
 
-def rank_gpu(local_rank, visible, local_world_size=1):
-    """The GPU of the process with LOCAL_RANK `local_rank` among `visible` GPUs, `local_world_size` processes on its
-    machine: the one at its local rank, or the only one it sees when it is its machine's only process as far as its
-    launcher says (a scheduler that gives each process its own GPU, as SLURM's --gpus-per-task does). Raises
-    UsageError when the machine's processes outnumber the GPUs they see."""
+def rank_gpu(local_rank, visible, shared=False):
+    """The GPU of the process with LOCAL_RANK `local_rank` among the `visible` GPUs it sees: the one at its local rank,
+    or the only one it sees where each process has its own (a scheduler's doing, as SLURM's --gpus-per-task), unless
+    its machine's processes are `shared`: started by torchrun, which gives them all the same GPUs. Raises UsageError
+    when they outnumber the GPUs they see."""
     if local_rank < visible:
         return torch.device("cuda", local_rank)
-    if visible == 1 and local_world_size == 1:
+    if visible == 1 and not shared:
         return torch.device("cuda", 0)
     raise UsageError(f"LOCAL_RANK {local_rank}: this process sees {visible} GPU{'s' * (visible != 1)}; start one "
                      f"process per GPU (torchrun --nproc-per-node {visible})")

@@ -22,7 +22,7 @@ import training
 import utils
 from conftest import NATIVE_BF16, small_model
 from diffusion import (EarlyExit, Grid, draw_training_sigma, euler_step, generate, score_interpolation_loss,
-                       uniform_schedule)
+                       stratified_uniform, uniform_schedule)
 from model import Packing, flex_agrees_with_sdpa, flex_attention_works, segment_block_mask, segment_positions
 
 CPU = torch.device("cpu")
@@ -141,7 +141,10 @@ def test_stratified_levels_are_drawn_without_reading_a_value_on_the_host():
     # the meta device has shapes and no values: any host sync (int(drawn.sum()) was one) fails there
     segment_ids = torch.tensor([[1, 1, 2, 2, 0], [1, 1, 1, 2, 3]], device="meta")
     sigma = draw_training_sigma(segment_ids, 1.0, 10.0, 7.0, False, stratified=True)
-    assert sigma.shape == (2, 5) and sigma.device.type == "meta"
+    assert sigma.shape == (2, 5) and sigma.device.type == "meta" and sigma.dtype == torch.float32
+    n = 40_000  # a large batch's per-token draws: one in each slice, none rounded onto the next slice's edge
+    drawn = stratified_uniform(torch.rand(n), torch.ones(n, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert torch.equal((drawn * n).floor().long().sort().values, torch.arange(n))
 
 
 @pytest.mark.parametrize("early_exit", [None, EarlyExit(patience=2, confidence=0.0)])
@@ -261,11 +264,11 @@ def test_bf16_is_native_on_the_runs_gpu_from_ampere_on(monkeypatch):
 
 def test_each_rank_takes_its_local_gpu_or_the_only_one_it_sees():
     assert utils.rank_gpu(1, 1) == torch.device("cuda", 0)  # a scheduler gave each process its own GPU
-    assert utils.rank_gpu(3, 4, 4) == torch.device("cuda", 3)
+    assert utils.rank_gpu(3, 4, shared=True) == torch.device("cuda", 3)
     with pytest.raises(utils.UsageError, match="LOCAL_RANK 2: this process sees 2 GPUs; .*--nproc-per-node 2"):
-        utils.rank_gpu(2, 2, 4)
+        utils.rank_gpu(2, 2, shared=True)
     with pytest.raises(utils.UsageError, match="LOCAL_RANK 1: this process sees 1 GPU; "):
-        utils.rank_gpu(1, 1, 2)  # torchrun started two processes on a machine whose one GPU they share
+        utils.rank_gpu(1, 1, shared=True)  # torchrun started two processes on a machine whose one GPU they share
 
 
 def test_running_out_of_memory_is_one_line_naming_the_batch_flags(monkeypatch, capsys, tmp_path, corpus_file,
