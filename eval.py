@@ -1,7 +1,8 @@
 """Evaluate a trained run on held-out lines: an upper bound on the negative log-likelihood (nats per token and
-bits per character), the cross-entropy and accuracy at a grid of noise levels, and, with --samples, the quality
-of its samples, scored by an autoregressive judge (--judge, a run of train.py --objective ar). An autoregressive
-run itself gets its exact perplexity.
+bits per character), the cross-entropy and accuracy at a grid of noise levels, how much less likely the lines are
+with their words shuffled (the shuffle gap), and, with --samples, the quality of its samples, scored by an
+autoregressive judge (--judge, a run of train.py --objective ar), and their likelihood under the run itself. An
+autoregressive run itself gets its exact perplexity and shuffle gap.
 
     python eval.py -mdir out --valid valid.txt [--ema RATE] [--judge ar_out] [--samples 64] [--json]
     python eval.py -mdir out --valid valid.txt --judge ar_out --sweep steps=16,32,64 --sweep schedule=uniform,ar
@@ -15,7 +16,9 @@ import itertools
 import json
 import math
 import os
+import random
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +131,47 @@ def sequence_nll(model, sequences, batch_size, pad_id, device):
         nats += float(loss)
         tokens += float(targets.sum())
     return nats, tokens
+
+
+def shuffled_words(lines, tokenizer, seed, length):
+    """The lines with their words (split at white space) in a random order, from one generator seeded by `seed`, and
+    encoded again: (kept, shuffled), both lists of read_lines' (ids, characters) pairs, where a line whose shuffled
+    words take more than `length` tokens is left out of both (a line of one word stays as it is)."""
+    rng, kept, shuffled = random.Random(seed), [], []
+    for ids, chars in lines:
+        words = tokenizer.decode(ids).split()
+        rng.shuffle(words)
+        mixed = tokenizer.encode(" ".join(words))
+        if len(mixed) <= length:
+            kept.append((ids, chars))
+            shuffled.append((mixed, chars))
+    return kept, shuffled
+
+
+def line_nll(model, lines, sampling, args, device):
+    """The run's negative log-likelihood of `lines` ((ids, characters) pairs), nats per token, and its standard
+    error: the exact NLL of an autoregressive run (error 0), else the likelihood bound with args.draws draws from a
+    generator seeded by args.seed (its Monte Carlo error)."""
+    if model.cfg.causal:
+        nats, tokens = sequence_nll(model, [ids for ids, _ in lines], args.batch_size, args.pad_id, device)
+        return nats / tokens, 0.0
+    bound = likelihood_bound(model, lines, sampling, args, device, torch.Generator().manual_seed(args.seed))
+    return bound["nll_bound_nats_per_token"], bound["bound_stderr"]
+
+
+def order_figures(model, lines, tokenizer, sampling, args, device):
+    """Word-order sensitivity: the run's NLL (line_nll) of the first --shuffle_lines lines with their words shuffled
+    (shuffled_words) minus that of the same lines as they are, nats per token (`shuffle_gap`, with the standard
+    error of the two estimates), both NLLs, the lines scored and the seconds it took; {} with --shuffle_lines 0."""
+    started = time.perf_counter()
+    ordered, shuffled = shuffled_words(lines[:args.shuffle_lines], tokenizer, args.seed, args.length_limit)
+    if not ordered:
+        return {}
+    (real, real_error), (mixed, mixed_error) = (line_nll(model, part, sampling, args, device)
+                                                for part in (ordered, shuffled))
+    return {"shuffle_gap": mixed - real, "shuffle_gap_stderr": math.hypot(real_error, mixed_error),
+            "ordered_nll": real, "shuffled_nll": mixed, "shuffle_lines": len(ordered),
+            "shuffle_seconds": round(time.perf_counter() - started, 1)}
 
 
 def sample_metrics(samples):
@@ -331,6 +375,8 @@ def build_parser():
     p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar) that scores "
                                    "samples and valid lines, with its raw weights; with another tokenizer than the "
                                    "run's it scores their texts encoded by its own")
+    p.add_argument("--shuffle_lines", type=int, default=256,
+                   help="valid lines scored again with their words shuffled, for the shuffle gap (0: none)")
     p.add_argument("--samples", type=int, default=0,
                    help="unconditional samples to score (with --sweep: per setting; default 0, 64 with --sweep)")
     p.add_argument("--length", type=parse_length, help="tokens per sample, as in sample.py: data (drawn from the "
@@ -364,7 +410,8 @@ def parse_args(argv=None):
     """eval.py's flags, checked."""
     p = build_parser()
     args = p.parse_args(argv)
-    at_least = {"draws": 2, "sigmas": 2, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0}
+    at_least = {"draws": 2, "sigmas": 2, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0,
+                "shuffle_lines": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             p.error(f"--{name} {getattr(args, name)}: must be at least {low}")
@@ -433,7 +480,7 @@ def check_request(args, model, sampling):
 def evaluate(args, device):
     """Every figure eval.py reports, as one dict."""
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    args.pad_id = tokenizer.pad_id
+    args.pad_id, args.length_limit = tokenizer.pad_id, sampling["sequence_length"]
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, model, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
@@ -450,6 +497,7 @@ def evaluate(args, device):
         result.update(autoregressive_figures(model, lines, tokenizer, args, device))
     else:
         result.update(diffusion_figures(model, lines, sampling, args, device))
+    result.update(order_figures(model, lines, tokenizer, sampling, args, device))
     texts = [tokenizer.decode(ids) for ids, _ in lines]
     result["valid"] = {**sample_metrics([ids[1:-1] for ids, _ in lines]), **word_metrics(texts)}
     if judge is not None:
@@ -461,7 +509,7 @@ def evaluate(args, device):
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
     if not model.cfg.causal:
-        result.update(sample_figures(model, tokenizer, sampling, judge, args, device))
+        result.update(sample_figures(model, tokenizer, sampling, judge, lines, args, device))
     return result
 
 
@@ -486,9 +534,9 @@ def diffusion_figures(model, lines, sampling, args, device):
     return result
 
 
-def sample_figures(model, tokenizer, sampling, judge, args, device):
-    """With --samples, the scores of samples drawn with the sample flags; with --sweep, those of every
-    combination of its values instead, and their plot."""
+def sample_figures(model, tokenizer, sampling, judge, lines, args, device):
+    """With --samples, the scores of samples drawn with the sample flags and their own NLL (self_nll_figures); with
+    --sweep, the scores of every combination of its values instead, and their plot."""
     result = {}
     if args.samples and not args.sweep:
         chosen, settings, lengths = settings_of(args, sampling)
@@ -496,6 +544,7 @@ def sample_figures(model, tokenizer, sampling, judge, args, device):
         result["samples"] = {**chosen, "count": args.samples, "evaluations": evaluations,
                              **score_samples(sequences, tokenizer, judge, args, device)}
         result.update({k: result["samples"].get(k) for k in ("gen_ppl", "entropy", "distinct_2")})
+        result.update(self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device))
     if args.sweep:
         keys = [key for key, _ in args.sweep]
         result["sweep"] = []
@@ -507,6 +556,23 @@ def sample_figures(model, tokenizer, sampling, judge, args, device):
         sweep_plot = os.path.join(args.plot_dir or args.model_dir, "sweep.png")
         result["sweep_plot"] = sweep_plot if plot_sweep(result["sweep"], sweep_plot) else None
     return result
+
+
+def self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device):
+    """The run's own NLL (line_nll) of its samples with text (`samples_self_nll`) beside that of as many valid lines
+    (`samples_valid_nll`), nats per token, with their standard errors, the count and the seconds it took: a sampler
+    that follows the model gives samples at least as likely as real lines; a model that cannot tell text from word
+    salad scores both alike while a judge does not."""
+    started = time.perf_counter()
+    own = [(ids, len(tokenizer.decode(ids)) + 1) for ids in sequences if tokenizer.decode(ids)]
+    if not own:
+        return {}
+    (samples, samples_error), (valid, valid_error) = (line_nll(model, part, sampling, args, device)
+                                                      for part in (own, lines[:len(own)]))
+    return {"samples_self_nll": samples, "samples_self_nll_stderr": samples_error, "samples_valid_nll": valid,
+            "samples_valid_nll_stderr": valid_error, "self_nll_samples": len(own),
+            "self_nll_valid_lines": len(lines[:len(own)]),
+            "self_nll_seconds": round(time.perf_counter() - started, 1)}
 
 
 def percent(share):
@@ -534,7 +600,15 @@ def print_table(result):
         judge = result["judge"]
         print(f"judge {judge['model_dir']}: NLL {judge['nll_nats_per_token']:.4f} nats/token, perplexity "
               f"{judge['perplexity']:.2f}, {judge['bits_per_char']:.4f} bits/char")
+    if "shuffle_gap" in result:
+        print(f"word order: NLL {result['ordered_nll']:.4f} nats/token on {result['shuffle_lines']:,} lines, "
+              f"{result['shuffled_nll']:.4f} with their words shuffled: shuffle gap {result['shuffle_gap']:.4f} +- "
+              f"{result['shuffle_gap_stderr']:.4f}")
     print(f"valid lines: {text_figures(result['valid'])}")
+    if "samples_self_nll" in result:
+        print(f"samples' own NLL: {result['samples_self_nll']:.4f} +- {result['samples_self_nll_stderr']:.4f} "
+              f"nats/token, valid lines {result['samples_valid_nll']:.4f} +- {result['samples_valid_nll_stderr']:.4f} "
+              f"({result['self_nll_samples']} samples with text, {result['self_nll_valid_lines']} lines)")
     for row in ([result["samples"]] if "samples" in result else []) + result.get("sweep", []):
         print(f"samples ({setting_label(row)}, {row['evaluations']:.1f} evaluations): {text_figures(row)}")
 

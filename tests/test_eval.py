@@ -250,3 +250,35 @@ def test_the_loss_by_noise_level_plot_has_a_title_and_its_legend_below_the_axes(
     assert evaluate.plot_curve(curve, str(tmp_path / "ce_by_sigma.png"), "Loss by noise level: run")
     assert drawn["title"] == "Loss by noise level: run"
     assert all(drawn["legend"].y1 <= axes.y0 for axes in drawn["axes"])  # below both axes, covering no curve
+
+
+def test_shuffled_words_keep_each_lines_words_and_length_limit(tokenizer):
+    lines = [(tokenizer.encode(text), len(text) + 1) for text in ("the cat sat on the mat", "alone", "a b c d e f")]
+    kept, shuffled = evaluate.shuffled_words(lines, tokenizer, 0, 64)
+    assert kept == lines and [c for _, c in shuffled] == [c for _, c in lines]
+    for (ids, _), (mixed, _) in zip(lines, shuffled):
+        assert sorted(tokenizer.decode(mixed).split()) == sorted(tokenizer.decode(ids).split())
+    assert tokenizer.decode(shuffled[0][0]) != "the cat sat on the mat"  # seed 0 moves this one
+    assert shuffled[1][0] == lines[1][0]  # one word: nothing to shuffle
+    assert evaluate.shuffled_words(lines, tokenizer, 0, 64) == (kept, shuffled)  # the seed fixes the order
+    assert evaluate.shuffled_words(lines, tokenizer, 0, 4)[0] == [lines[1]]  # left out where it no longer fits
+
+
+@pytest.mark.parametrize("run", ["memorised_run", "memorised_ar_run"])
+def test_a_run_that_learned_its_lines_finds_them_likelier_than_their_words_shuffled(run, request, tmp_path, capsys):
+    model_dir, lines = request.getfixturevalue(run)
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--draws", "4", "--sigmas", "2", "--json"]
+    evaluate.main(command + (["--samples", "4", "--steps", "8"] if run == "memorised_run" else []))
+    result = json.loads(capsys.readouterr().out)
+    assert result["shuffle_lines"] == 4
+    assert result["shuffle_gap"] == pytest.approx(result["shuffled_nll"] - result["ordered_nll"])
+    ordered = result["nll_bound_nats_per_token" if run == "memorised_run" else "nll_nats_per_token"]
+    assert result["ordered_nll"] == pytest.approx(ordered)  # the same lines, the same draws
+    assert result["shuffle_gap"] > 1.0, result  # four memorised lines: their shuffled words are far less likely
+    if run == "memorised_run":  # its samples are its lines again: as likely to it as the valid lines
+        assert result["self_nll_samples"] == result["self_nll_valid_lines"] == 4
+        assert result["samples_self_nll"] < result["shuffled_nll"]
+    evaluate.main(command[:-1] + ["--shuffle_lines", "0"])
+    assert "word order" not in capsys.readouterr().out
