@@ -199,28 +199,6 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     return tied_cross_entropy(features, table, bias, ids, weight)
 
 
-def autoregressive_loss(model, ids, segment_ids=None, weight=None):
-    """The autoregressive baseline's loss: (loss, ce, argmax) as score_interpolation_loss's, where position t of ce
-    (B, L) float32 holds -log p(ids[t] | the tokens before it in its row) in nats (0 at t = 0), argmax (B, L) int64 the
-    prediction of ids[t] (-1 at t = 0) and loss the sum of weight * ce, weight (B, L) float or None (every position
-    1). The network (built with causal=True) reads the clean embeddings with c_noise = 0, so it has no noise
-    conditioning. The caller's weights keep only positions that continue their own packed sequence
-    (autoregressive_targets)."""
-    features = model.features(model.embed(ids), torch.zeros(ids.shape, device=ids.device), segment_ids)
-    weight = torch.ones(ids.shape, device=ids.device) if weight is None else weight
-    table, bias = model.head_weights()
-    loss, ce, argmax = tied_cross_entropy(features[:, :-1], table, bias, ids[:, 1:], weight[:, 1:])
-    return loss, F.pad(ce, (1, 0)), F.pad(argmax, (1, 0), value=-1)
-
-
-def autoregressive_targets(segment_ids):
-    """Positions the baseline is trained to predict: a token of a packed sequence that follows one of the same
-    sequence (the first token, bos, has nothing to be predicted from). segment_ids (B, L) -> (B, L) bool."""
-    follows = torch.zeros_like(segment_ids, dtype=torch.bool)
-    follows[:, 1:] = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return follows & (segment_ids > 0)
-
-
 @torch.no_grad()
 def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=None, generator=None,
               sigma_data=SIGMA_DATA):

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from checkpoint import load_model
 from corpus import decode_line
 from data import sample_rows
-from diffusion import (SAMPLERS, SCHEDULES, autoregressive_loss, autoregressive_targets, denoiser_logits, nll_bound,
-                       rho_schedule)
+from autoregressive import autoregressive_loss, autoregressive_targets
+from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, nll_bound, rho_schedule
 from sampling import (GRIDS, beyond_training, draw, length_flag, parse_length, sample_lengths, sampler_settings,
                       unconditional_layouts)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
@@ -243,10 +243,10 @@ def draw_samples(model, tokenizer, sampling, settings, lengths, args, device):
     sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos,
     mean network evaluations per sample)."""
     layouts = unconditional_layouts(tokenizer, lengths, args.samples, args.seed)
-    grid = settings.sigma_grid(sampling, "the evaluated run")
+    grid = None if model.cfg.causal else settings.sigma_grid(sampling, "the evaluated run")
     sequences, evaluations = [], 0
     for _, row, _, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
-                                 device, args.progress):
+                                 device, args.progress, tokenizer.eos_id):
         end = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row else len(row)
         sequences.append(row[:end])
         evaluations += evals
@@ -391,6 +391,8 @@ def build_parser():
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
     p.add_argument("--temperature", type=float, default=1.0, help="score temperature of the samples, as in sample.py")
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus of an autoregressive run's samples, as in "
+                                                            "sample.py")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="the network's autocast precision while sampling, as in sample.py (the bound stays fp32)")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
@@ -424,13 +426,14 @@ def parse_args(argv=None):
 
 
 def settings_of(args, sampling, **override):
-    """The sample settings (sampler, steps, schedule, grid, temperature, clamp, precision, length), with `override`
+    """The sample settings (sampler, steps, schedule, grid, temperature, clamp, precision, top_p, length), with
+    `override`
     (a sweep's values), the SamplerSettings they give and the lengths the samples draw from (sampling.sample_lengths,
     for the checkpoint's `sampling` settings); UsageError for a value out of range. The length is recorded as given,
     or as "data" or the training length where the default chose it."""
     chosen = {"sampler": args.sampler, "steps": args.steps, "schedule": args.schedule, "grid": args.grid,
               "temperature": args.temperature, "clamp": args.clamp, "precision": args.precision,
-              "length": args.length, **override}
+              "top_p": args.top_p, "length": args.length, **override}
     length = chosen.pop("length")
     try:
         settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir)
@@ -463,9 +466,11 @@ def load_judge(path, tokenizer, length, device):
 def check_request(args, model, sampling):
     """Refuse, before any work, what the run cannot do: samples of an autoregressive run, a warped grid without a
     warp, samples longer than the training rows, a --plot_dir that is not a folder."""
-    if model.cfg.causal and (args.samples or args.sweep):
-        raise UsageError(f"{args.model_dir}: an autoregressive run; --samples and --sweep score a diffusion run's "
-                         "samples")
+    if model.cfg.causal and args.sweep:
+        raise UsageError(f"--sweep: the diffusion samplers' settings; {args.model_dir} is an autoregressive run (give "
+                         "--samples with --temperature and --top_p)")
+    if not model.cfg.causal and args.top_p != 1.0:
+        raise UsageError(f"--top_p {args.top_p}: for an autoregressive run; {args.model_dir} is a diffusion run")
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
@@ -508,8 +513,7 @@ def evaluate(args, device):
         result["valid"].update(perplexities(nats, tokens, texts))
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
-    if not model.cfg.causal:
-        result.update(sample_figures(model, tokenizer, sampling, judge, lines, args, device))
+    result.update(sample_figures(model, tokenizer, sampling, judge, lines, args, device))
     return result
 
 
@@ -540,6 +544,9 @@ def sample_figures(model, tokenizer, sampling, judge, lines, args, device):
     result = {}
     if args.samples and not args.sweep:
         chosen, settings, lengths = settings_of(args, sampling)
+        if model.cfg.causal:  # left to right: no sampler, schedule, grid or steps
+            chosen = {"sampler": "autoregressive", **{k: chosen[k] for k in ("temperature", "top_p", "precision",
+                                                                              "length")}}
         sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
         result["samples"] = {**chosen, "count": args.samples, "evaluations": evaluations,
                              **score_samples(sequences, tokenizer, judge, args, device)}
@@ -614,9 +621,13 @@ def print_table(result):
 
 
 def setting_label(row):
-    """A sample setting in a few words: sampler, schedule, grid, steps, and temperature and clamp where set."""
+    """A sample setting in a few words: sampler, schedule, grid, steps, and temperature, clamp and top-p where set
+    (an autoregressive run's: its temperature and top-p)."""
     extra = (f", T {row['temperature']:g}" if row.get("temperature", 1.0) != 1.0 else "") + \
-        (f", clamp below {row['clamp']:g}" if row.get("clamp") else "")
+        (f", clamp below {row['clamp']:g}" if row.get("clamp") else "") + \
+        (f", top-p {row['top_p']:g}" if row.get("top_p", 1.0) != 1.0 else "")
+    if row["sampler"] == "autoregressive":
+        return f"autoregressive, length {row['length']}{extra}"
     return (f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, length {row['length']}"
             f"{extra}")
 

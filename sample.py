@@ -6,7 +6,8 @@
                      [--suffix TEXT] [--early_exit K] [--jsonl] [--seed 0] [--ema RATE]
 
 Unconditional by default. Prompts, templates and suffixes are held at sigma = 0, so their tokens come out exactly
-as given; each prompt or template gives -n samples. Sample i depends on (--seed, i) alone, not on its batch.
+as given; each prompt or template gives -n samples. Sample i depends on (--seed, i) alone, not on its batch. A run of
+the autoregressive baseline (train.py --objective ar) samples left to right, with --temperature and --top_p.
 """
 import argparse
 import json
@@ -85,7 +86,10 @@ def build_parser():
                                              "7 (default, EDM's) spends more steps at low noise")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="score temperature T: the denoiser's step from x is scaled by 1/T, D_T = x + (D - x) / T "
-                        "(below 1: sharper, as Plaid samples at 0.9)")
+                        "(below 1: sharper, as Plaid samples at 0.9); for an autoregressive run, the softmax's")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="an autoregressive run samples from the smallest set of likeliest tokens holding this much "
+                        "probability (nucleus sampling; 1: all)")
     p.add_argument("--clamp", type=float, default=0.0, metavar="SIGMA",
                    help="below this noise level, replace the denoised estimate by the embedding of its most likely "
                         "token (Diffusion-LM's clamping; 0: never)")
@@ -104,7 +108,7 @@ def build_parser():
 
 
 SETTINGS = ("sampler", "steps", "schedule", "grid", "rho", "early_exit", "exit_confidence", "precision", "fp64",
-            "temperature", "clamp")
+            "temperature", "clamp", "top_p")
 
 
 def parse_args(argv=None):
@@ -219,6 +223,23 @@ def build_layouts(args, tokenizer, sampling):
     return layouts, sources
 
 
+def check_objective(args, model):
+    """Refuse, naming the flag, what the run's objective cannot sample: for an autoregressive run, held text after
+    the generated tokens (--infill, --suffix) and the diffusion samplers' own flags; for a diffusion run, --top_p."""
+    if not model.cfg.causal:
+        if args.top_p != 1.0:
+            raise UsageError(f"--top_p {args.top_p}: for an autoregressive run; {args.model_dir} is a diffusion run "
+                             "(its --temperature sharpens the score)")
+        return
+    given = [flag for flag, value in (("--infill", args.infill), ("--suffix", args.suffix is not None),
+                                      ("--early_exit", args.early_exit is not None), ("--clamp", args.clamp),
+                                      ("--fp64", args.fp64), ("--grid warped", args.grid == "warped"),
+                                      ("--rho", args.rho is not None)) if value]
+    if given:
+        raise UsageError(f"{given[0]}: not for {args.model_dir}, an autoregressive run, which continues a prompt left "
+                         "to right (--prompt, --length, --temperature, --top_p)")
+
+
 def main(argv=None):
     """Print samples of the run folder given in `argv`; raises UsageError on bad input."""
     args = parse_args(argv)
@@ -227,18 +248,18 @@ def main(argv=None):
         checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    if model.cfg.causal:
-        raise UsageError(f"{args.model_dir}: an autoregressive baseline (train.py --objective ar); eval.py scores "
-                         "it and uses it as a judge")
+    check_objective(args, model)
     layouts, sources = build_layouts(args, tokenizer, sampling)
     settings = args.settings
-    grid = settings.sigma_grid(sampling, args.model_dir)
+    grid = None if model.cfg.causal else settings.sigma_grid(sampling, args.model_dir)
     warn_if_emulated(args.precision, device)  # once the request is known to be good
-    print(f"{len(layouts)} samples, {settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, "
+    print(f"{len(layouts)} samples, autoregressive, temperature {settings.temperature:g}, top-p {settings.top_p:g}"
+          if model.cfg.causal else
+          f"{len(layouts)} samples, {settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, "
           f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
     evaluations = 0
     for i, row, steps, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
-                                     device, args.progress):
+                                     device, args.progress, tokenizer.eos_id):
         text = tokenizer.decode_sample(row, layouts[i][1])
         if args.jsonl:
             text = json.dumps({"sample": i, "seed": args.seed, "prompt": sources[i], "text": text, "ids": row,

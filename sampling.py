@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from data import MAX_SAMPLE_LENGTH, sample_layout, sample_rows
+from autoregressive import generate_autoregressive
 from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid, generate
 from utils import UsageError
 
@@ -37,6 +38,7 @@ class SamplerSettings:
     fp64: bool = False
     temperature: float = 1.0
     clamp: float = 0.0
+    top_p: float = 1.0
 
     def step(self):
         """The sampler step with its parameters bound (diffusion.SAMPLERS)."""
@@ -68,7 +70,8 @@ class SamplerSettings:
 
 
 def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="rho", rho=None, early_exit=None,
-                     exit_confidence=None, precision="fp32", fp64=False, temperature=1.0, clamp=0.0, **parameters):
+                     exit_confidence=None, precision="fp32", fp64=False, temperature=1.0, clamp=0.0, top_p=1.0,
+                     **parameters):
     """SamplerSettings from the values of sample.py's flags, None meaning "not given" (so that the defaults of the
     chosen sampler and schedule apply). Raises UsageError naming the flag for an unknown name, a parameter of
     another sampler or schedule, or a value out of range."""
@@ -96,7 +99,7 @@ def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="r
         raise UsageError("--exit_confidence applies to --early_exit")
     settings = SamplerSettings(sampler, steps, schedule, grid, SAMPLING_RHO if rho is None else rho, chosen,
                                early_exit, 0.5 if exit_confidence is None else exit_confidence, precision, fp64,
-                               temperature, clamp)
+                               temperature, clamp, top_p)
     check_ranges(settings)
     return settings
 
@@ -114,6 +117,7 @@ def check_ranges(settings):
                                          "EDM's)"),
         (not 0.05 <= settings.temperature <= 20, f"--temperature {settings.temperature}: must be in [0.05, 20]"),
         (not 0 <= settings.clamp < math.inf, f"--clamp {settings.clamp}: a noise level, 0 (never) or more"),
+        (not 0 < settings.top_p <= 1, f"--top_p {settings.top_p}: a probability in (0, 1] (1: no truncation)"),
         (not 0 <= p.get("skew", 0) < math.inf, f"--skew {p.get('skew')}: must be 0 (uniform) or more, and finite"),
         (not 0 < p.get("threshold", 1) <= 1, f"--threshold {p.get('threshold')}: a probability in (0, 1]"),
         (not 0 <= p.get("patience", 0) < 1, f"--patience {p.get('patience')}: a share of the steps in [0, 1)"),
@@ -198,16 +202,20 @@ def unconditional_layouts(tokenizer, lengths, n, seed):
     return [sample_layout(tokenizer, [None], sample_length(lengths, seed, i)) for i in range(n)]
 
 
-def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False):
+def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False, eos_id=None):
     """Sample every layout (ids, held), as data.sample_layout makes them, in batches of `batch_size`, samples of
     similar length together (a batch is as long as its longest row); sample i is drawn with the noise seed
     sample_seed(seed, i), so it depends on neither its batch nor the batch size. Yields, in order, (i, token ids as
     long as its layout, steps taken, network evaluations), each as soon as those before it are drawn. With
-    `progress`, a bar on stderr counts the sampler steps of all batches."""
+    `progress`, a bar on stderr counts the sampler steps of all batches. An autoregressive model (cfg.causal) samples
+    left to right instead (autoregressive.generate_autoregressive, with the settings' temperature and top_p; `grid`
+    is not read), each row stopping at `eos_id`."""
     order = sorted(range(len(layouts)), key=lambda i: len(layouts[i][0]))  # stable: equal lengths keep their order
     batches = range(0, len(layouts), batch_size)
-    bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    causal = model.cfg.causal  # the autoregressive baseline: left to right, a bar step per position
+    total = sum(len(layouts[order[min(start + batch_size, len(layouts)) - 1]][0]) for start in batches) if causal \
+        else len(batches) * settings.steps
+    bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     step, schedule = settings.step(), settings.schedule_function()
     dtype = torch.float64 if settings.fp64 else torch.float32
     drawn, following = {}, 0  # samples drawn but not yet yielded; the next index to yield
@@ -216,15 +224,30 @@ def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progr
         batch = [layouts[i] for i in chosen]
         ids, cond_mask, segment_ids = sample_rows(batch, pad_id)
         seeds = [sample_seed(seed, i) for i in chosen]
-        out, evaluations, steps_taken = generate_batch(model, step, schedule, grid, ids.to(device),
-                                                       cond_mask.to(device), seeds, settings, dtype, bar,
-                                                       None if segment_ids is None else segment_ids.to(device))
+        segment_ids = None if segment_ids is None else segment_ids.to(device)
+        if causal:
+            out, evaluations, steps_taken = autoregressive_batch(model, ids.to(device), cond_mask.to(device), seeds,
+                                                                 settings, bar, segment_ids, pad_id, eos_id)
+        else:
+            out, evaluations, steps_taken = generate_batch(model, step, schedule, grid, ids.to(device),
+                                                           cond_mask.to(device), seeds, settings, dtype, bar,
+                                                           segment_ids)
         for b, (i, row) in enumerate(zip(chosen, out.tolist())):
             drawn[i] = (i, row[:len(batch[b][0])], int(steps_taken[b]), int(evaluations[b]))
         while following in drawn:
             yield drawn.pop(following)
             following += 1
     bar.close()
+
+
+def autoregressive_batch(model, ids, cond_mask, seeds, settings, bar, segment_ids, pad_id, eos_id):
+    """autoregressive.generate_autoregressive on one batch with the settings' temperature, top_p and precision,
+    moving `bar` by the batch's length."""
+    before = bar.n
+    result = generate_autoregressive(model, ids, cond_mask, seeds, eos_id, pad_id, segment_ids, settings.temperature,
+                                     settings.top_p, settings.precision)
+    bar.update(before + ids.shape[1] - bar.n)
+    return result
 
 
 def generate_batch(model, step, schedule, grid, ids, cond_mask, seeds, settings, dtype, bar, segment_ids):

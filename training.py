@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from autoregressive import autoregressive_loss, autoregressive_targets
 from corpus import load_corpus
 from data import PackedBatches, PackedRows
-from diffusion import (autoregressive_loss, autoregressive_targets, draw_training_sigma,
-                       score_interpolation_loss)
+from diffusion import draw_training_sigma, score_interpolation_loss
 from flags import FIT_STEPS, ema_rates, warmup_steps
 from model import ModelConfig, ScoreLM
 from timewarp import TimeWarp

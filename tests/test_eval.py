@@ -131,8 +131,6 @@ def test_the_autoregressive_baseline_learns_and_its_perplexity_is_exp_of_its_mea
                 tokens += 1
     assert result["tokens"] == tokens
     assert result["nll_nats_per_token"] == pytest.approx(nats / tokens, rel=1e-4)
-    with pytest.raises(UsageError, match="autoregressive baseline"):
-        sample.main(["-mdir", str(model_dir)])
 
 
 def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorised_ar_run, memorised_run, tmp_path,
@@ -181,12 +179,19 @@ def test_bad_sweeps_are_refused_before_any_work(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_an_autoregressive_run_has_no_samples_to_score(memorised_ar_run, tmp_path):
+def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_sweep(memorised_ar_run, tmp_path, capsys):
     model_dir, lines = memorised_ar_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UsageError, match="--samples and --sweep score a diffusion run"):
-        evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2"])
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--json", "--no-progress"]
+    evaluate.main(command + ["--samples", "4", "--temperature", "0.5"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"]["sampler"] == "autoregressive" and result["samples"]["temperature"] == 0.5
+    assert result["samples"]["evaluations"] > 0 and result["self_nll_samples"] == 4
+    # the memorised lines again, near-deterministically: as likely to it as the lines themselves
+    assert result["samples_self_nll"] == pytest.approx(result["samples_valid_nll"], abs=0.5)
+    with pytest.raises(UsageError, match="--sweep: the diffusion samplers' settings; .* autoregressive run"):
+        evaluate.main(command + ["--sweep", "steps=2,3"])
     assert json.load(open(model_dir / "args.json"))["expand_prob"] == 0.0  # no pads after eos to predict
 
 
