@@ -513,8 +513,23 @@ def evaluate(args, device):
         result["valid"].update(perplexities(nats, tokens, texts))
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
+        weak_judge_warning(result, args.judge)
     result.update(sample_figures(model, tokenizer, sampling, judge, lines, args, device))
     return result
+
+
+def weak_judge_warning(result, judge):
+    """Warn (one line on stderr, and returned; else None) when the judge scores the valid lines worse than the
+    evaluated run's own NLL or bound does, compared in bits per character (tokenizers may differ): a judge that
+    knows the text less well than the judged model cannot say much about its samples."""
+    own, judged = result["bits_per_char"], result["judge"]["bits_per_char"]
+    if judged <= own:
+        return None
+    warning = (f"warning: --judge {judge} scores the valid lines at {judged:.4f} bits/char, worse than this run's own "
+               f"{own:.4f}: its gen-PPL of the samples says little; train a judge at least as long as the runs it judges "
+               "(the small preset's baseline: 1,000 steps, about 10 minutes on two cores with bf16, RESULTS.md)")
+    print(warning, file=sys.stderr)
+    return warning
 
 
 def autoregressive_figures(model, lines, tokenizer, args, device):

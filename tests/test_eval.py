@@ -287,3 +287,13 @@ def test_a_run_that_learned_its_lines_finds_them_likelier_than_their_words_shuff
         assert result["samples_self_nll"] < result["shuffled_nll"]
     evaluate.main(command[:-1] + ["--shuffle_lines", "0"])
     assert "word order" not in capsys.readouterr().out
+
+
+def test_a_judge_that_knows_the_lines_less_well_than_the_judged_run_is_warned_about(capsys):
+    result = {"bits_per_char": 2.0, "judge": {"bits_per_char": 2.5}}
+    warning = evaluate.weak_judge_warning(result, "out-ar")
+    assert warning.startswith("warning: --judge out-ar scores the valid lines at 2.5000 bits/char, worse than this "
+                              "run's own 2.0000") and "1,000 steps" in warning
+    assert capsys.readouterr().err.strip() == warning
+    result["judge"]["bits_per_char"] = 1.5
+    assert evaluate.weak_judge_warning(result, "out-ar") is None and capsys.readouterr().err == ""
