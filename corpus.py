@@ -180,8 +180,11 @@ def build_cache(path, tokenizer, prefix, errors="strict", num_proc=None, progres
     num_proc = min(num_proc or os.cpu_count() or 1, len(tasks))
     temporary = f"{prefix}.{os.getpid()}@{socket.gethostname()}.tmp"  # a cache folder may be shared by hosts
     lines = examples = tokens = 0
-    # Ctrl-C reaches the whole process group: the tokenising processes leave it to this one, which cleans up
-    pool = multiprocessing.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if num_proc > 1 else None
+    # Ctrl-C reaches the whole process group: the tokenising processes leave it to this one, which cleans up. They
+    # start from a fork server, not a fork of this process, whose torch threads (a training or compiling run's) a
+    # fork would copy mid-lock: two test runs hung so, their workers dead
+    context = multiprocessing.get_context("forkserver")
+    pool = context.Pool(num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if num_proc > 1 else None
     try:
         with open(temporary + ".ids", "wb") as ids_file, open(temporary + ".offsets", "wb") as offsets_file, \
                 tqdm(total=size, unit="B", unit_scale=True, desc=f"tokenising {os.path.basename(path)}",

@@ -389,7 +389,8 @@ def build_parser():
                    help="per-token schedule of the samples, as in sample.py")
     p.add_argument("--grid", choices=GRIDS, default="rho",
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
-    p.add_argument("--temperature", type=float, default=1.0, help="score temperature of the samples, as in sample.py")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the samples, as in sample.py (score "
+                                                                  "temperature; the softmax's for the baseline)")
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus of an autoregressive run's samples, as in "
                                                             "sample.py")
@@ -436,7 +437,8 @@ def settings_of(args, sampling, **override):
               "top_p": args.top_p, "length": args.length, **override}
     length = chosen.pop("length")
     try:
-        settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir)
+        settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir,
+                                                                       args.causal)
     except UsageError as e:
         raise UsageError(f"{e} (a sample setting of eval.py)") from None
     chosen["length"] = "data" if isinstance(lengths, list) else \
@@ -464,7 +466,7 @@ def load_judge(path, tokenizer, length, device):
 
 
 def check_request(args, model, sampling):
-    """Refuse, before any work, what the run cannot do: samples of an autoregressive run, a warped grid without a
+    """Refuse, before any work, what the run cannot do: a sweep of an autoregressive run, a warped grid without a
     warp, samples longer than the training rows, a --plot_dir that is not a folder."""
     if model.cfg.causal and args.sweep:
         raise UsageError(f"--sweep: the diffusion samplers' settings; {args.model_dir} is an autoregressive run (give "
@@ -485,7 +487,7 @@ def check_request(args, model, sampling):
 def evaluate(args, device):
     """Every figure eval.py reports, as one dict."""
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    args.pad_id, args.length_limit = tokenizer.pad_id, sampling["sequence_length"]
+    args.pad_id, args.length_limit, args.causal = tokenizer.pad_id, sampling["sequence_length"], model.cfg.causal
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, model, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
@@ -526,8 +528,8 @@ def weak_judge_warning(result, judge):
     if judged <= own:
         return None
     warning = (f"warning: --judge {judge} scores the valid lines at {judged:.4f} bits/char, worse than this run's own "
-               f"{own:.4f}: its gen-PPL of the samples says little; train a judge at least as long as the runs it judges "
-               "(the small preset's baseline: 1,000 steps, about 10 minutes on two cores with bf16, RESULTS.md)")
+               f"{own:.4f}: its gen-PPL of the samples says little; train a judge at least as long as the runs it "
+               "judges (the small preset's baseline: 1,000 steps, about 10 minutes on two cores with bf16, RESULTS.md)")
     print(warning, file=sys.stderr)
     return warning
 
@@ -581,10 +583,10 @@ def sample_figures(model, tokenizer, sampling, judge, lines, args, device):
 
 
 def self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device):
-    """The run's own NLL (line_nll) of its samples with text (`samples_self_nll`) beside that of as many valid lines
-    (`samples_valid_nll`), nats per token, with their standard errors, the count and the seconds it took: a sampler
-    that follows the model gives samples at least as likely as real lines; a model that cannot tell text from word
-    salad scores both alike while a judge does not."""
+    """The run's own NLL (line_nll) of its samples with text (`samples_self_nll`) beside that of the first as many
+    valid lines (`samples_valid_nll`), nats per token, with their Monte Carlo errors, the counts and the seconds it
+    took. An exact sampler at temperature 1 scores about the model's entropy on its own samples, which may exceed its
+    NLL of real lines (the baseline's does); sharper sampling scores lower. docs/evaluation.md reads it."""
     started = time.perf_counter()
     own = [(ids, len(tokenizer.decode(ids)) + 1) for ids in sequences if tokenizer.decode(ids)]
     if not own:

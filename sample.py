@@ -29,8 +29,8 @@ from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_mem
 def build_parser():
     """sample.py's command line; the defaults of a sampler's or schedule's own flags are in sampling.py."""
     p = ArgumentParser(prog="sample.py", description=__doc__)
-    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py (a diffusion run; "
-                                                               "eval.py scores the autoregressive baseline)")
+    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py (a diffusion run, or the "
+                                                               "autoregressive baseline: --temperature, --top_p)")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples, per prompt or template when some are "
                                                                     "given")
     p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative, "
@@ -191,12 +191,12 @@ def held_tokens(tokenizer, pieces, suffix):
     return sum(held)
 
 
-def build_layouts(args, tokenizer, sampling):
+def build_layouts(args, tokenizer, sampling, causal=False):
     """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
     Raises UsageError if a prompt or template does not fit (the shortest length of a range), or if a sample would
     be longer than the rows the model was trained on."""
     training_length = sampling["sequence_length"]
-    lengths = sample_lengths(args.length, sampling, args.model_dir)
+    lengths = sample_lengths(args.length, sampling, args.model_dir, causal)
     if args.suffix is not None:
         warn_unknown(tokenizer, [args.suffix], "--suffix")
     if not isinstance(lengths, list) and lengths[1] > training_length:
@@ -249,7 +249,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
     check_objective(args, model)
-    layouts, sources = build_layouts(args, tokenizer, sampling)
+    layouts, sources = build_layouts(args, tokenizer, sampling, model.cfg.causal)
     settings = args.settings
     grid = None if model.cfg.causal else settings.sigma_grid(sampling, args.model_dir)
     warn_if_emulated(args.precision, device)  # once the request is known to be good

@@ -1,6 +1,7 @@
 """What the commands that sample share: flag values become checked SamplerSettings (the sampler step and the
 per-token schedule with their parameters bound, the sigma grid, early exit), and draw() samples a list of layouts
-in batches through diffusion.generate, one noise seed per sample, with progress on stderr."""
+in batches through diffusion.generate (an autoregressive run's through autoregressive.generate_autoregressive), one
+noise seed per sample, with progress on stderr."""
 import argparse
 import math
 import sys
@@ -167,12 +168,15 @@ def beyond_training(where, length, row, model_dir):
                       "with a larger -slen")
 
 
-def sample_lengths(length, sampling, where):
+def sample_lengths(length, sampling, where, causal=False):
     """What sample_length draws from for --length `length` (parse_length's value, or None for the default) and a
     checkpoint's `sampling` settings: a range (lo, hi), or the training examples' length counts. The default is
     "data" where the checkpoint keeps the counts and the training row length where it does not (a run saved
-    before they were kept). Raises UsageError naming `where` (the run folder) for "data" without counts."""
+    before they were kept); for a `causal` model (the autoregressive baseline, which ends a sample at its own eos) the
+    training row length. Raises UsageError naming `where` (the run folder) for "data" without counts."""
     counts = sampling.get("length_counts")
+    if causal and length is None:
+        return (sampling["sequence_length"],) * 2
     if length == "data" and counts is None:
         raise UsageError(f"--length data: {where} keeps no lengths of its training examples (saved by an earlier "
                          "version); give --length N")
