@@ -217,6 +217,8 @@ def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progr
     order = sorted(range(len(layouts)), key=lambda i: len(layouts[i][0]))  # stable: equal lengths keep their order
     batches = range(0, len(layouts), batch_size)
     causal = model.cfg.causal  # the autoregressive baseline: left to right, a bar step per position
+    if causal and eos_id is None:
+        raise ValueError("draw() needs eos_id for an autoregressive model: its rows stop there")
     total = sum(len(layouts[order[min(start + batch_size, len(layouts)) - 1]][0]) for start in batches) if causal \
         else len(batches) * settings.steps
     bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
