@@ -121,7 +121,7 @@ def bench_train(args):
     tokenizer = Tokenizer(targs.spm_model)
     state = training.build_state(targs, tokenizer, device)
     state.model.attention = args.attention
-    state.runner = training.training_runner(state.model, targs)
+    state.runner = training.training_runner(state.model, state.objective, targs)
     warn_if_emulated(targs.precision, device)  # once the inputs are known to be good
     keys, losses, began = [], [], time.perf_counter()
     try:
@@ -249,8 +249,9 @@ def bench_sample(args):
     bos, pad, L = 0, 2, args.sequence_length  # as prepare.py numbers them, for an untrained model
     if args.model_dir:
         model, tokenizer, sampling = load_model(args.model_dir, device=device)
-        if model.cfg.causal:
-            raise UsageError(f"-mdir {args.model_dir}: an autoregressive run; the samplers need a diffusion run")
+        if model.cfg.causal or model.cfg.masked:
+            raise UsageError(f"-mdir {args.model_dir}: an autoregressive or masked run; the samplers measured here "
+                             "are the continuous diffusion run's")
         sigma_min, sigma_max, what = sampling["sigma_min"], sampling["sigma_max"], args.model_dir
         bos, pad = tokenizer.bos_id, tokenizer.pad_id
     else:

@@ -26,7 +26,8 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
                "dropout": ("-dop", str),
                "causal": ("--objective", lambda v: "ar" if v else "diffusion"),
                "self_cond": ("--self_cond", lambda v: "> 0" if v else "0"),
-               "output_prior": ("--output_prior", lambda v: "on" if v else "off")}
+               "output_prior": ("--output_prior", lambda v: "on" if v else "off"),
+               "masked": ("--objective", lambda v: "mdlm" if v else "not mdlm")}
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
@@ -153,8 +154,8 @@ def check_model_config(checkpoint, model, path):
         flags = {k: MODEL_FLAGS.get(k, (k, str)) for k in saved}
         changed = ", ".join(f"{flags[k][0]} {flags[k][1](v)} (now {flags[k][1](config.get(k))})"
                             for k, v in saved.items() if config.get(k) != v)
-        hint = "; the autoregressive baseline and a diffusion model need a -mdir each" \
-            if saved.get("causal") != config.get("causal") else ""
+        hint = "; each objective (diffusion, ar, mdlm) needs a -mdir of its own" \
+            if (saved.get("causal"), saved.get("masked")) != (config.get("causal"), config.get("masked")) else ""
         raise UsageError(f"{path}: the model flags differ from the checkpoint's: {changed}{hint}")
 
 

@@ -1,11 +1,13 @@
-"""Evaluate a trained run on held-out lines: an upper bound on the negative log-likelihood (nats per token and
-bits per character), the cross-entropy and accuracy at a grid of noise levels, how much less likely the lines are
-with their words shuffled (the shuffle gap), and, with --samples, the quality of its samples, scored by an
-autoregressive judge (--judge, a run of train.py --objective ar), and their likelihood under the run itself. An
-autoregressive run itself gets its exact perplexity and shuffle gap.
+"""Evaluate a trained run on held-out lines: its negative log-likelihood (nats per token and bits per character; an
+upper bound for a continuous or masked diffusion run, exact for the autoregressive baseline), a continuous run's
+cross-entropy and accuracy at a grid of noise levels, how much less likely the lines are with their words shuffled
+(the shuffle gap), and, with --samples, the quality of its samples, scored by an autoregressive judge (--judge, a run
+of train.py --objective ar), and their likelihood under the run itself; with --frontier, gen-PPL against entropy over
+temperatures (or top-p) for this run and others, under one judge.
 
     python eval.py -mdir out --valid valid.txt [--ema RATE] [--judge ar_out] [--samples 64] [--json]
     python eval.py -mdir out --valid valid.txt --judge ar_out --sweep steps=16,32,64 --sweep schedule=uniform,ar
+    python eval.py -mdir out --valid valid.txt --judge judge_out --frontier temperature=0.7,0.8,0.9,1 --compare out-mdlm
 
 Each line is scored as its own sequence, bos held, its tokens and eos free; lines longer than the training rows
 cannot be, and are left out with a warning that gives their share. Progress goes to stderr, the figures to stdout;
@@ -16,10 +18,8 @@ import itertools
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -27,10 +27,11 @@ from tqdm import tqdm
 from checkpoint import load_model
 from corpus import decode_line
 from data import sample_rows
-from autoregressive import autoregressive_loss, autoregressive_targets
-from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, nll_bound, rho_schedule
-from sampling import (GRIDS, beyond_training, draw, length_flag, parse_length, sample_lengths, sampler_settings,
-                      unconditional_layouts)
+from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, rho_schedule
+from objectives import objective_name, run_objective
+from sampling import (GRIDS, beyond_training, check_objective_flags, draw, length_flag, parse_length, sample_lengths,
+                      sampler_settings, unconditional_layouts)
+from scoring import Judge, at_entropy, perplexities, pooled_entropy, sample_metrics, shuffled_words, word_metrics
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    seed_all, warn_if_emulated)
 
@@ -76,23 +77,27 @@ def progress_bar(total, desc, args):
     return tqdm(total=total, desc=desc, unit="line", file=sys.stderr, disable=not args.progress, dynamic_ncols=True)
 
 
-def likelihood_bound(model, lines, sampling, args, device, generator):
-    """Totals of nll_bound over the lines: nats per token (and its terms), bits per character, and the
-    standard error of the Monte Carlo estimate in nats per token."""
-    totals = {"reconstruction": 0.0, "diffusion": 0.0, "prior": 0.0, "variance": 0.0, "tokens": 0.0}
-    with progress_bar(len(lines), "bound", args) as bar:
+def likelihood(model, objective, lines, args, device, generator):
+    """The run's NLL of the lines (objectives.py's `nll`: the baseline's exact NLL, a diffusion run's bound with
+    args.draws draws from `generator`), totalled: nats per token (`nll_nats_per_token`; also under
+    `nll_bound_nats_per_token` for a bound), bits per character, the standard error of the Monte Carlo estimate in nats
+    per token (`nll_stderr`, 0 where exact; also `bound_stderr` for a bound), the terms of the sum per token
+    (`nll_terms`; `bound_terms` for a bound) and the counts."""
+    totals = {}
+    with progress_bar(len(lines), "bound" if objective.name != "ar" else "NLL", args) as bar:
         for ids, cond_mask, segment_ids in batches(lines, args.batch_size, args.pad_id, device):
-            terms = nll_bound(model, ids, cond_mask, sampling["sigma_min"], sampling["sigma_max"], args.draws,
-                              segment_ids, generator)
-            for key in totals:
-                totals[key] += float(terms[key].sum())
+            for key, value in objective.nll(model, ids, cond_mask, segment_ids, args.draws, generator).items():
+                totals[key] = totals.get(key, 0.0) + float(value.sum())
             bar.update(len(ids))
-    nats = totals["reconstruction"] + totals["diffusion"] + totals["prior"]
-    tokens, chars = totals["tokens"], sum(c for _, c in lines)
-    return {"nll_bound_nats_per_token": nats / tokens, "bits_per_char": nats / chars / math.log(2),
-            "bound_stderr": math.sqrt(totals["variance"]) / tokens,
-            "bound_terms": {k: totals[k] / tokens for k in ("reconstruction", "diffusion", "prior")},
-            "tokens": int(tokens), "characters": chars}
+    tokens, variance, chars = totals.pop("tokens"), totals.pop("variance"), sum(c for _, c in lines)
+    nats = sum(totals.values())
+    result = {"nll_nats_per_token": nats / tokens, "bits_per_char": nats / chars / math.log(2),
+              "nll_stderr": math.sqrt(variance) / tokens, "nll_terms": {k: v / tokens for k, v in totals.items()},
+              "tokens": int(tokens), "characters": chars}
+    if objective.name != "ar":  # the names a bound's figures have always had
+        result.update(nll_bound_nats_per_token=result["nll_nats_per_token"], bound_stderr=result["nll_stderr"],
+                      bound_terms=result["nll_terms"])
+    return result
 
 
 @torch.no_grad()
@@ -116,50 +121,15 @@ def ce_by_sigma(model, lines, sigmas, args, device, generator):
     return curve
 
 
-@torch.no_grad()
-def sequence_nll(model, sequences, batch_size, pad_id, device):
-    """Exact negative log-likelihood under a causal model of each id list after its first token (bos): total
-    nats and the number of tokens scored (eos included where the list has it)."""
-    nats = tokens = 0.0
-    for start in range(0, len(sequences), batch_size):
-        layouts = [(ids, [True] * len(ids)) for ids in sequences[start:start + batch_size]]
-        ids, _, segment_ids = sample_rows(layouts, pad_id)
-        segment_ids = torch.ones_like(ids) if segment_ids is None else segment_ids
-        ids, segment_ids = ids.to(device), segment_ids.to(device)
-        targets = autoregressive_targets(segment_ids)
-        loss, _, _ = autoregressive_loss(model, ids, segment_ids, targets.float())  # summed over the targets
-        nats += float(loss)
-        tokens += float(targets.sum())
-    return nats, tokens
-
-
-def shuffled_words(lines, tokenizer, seed, length):
-    """The lines with their words (split at white space) in a random order, from one generator seeded by `seed`, and
-    encoded again: (kept, shuffled), both lists of read_lines' (ids, characters) pairs, where a line whose shuffled
-    words take more than `length` tokens is left out of both (a line of one word stays as it is)."""
-    rng, kept, shuffled = random.Random(seed), [], []
-    for ids, chars in lines:
-        words = tokenizer.decode(ids).split()
-        rng.shuffle(words)
-        mixed = tokenizer.encode(" ".join(words))
-        if len(mixed) <= length:
-            kept.append((ids, chars))
-            shuffled.append((mixed, chars))
-    return kept, shuffled
-
-
-def line_nll(model, lines, sampling, args, device):
+def line_nll(model, objective, lines, args, device):
     """The run's negative log-likelihood of `lines` ((ids, characters) pairs), nats per token, and its standard
-    error: the exact NLL of an autoregressive run (error 0), else the likelihood bound with args.draws draws from a
-    generator seeded by args.seed (its Monte Carlo error)."""
-    if model.cfg.causal:
-        nats, tokens = sequence_nll(model, [ids for ids, _ in lines], args.batch_size, args.pad_id, device)
-        return nats / tokens, 0.0
-    bound = likelihood_bound(model, lines, sampling, args, device, torch.Generator().manual_seed(args.seed))
-    return bound["nll_bound_nats_per_token"], bound["bound_stderr"]
+    error (likelihood: exact for the baseline, error 0; else the bound with args.draws draws from a generator seeded
+    by args.seed, and its Monte Carlo error)."""
+    result = likelihood(model, objective, lines, args, device, torch.Generator().manual_seed(args.seed))
+    return result["nll_nats_per_token"], result["nll_stderr"]
 
 
-def order_figures(model, lines, tokenizer, sampling, args, device):
+def order_figures(model, objective, lines, tokenizer, args, device):
     """Word-order sensitivity: the run's NLL (line_nll) of the first --shuffle_lines lines with their words shuffled
     (shuffled_words) minus that of the same lines as they are, nats per token (`shuffle_gap`, with the standard
     error of the two estimates), both NLLs, the lines scored and the seconds it took; {} with --shuffle_lines 0."""
@@ -167,62 +137,11 @@ def order_figures(model, lines, tokenizer, sampling, args, device):
     ordered, shuffled = shuffled_words(lines[:args.shuffle_lines], tokenizer, args.seed, args.length_limit)
     if not ordered:
         return {}
-    (real, real_error), (mixed, mixed_error) = (line_nll(model, part, sampling, args, device)
+    (real, real_error), (mixed, mixed_error) = (line_nll(model, objective, part, args, device)
                                                 for part in (ordered, shuffled))
     return {"shuffle_gap": mixed - real, "shuffle_gap_stderr": math.hypot(real_error, mixed_error),
             "ordered_nll": real, "shuffled_nll": mixed, "shuffle_lines": len(ordered),
             "shuffle_seconds": round(time.perf_counter() - started, 1)}
-
-
-def sample_metrics(samples):
-    """Scores of token lists (bos, eos and pads removed): unigram entropy of all their tokens pooled (nats),
-    distinct-n for n = 1, 2, 3 (distinct n-grams over all n-grams, pooled), rep-4 (Welleck et al. 2020: a
-    sample's share of 4-grams that repeat an earlier one in it, averaged over samples with any), mean length
-    in tokens and the share of empty samples (no token before eos)."""
-    counts = {}
-    for tokens in samples:
-        for t in tokens:
-            counts[t] = counts.get(t, 0) + 1
-    total = sum(counts.values())
-    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
-    result = {"entropy": entropy, "mean_length": total / max(len(samples), 1),
-              "empty": sum(not tokens for tokens in samples) / max(len(samples), 1)}
-    for n in (1, 2, 3):
-        grams = [tuple(tokens[i:i + n]) for tokens in samples for i in range(len(tokens) - n + 1)]
-        result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
-    reps = [1 - len(set(g)) / len(g) for g in ([tuple(t[i:i + 4]) for i in range(len(t) - 3)] for t in samples) if g]
-    result["rep_4"] = sum(reps) / len(reps) if reps else 0.0
-    return result
-
-
-def word_metrics(texts):
-    """Word-level scores of texts, comparable across tokenizers (words split at whitespace): the unigram entropy of
-    all their words pooled (nats), the share of distinct words, and the mean words per text."""
-    counts = {}
-    for text in texts:
-        for word in text.split():
-            counts[word] = counts.get(word, 0) + 1
-    total = sum(counts.values())
-    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
-    return {"word_entropy": entropy, "distinct_words": len(counts) / max(total, 1),
-            "mean_words": total / max(len(texts), 1)}
-
-
-@dataclass
-class Judge:
-    """An autoregressive run that scores texts: its model, its tokenizer, and whether that tokenizer is the evaluated
-    run's (then the evaluated token ids are scored as they are; otherwise each text is encoded anew by the judge's,
-    so that runs of different tokenizers can be scored by one judge, per word and per character)."""
-    model: torch.nn.Module
-    tokenizer: object
-    shared: bool
-
-    def nll(self, sequences, texts, batch_size, device):
-        """(total NLL in nats, tokens scored) of the judge on the sequences (token ids of the evaluated run, bos and
-        eos included) whose decoded texts are `texts`."""
-        if not self.shared:
-            sequences = [self.tokenizer.encode(text) for text in texts]
-        return sequence_nll(self.model, sequences, batch_size, self.tokenizer.pad_id, device)
 
 
 def judge_figures(judge, sequences, texts, args, device):
@@ -231,19 +150,12 @@ def judge_figures(judge, sequences, texts, args, device):
     return perplexities(*judge.nll(sequences, texts, args.batch_size, device), texts)
 
 
-def perplexities(nats, tokens, texts):
-    """Perplexity from a total NLL (nats) over `tokens` judge tokens (eos included), per token and per word (the
-    same NLL over the words of the decoded texts plus one for each line's end, comparable across tokenizers)."""
-    words = sum(len(text.split()) + 1 for text in texts)
-    return {"gen_ppl": math.exp(nats / tokens), "gen_ppl_word": math.exp(nats / words)}
-
-
 def draw_samples(model, tokenizer, sampling, settings, lengths, args, device):
     """args.samples unconditional samples drawn with `settings` (a SamplerSettings), sample i of length
     sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos,
     mean network evaluations per sample)."""
     layouts = unconditional_layouts(tokenizer, lengths, args.samples, args.seed)
-    grid = None if model.cfg.causal else settings.sigma_grid(sampling, "the evaluated run")
+    grid = settings.sigma_grid(sampling, "the evaluated run") if objective_name(model.cfg) == "diffusion" else None
     sequences, evaluations = [], 0
     for _, row, _, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
                                  device, args.progress, tokenizer.eos_id):
@@ -328,7 +240,8 @@ def plot_sweep(rows, path):
     return save_figure(plt, fig, path)
 
 
-SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp", "length")
+SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp", "length", "top_p")
+FRONTIER_KEYS = ("temperature", "top_p")
 
 
 def parse_sweep(text):
@@ -341,7 +254,7 @@ def parse_sweep(text):
     for value in values:
         if key == "steps" and not (value.isdigit() and int(value) >= 1):
             raise argparse.ArgumentTypeError(f"{text!r}: steps are whole numbers of at least 1, not {value!r}")
-        if key in ("temperature", "clamp") and not is_number(value):
+        if key in ("temperature", "clamp", "top_p") and not is_number(value):
             raise argparse.ArgumentTypeError(f"{text!r}: {key} takes numbers, not {value!r}")
         if allowed is not None and value not in allowed:
             raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not one of {', '.join(allowed)}")
@@ -350,8 +263,18 @@ def parse_sweep(text):
                 parse_length(value)
             except argparse.ArgumentTypeError as e:
                 raise argparse.ArgumentTypeError(f"{text!r}: length {e}") from None
-    convert = {"steps": int, "temperature": float, "clamp": float, "length": parse_length}.get(key, str)
+    convert = {"steps": int, "temperature": float, "clamp": float, "length": parse_length, "top_p": float}.get(key, str)
     return key, [convert(v) for v in values]
+
+
+def parse_frontier(text):
+    """--frontier KEY=V1,V2,...: (key, [values]) for KEY temperature or top_p, at least two values."""
+    key, values = parse_sweep(text)
+    if key not in FRONTIER_KEYS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a frontier runs over {' or '.join(FRONTIER_KEYS)}")
+    if len(set(values)) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a frontier needs at least two values (a curve, not a point)")
+    return key, sorted(set(values))
 
 
 def is_number(text):
@@ -399,7 +322,13 @@ def build_parser():
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "
                         "temperature, clamp, length; repeat the flag)")
-    p.add_argument("--plot_dir", help="folder for ce_by_sigma.png and sweep.png (default: MODEL_DIR)")
+    p.add_argument("--frontier", type=parse_frontier, metavar="KEY=V1,V2",
+                   help="gen-PPL against unigram entropy at each value of temperature or top_p (at least two), for "
+                        "this run and every --compare run, under --judge, to frontier.png and the JSON, with gen-PPL "
+                        "interpolated at the real lines' entropy; --samples samples a point (default 64)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL_DIR",
+                   help="other runs (any objective, the same --ema) drawn and judged alike on the --frontier")
+    p.add_argument("--plot_dir", help="folder for ce_by_sigma.png, sweep.png and frontier.png (default: MODEL_DIR)")
     p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws and of the samples")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
@@ -421,8 +350,10 @@ def parse_args(argv=None):
     keys = [key for key, _ in args.sweep or []]
     if len(set(keys)) < len(keys):
         p.error("--sweep: give each key once, with all its values (steps=16,32)")
-    if args.sweep and not args.samples:
+    if (args.sweep or args.frontier) and not args.samples:
         args.samples = 64
+    if args.compare and not args.frontier:
+        p.error("--compare: the runs compared on a --frontier; give --frontier temperature=... too")
     return args
 
 
@@ -438,7 +369,7 @@ def settings_of(args, sampling, **override):
     length = chosen.pop("length")
     try:
         settings, lengths = sampler_settings(**chosen), sample_lengths(length, sampling, args.model_dir,
-                                                                       args.causal)
+                                                                       args.objective == "ar")
     except UsageError as e:
         raise UsageError(f"{e} (a sample setting of eval.py)") from None
     chosen["length"] = "data" if isinstance(lengths, list) else \
@@ -465,20 +396,26 @@ def load_judge(path, tokenizer, length, device):
     return Judge(judge, judge_tokenizer, shared)
 
 
-def check_request(args, model, sampling):
-    """Refuse, before any work, what the run cannot do: a sweep of an autoregressive run, a warped grid without a
-    warp, samples longer than the training rows, a --plot_dir that is not a folder."""
-    if model.cfg.causal and args.sweep:
-        raise UsageError(f"--sweep: the diffusion samplers' settings; {args.model_dir} is an autoregressive run (give "
-                         "--samples with --temperature and --top_p)")
-    if not model.cfg.causal and args.top_p != 1.0:
-        raise UsageError(f"--top_p {args.top_p}: for an autoregressive run; {args.model_dir} is a diffusion run")
+def check_request(args, objective, sampling):
+    """Refuse, before any work, what the run cannot do: sample flags (and sweep or frontier keys) its objective does not
+    read (sampling.check_objective_flags), a warped grid without a warp, samples longer than the training rows, a
+    frontier without a judge, a --plot_dir that is not a folder."""
+    swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
+    given = [flag for flag, value in (
+        (f"--sampler {args.sampler}", args.sampler != "iterative"), (f"--schedule {args.schedule}",
+                                                                     args.schedule != "uniform"),
+        (f"--grid {args.grid}", args.grid != "rho"), (f"--clamp {args.clamp:g}", args.clamp),
+        (f"--top_p {args.top_p:g}", args.top_p != 1.0), (f"--steps {args.steps}", args.steps != 200)) if value]
+    check_objective_flags(objective.name, given + [f"--{key} (in --sweep or --frontier)" for key in swept],
+                          args.model_dir)
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
     for length in [args.length, *dict(args.sweep or []).get("length", [])] if args.samples or args.sweep else []:
         if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
             raise beyond_training(length_flag(length), length[1], sampling["sequence_length"], args.model_dir)
+    if args.frontier and args.judge is None:
+        raise UsageError("--frontier: needs --judge, the autoregressive run that scores every point")
     if args.plot_dir and not os.path.isdir(args.plot_dir):
         problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
         raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")
@@ -487,24 +424,30 @@ def check_request(args, model, sampling):
 def evaluate(args, device):
     """Every figure eval.py reports, as one dict."""
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    args.pad_id, args.length_limit, args.causal = tokenizer.pad_id, sampling["sequence_length"], model.cfg.causal
+    objective = run_objective(model, sampling)
+    args.pad_id, args.length_limit, args.objective = tokenizer.pad_id, sampling["sequence_length"], objective.name
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
-    check_request(args, model, sampling)
+    check_request(args, objective, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
-    if args.samples or args.sweep:  # --precision is sampling's (the bound stays fp32); once the inputs are good
+    if args.samples or args.sweep or args.frontier:  # --precision is sampling's (the bound stays fp32)
         warn_if_emulated(args.precision, device)
     share = skipped / (skipped + len(lines))
     if skipped:
         print(f"warning: {skipped:,} of {skipped + len(lines):,} lines read from {args.valid} ({percent(share)}) are "
               f"longer than the {sampling['sequence_length']}-token rows and are not scored", file=sys.stderr)
-    result = {"model_dir": args.model_dir, "objective": "ar" if model.cfg.causal else "diffusion",
-              "valid_path": args.valid, "ema": args.ema, "lines": len(lines), "skipped_lines": skipped,
-              "skipped_share": share}
-    if model.cfg.causal:
-        result.update(autoregressive_figures(model, lines, tokenizer, args, device))
-    else:
-        result.update(diffusion_figures(model, lines, sampling, args, device))
-    result.update(order_figures(model, lines, tokenizer, sampling, args, device))
+    result = {"model_dir": args.model_dir, "objective": objective.name, "valid_path": args.valid, "ema": args.ema,
+              "lines": len(lines), "skipped_lines": skipped, "skipped_share": share}
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    result.update(likelihood(model, objective, lines, args, device, generator))
+    if objective.name != "ar":
+        result["draws"] = args.draws
+    if objective.name == "ar":
+        result["perplexity"] = math.exp(result["nll_nats_per_token"])
+    result["nll_seconds"] = round(time.perf_counter() - started, 1)
+    if objective.name == "diffusion":
+        result.update(ce_figures(model, lines, sampling, args, device, generator))
+    result.update(order_figures(model, objective, lines, tokenizer, args, device))
     texts = [tokenizer.decode(ids) for ids, _ in lines]
     result["valid"] = {**sample_metrics([ids[1:-1] for ids, _ in lines]), **word_metrics(texts)}
     if judge is not None:
@@ -516,7 +459,9 @@ def evaluate(args, device):
         result["valid_gen_ppl"] = result["valid"]["gen_ppl"]
         result["valid_entropy"] = result["valid"]["entropy"]
         weak_judge_warning(result, args.judge)
-    result.update(sample_figures(model, tokenizer, sampling, judge, lines, args, device))
+    result.update(sample_figures(model, objective, tokenizer, sampling, judge, lines, args, device))
+    if args.frontier:
+        result["frontier"] = frontier_figures(judge, lines, tokenizer, args, device, (model, tokenizer, sampling))
     return result
 
 
@@ -534,55 +479,53 @@ def weak_judge_warning(result, judge):
     return warning
 
 
-def autoregressive_figures(model, lines, tokenizer, args, device):
-    """An autoregressive run's exact NLL per token, perplexity and bits per character on the lines."""
-    chars = sum(c for _, c in lines)
-    nats, tokens = sequence_nll(model, [ids for ids, _ in lines], args.batch_size, tokenizer.pad_id, device)
-    return {"nll_nats_per_token": nats / tokens, "perplexity": math.exp(nats / tokens),
-            "bits_per_char": nats / chars / math.log(2), "tokens": int(tokens), "characters": chars}
-
-
-def diffusion_figures(model, lines, sampling, args, device):
-    """A diffusion run's likelihood bound and its cross-entropy by sigma (and that curve's plot)."""
-    generator = torch.Generator().manual_seed(args.seed)
-    result = {"draws": args.draws, **likelihood_bound(model, lines, sampling, args, device, generator)}
+def ce_figures(model, lines, sampling, args, device, generator):
+    """A continuous diffusion run's cross-entropy by sigma (and that curve's plot)."""
     grid = torch.linspace(0, 1, args.sigmas, dtype=torch.float64)
     sigmas = rho_schedule(grid, sampling["sigma_min"], sampling["sigma_max"], 7.0).flip(0).tolist()
-    result["ce_by_sigma"] = ce_by_sigma(model, lines, sigmas, args, device, generator)
+    result = {"ce_by_sigma": ce_by_sigma(model, lines, sigmas, args, device, generator)}
     plot = os.path.join(args.plot_dir or args.model_dir, "ce_by_sigma.png")
     title = f"Loss by noise level: {os.path.basename(os.path.abspath(args.model_dir))}, {len(lines):,} valid lines"
     result["plot"] = plot if plot_curve(result["ce_by_sigma"], plot, title) else None
     return result
 
 
-def sample_figures(model, tokenizer, sampling, judge, lines, args, device):
+def shown_settings(objective, chosen):
+    """The sample settings an objective's sampler reads, from settings_of's `chosen`, with a "sampler" name for the
+    masked and autoregressive ones (setting_label reads it)."""
+    if objective.name == "diffusion":
+        return chosen
+    kept = ("steps",) * (objective.name == "mdlm") + ("temperature", "top_p", "precision", "length")
+    return {"sampler": {"ar": "autoregressive", "mdlm": "masked"}[objective.name], **{k: chosen[k] for k in kept}}
+
+
+def sample_figures(model, objective, tokenizer, sampling, judge, lines, args, device):
     """With --samples, the scores of samples drawn with the sample flags and their own NLL (self_nll_figures); with
     --sweep, the scores of every combination of its values instead, and their plot."""
     result = {}
     if args.samples and not args.sweep:
         chosen, settings, lengths = settings_of(args, sampling)
-        if model.cfg.causal:  # left to right: no sampler, schedule, grid or steps
-            chosen = {"sampler": "autoregressive", **{k: chosen[k] for k in ("temperature", "top_p", "precision",
-                                                                              "length")}}
+        started = time.perf_counter()
         sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
-        result["samples"] = {**chosen, "count": args.samples, "evaluations": evaluations,
-                             **score_samples(sequences, tokenizer, judge, args, device)}
+        result["samples"] = {**shown_settings(objective, chosen), "count": args.samples, "evaluations": evaluations,
+                             **score_samples(sequences, tokenizer, judge, args, device),
+                             "seconds": round(time.perf_counter() - started, 1)}
         result.update({k: result["samples"].get(k) for k in ("gen_ppl", "entropy", "distinct_2")})
-        result.update(self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device))
+        result.update(self_nll_figures(model, objective, tokenizer, sequences, lines, args, device))
     if args.sweep:
         keys = [key for key, _ in args.sweep]
         result["sweep"] = []
         for values in itertools.product(*(values for _, values in args.sweep)):
             chosen, settings, lengths = settings_of(args, sampling, **dict(zip(keys, values)))
             sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
-            result["sweep"].append({**chosen, "evaluations": evaluations,
+            result["sweep"].append({**shown_settings(objective, chosen), "evaluations": evaluations,
                                     **score_samples(sequences, tokenizer, judge, args, device)})
         sweep_plot = os.path.join(args.plot_dir or args.model_dir, "sweep.png")
         result["sweep_plot"] = sweep_plot if plot_sweep(result["sweep"], sweep_plot) else None
     return result
 
 
-def self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device):
+def self_nll_figures(model, objective, tokenizer, sequences, lines, args, device):
     """The run's own NLL (line_nll) of its samples with text (`samples_self_nll`) beside that of the first as many
     valid lines (`samples_valid_nll`), nats per token, with their Monte Carlo errors, the counts and the seconds it
     took. An exact sampler at temperature 1 scores about the model's entropy on its own samples, which may exceed its
@@ -591,12 +534,91 @@ def self_nll_figures(model, tokenizer, sampling, sequences, lines, args, device)
     own = [(ids, len(tokenizer.decode(ids)) + 1) for ids in sequences if tokenizer.decode(ids)]
     if not own:
         return {}
-    (samples, samples_error), (valid, valid_error) = (line_nll(model, part, sampling, args, device)
+    (samples, samples_error), (valid, valid_error) = (line_nll(model, objective, part, args, device)
                                                       for part in (own, lines[:len(own)]))
     return {"samples_self_nll": samples, "samples_self_nll_stderr": samples_error, "samples_valid_nll": valid,
             "samples_valid_nll_stderr": valid_error, "self_nll_samples": len(own),
             "self_nll_valid_lines": len(lines[:len(own)]),
             "self_nll_seconds": round(time.perf_counter() - started, 1)}
+
+
+def frontier_figures(judge, lines, tokenizer, args, device, evaluated):
+    """--frontier: for the evaluated run (`evaluated`, its (model, tokenizer, sampling)) and each --compare run, in
+    order, args.samples samples at each value of the frontier's key (the other sample flags as given), their gen-PPL
+    under `judge` and the unigram entropy of their tokens (pooled_entropy at one token count for every point and the
+    real lines: the fewest any point has); each run's gen-PPL at the real lines' entropy (at_entropy), and the plot
+    frontier.png. Raises UsageError for a compared run whose objective does not read the key (top_p of a continuous
+    run) or that cannot be loaded."""
+    key, values = args.frontier
+    started = time.perf_counter()
+    real_tokens = [ids[1:-1] for ids, _ in lines]
+    runs, pooled = [], []
+    for model_dir in [args.model_dir] + args.compare:
+        if model_dir == args.model_dir:
+            model, run_tokenizer, sampling = evaluated
+        else:
+            try:
+                model, run_tokenizer, sampling = load_model(model_dir, args.ema, device)
+            except UsageError as e:
+                raise UsageError(f"--compare {model_dir}: {e}") from None
+        objective = run_objective(model, sampling)
+        check_objective_flags(objective.name, [f"--{key} (in --frontier)"], model_dir)
+        run_args = argparse.Namespace(**{**vars(args), "model_dir": model_dir, "objective": objective.name})
+        run_judge = Judge(judge.model, judge.tokenizer, judge.tokenizer.model_proto == run_tokenizer.model_proto)
+        points = []
+        for value in values:
+            point_started = time.perf_counter()
+            _, settings, lengths = settings_of(run_args, sampling, **{key: value})
+            sequences, evaluations = draw_samples(model, run_tokenizer, sampling, settings, lengths, run_args, device)
+            texts = [run_tokenizer.decode(ids) for ids in sequences]
+            tokens = [[t for t in ids if t not in {run_tokenizer.bos_id, run_tokenizer.eos_id,
+                                                   run_tokenizer.pad_id}] for ids in sequences]
+            pooled.append(tokens)
+            points.append({"value": value, **judge_figures(run_judge, sequences, texts, args, device),
+                           "evaluations": evaluations, "tokens": sum(map(len, tokens)),
+                           "seconds": round(time.perf_counter() - point_started, 1)})
+        runs.append({"model_dir": model_dir, "objective": objective.name, "points": points})
+    count = min([sum(map(len, tokens)) for tokens in pooled] + [sum(map(len, real_tokens))])
+    for run in runs:
+        for point in run["points"]:
+            point["entropy"] = pooled_entropy(pooled.pop(0), count)
+    texts = [tokenizer.decode(ids) for ids, _ in lines]
+    real = {"gen_ppl": perplexities(*judge.nll([ids for ids, _ in lines], texts, args.batch_size, device),
+                                    texts)["gen_ppl"], "entropy": pooled_entropy(real_tokens, count)}
+    for run in runs:
+        run["gen_ppl_at_real_entropy"] = at_entropy(run["points"], real["entropy"])
+    plot = os.path.join(args.plot_dir or args.model_dir, "frontier.png")
+    frontier = {"key": key, "values": values, "samples": args.samples, "tokens": count, "judge": args.judge,
+                "real": real, "runs": runs}
+    frontier["plot"] = plot if plot_frontier(frontier, plot) else None
+    frontier["seconds"] = round(time.perf_counter() - started, 1)
+    return frontier
+
+
+def plot_frontier(frontier, path):
+    """gen-PPL (log scale) against unigram entropy, one labelled curve a run through its points (each marked with its
+    value), the real lines as a star; returns False without matplotlib or where the file cannot be written."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for run in frontier["runs"]:
+        points = sorted(run["points"], key=lambda point: point["entropy"])
+        label = f"{os.path.basename(os.path.abspath(run['model_dir']))} ({run['objective']})"
+        ax.plot([p["entropy"] for p in points], [p["gen_ppl"] for p in points], marker="o", label=label)
+        for p in points:
+            ax.annotate(f"{p['value']:g}", (p["entropy"], p["gen_ppl"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    real = frontier["real"]
+    ax.scatter([real["entropy"]], [real["gen_ppl"]], marker="*", s=160, color="black", zorder=3, label="real lines")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"unigram entropy of the samples' tokens (nats, first {frontier['tokens']:,} tokens)")
+    ax.set_ylabel("generative perplexity under the judge")
+    ax.set_title(f"Frontier over {frontier['key']} (judge: {os.path.basename(os.path.abspath(frontier['judge']))})",
+                 fontsize="medium")
+    fig.legend(loc="lower center", ncol=min(3, len(frontier["runs"]) + 1), frameon=False, fontsize="small")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room below the axes for the legend
+    return save_figure(plt, fig, path)
 
 
 def percent(share):
@@ -612,6 +634,10 @@ def print_table(result):
     if result["objective"] == "ar":
         print(f"autoregressive: NLL {result['nll_nats_per_token']:.4f} nats/token, perplexity "
               f"{result['perplexity']:.2f}, {result['bits_per_char']:.4f} bits/char")
+    elif result["objective"] == "mdlm":
+        print(f"masked diffusion NLL bound (ELBO): {result['nll_nats_per_token']:.4f} +- {result['nll_stderr']:.4f} "
+              f"nats/token, perplexity <= {math.exp(result['nll_nats_per_token']):.2f}, "
+              f"{result['bits_per_char']:.4f} bits/char")
     else:
         terms = result["bound_terms"]
         print(f"diffusion NLL bound: {result['nll_bound_nats_per_token']:.4f} +- {result['bound_stderr']:.4f} "
@@ -635,6 +661,22 @@ def print_table(result):
               f"({result['self_nll_samples']} samples with text, {result['self_nll_valid_lines']} lines)")
     for row in ([result["samples"]] if "samples" in result else []) + result.get("sweep", []):
         print(f"samples ({setting_label(row)}, {row['evaluations']:.1f} evaluations): {text_figures(row)}")
+    if "frontier" in result:
+        print_frontier(result["frontier"])
+
+
+def print_frontier(frontier):
+    """The frontier's points, a line each, and each run's gen-PPL at the real lines' entropy."""
+    real = frontier["real"]
+    print(f"frontier of {frontier['key']} ({frontier['tokens']:,} tokens a point): real lines gen-PPL "
+          f"{real['gen_ppl']:.2f} at entropy {real['entropy']:.3f}")
+    for run in frontier["runs"]:
+        at = run["gen_ppl_at_real_entropy"]
+        print(f"  {run['model_dir']} ({run['objective']}): gen-PPL at the real entropy "
+              + (f"{at:.2f}" if at is not None else "out of its range"))
+        for point in run["points"]:
+            print(f"    {frontier['key']} {point['value']:g}: gen-PPL {point['gen_ppl']:.2f}, entropy "
+                  f"{point['entropy']:.3f} ({point['seconds']:.0f} s)")
 
 
 def setting_label(row):
@@ -645,6 +687,8 @@ def setting_label(row):
         (f", top-p {row['top_p']:g}" if row.get("top_p", 1.0) != 1.0 else "")
     if row["sampler"] == "autoregressive":
         return f"autoregressive, length {row['length']}{extra}"
+    if row["sampler"] == "masked":
+        return f"masked, {row['steps']} steps, length {row['length']}{extra}"
     return (f"{row['sampler']}, {row['schedule']}, {row['grid']} grid, {row['steps']} steps, length {row['length']}"
             f"{extra}")
 

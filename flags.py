@@ -6,6 +6,7 @@ import json
 import os
 
 from corpus import ENCODING_ERRORS
+from objectives import OBJECTIVES
 from utils import PRECISION_CHOICES, ArgumentParser
 
 FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (after a first, which starts workers)
@@ -30,9 +31,11 @@ DEFAULTS = {
                  spm_model=os.path.join(DEMO_DIR, "data", "bpe.model"), model_dir=os.path.join(DEMO_DIR, "model"),
                  preset="tiny", max_steps=1000, sample_interval=0),
     "ar": dict(expand_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False, embedding_lr_scale=1.0),
+    # masked diffusion (MDLM): one time t per sequence, no embedding-space machinery
+    "mdlm": dict(multilevel_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False, embedding_lr_scale=1.0),
     # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
     "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
-                   stratified_sigma=False, time_budget=None),
+                   stratified_sigma=False, time_budget=None, mask_weight="elbo"),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
@@ -40,7 +43,8 @@ DEFAULTS = {
                   sigma_min=1.0, sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.5, time_warp=True,
                   expand_prob=0.1, seed=0, device="auto", log_interval=50, save_interval=1000, keep=0,
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
-                  prior_ramp=0, cond_prob=0.5, embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False),
+                  prior_ramp=0, cond_prob=0.5, embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False,
+                  mask_weight="elbo"),
 }
 
 
@@ -53,8 +57,8 @@ def default_text(name):
     parts = [f"default {shown(DEFAULTS['every'][name])}"] if name in DEFAULTS["every"] else []
     if name in PRESETS["tiny"]:
         parts.append("from --preset: " + ", ".join(f"{p} {shown(v[name])}" for p, v in PRESETS.items()))
-    parts += [f"{shown(DEFAULTS[row][name])} with {flag}"
-              for row, flag in (("demo", "--demo"), ("ar", "--objective ar")) if name in DEFAULTS[row]]
+    parts += [f"{shown(DEFAULTS[row][name])} with {flag}" for row, flag in (
+        ("demo", "--demo"), ("ar", "--objective ar"), ("mdlm", "--objective mdlm")) if name in DEFAULTS[row]]
     return "; ".join(parts)
 
 
@@ -88,10 +92,11 @@ def build_parser(description=None):
                                                                 f"runs in ({d('embedding_dim')})")
     arch.add_argument("-nl", "--num_layers", type=int, help=f"transformer blocks ({d('num_layers')})")
     arch.add_argument("-nh", "--num_heads", type=int, help=f"attention heads ({d('num_heads')})")
-    arch.add_argument("--objective", choices=("diffusion", "ar"),
-                      help=f"diffusion (this project's model) or ar: the autoregressive baseline, the same backbone "
-                           f"with causal attention, clean embeddings and a next-token loss, for eval.py's comparison "
-                           f"and judge ({d('objective')})")
+    arch.add_argument("--objective", choices=OBJECTIVES,
+                      help=f"diffusion (this project's model, continuous diffusion of embeddings); ar: the "
+                           f"autoregressive baseline, the same backbone with causal attention, clean embeddings and a "
+                           f"next-token loss, for eval.py's comparison and judge; mdlm: masked diffusion (Sahoo et al. "
+                           f"2024), the same backbone reading [MASK] where tokens are masked ({d('objective')})")
     arch.add_argument("-dop", "--dropout_prob", type=float, help=f"dropout in every block ({d('dropout_prob')})")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("-bsz", "--batch_size", type=int, help=f"rows per micro-batch and process; each row packs "
@@ -136,8 +141,12 @@ def build_parser(description=None):
     diff.add_argument("-rho", "--rho", type=float, help=f"spacing of the training levels between the ends, EDM "
                                                         f"eq. 5 (1: uniform in sigma); the time warp starts from it "
                                                         f"({d('rho')})")
-    diff.add_argument("--multilevel_prob", type=float, help=f"share of batches with an independent sigma per token "
-                                                            f"instead of one per sequence ({d('multilevel_prob')})")
+    diff.add_argument("--multilevel_prob", type=float, help=f"share of batches with an independent sigma (masked "
+                                                            f"diffusion: mask rate t) per token instead of one per "
+                                                            f"sequence ({d('multilevel_prob')})")
+    diff.add_argument("--mask_weight", choices=("elbo", "uniform"),
+                      help=f"masked diffusion's loss: elbo, the masked tokens' cross-entropy weighted by 1/t (MDLM's "
+                           f"bound), or uniform, unweighted ({d('mask_weight')})")
     diff.add_argument("--stratified_sigma", action=argparse.BooleanOptionalAction,
                       help=f"draw a batch's noise levels stratified (one from each of as many equal slices of the "
                            f"distribution as there are draws) rather than independently ({d('stratified_sigma')})")
@@ -210,12 +219,19 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
                 f"keeps its architecture and settings; drop --preset to resume it, or give another -mdir to start the "
                 f"{args.preset} preset afresh")
     rows = [saved, DEFAULTS["legacy"]] + rows if saved else rows
-    if (args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)) == "ar":
+    if saved and args.objective and saved.get("objective", "diffusion") != args.objective:
+        model_dir = args.model_dir or DEFAULTS["demo"]["model_dir"]
+        return (f"--objective {args.objective}: {model_dir} holds a run of --objective "
+                f"{saved.get('objective', 'diffusion')}; each objective needs a -mdir of its own")
+    objective = args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)
+    if objective in ("ar", "mdlm"):
         given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
                                           ("--output_prior", args.output_prior)) if value]
         if given:
-            return f"{' and '.join(given)}: only for the diffusion objective, not --objective ar"
-        rows.append(DEFAULTS["ar"])
+            return f"{' and '.join(given)}: only for the diffusion objective, not --objective {objective}"
+        rows.append(DEFAULTS[objective])
+    elif args.mask_weight is not None:
+        return f"--mask_weight {args.mask_weight}: only for --objective mdlm"
     preset = args.preset or next(row["preset"] for row in rows + [DEFAULTS["every"]] if "preset" in row)
     rows += [PRESETS[preset], DEFAULTS["every"]]
     for name, value in vars(args).items():

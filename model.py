@@ -30,6 +30,7 @@ class ModelConfig:
     causal: bool = False      # the autoregressive baseline: a token attends to itself and earlier tokens only
     self_cond: bool = False   # also read a previous estimate of the clean embeddings (self-conditioning)
     output_prior: bool = False  # logits add each token's own posterior (diffusion.py); the head starts at zero
+    masked: bool = False      # masked diffusion (masked.py): one embedding more, [MASK] at id vocab_size, never predicted
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -238,7 +239,7 @@ class ScoreLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        self.embedding = nn.Embedding(cfg.vocab_size + cfg.masked, cfg.embedding_dim)
         self.fourier = FourierFeatures(cfg.fourier_dim)
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.fourier_dim, cfg.time_dim), nn.SiLU(),
@@ -281,8 +282,9 @@ class ScoreLM(nn.Module):
         return self.project(self.features(x, c_noise, segment_ids, self_cond, output_offset))
 
     def head_weights(self):
-        """The tied projection's weights: the embedding table (V, E) float32 and the logit bias (V,) float32."""
-        return self.embedding_table(), self.logit_bias
+        """The tied projection's weights: the embedding table (V, E) float32 and the logit bias (V,) float32; a masked
+        model's [MASK] row is left out, so that it is never predicted."""
+        return self.embedding_table()[:self.cfg.vocab_size], self.logit_bias
 
     def project(self, features):
         """Logits (..., V) of features (..., E): features . e_v + bias, in the features' dtype (float32 for the

@@ -7,7 +7,8 @@
 
 Unconditional by default. Prompts, templates and suffixes are held at sigma = 0, so their tokens come out exactly
 as given; each prompt or template gives -n samples. Sample i depends on (--seed, i) alone, not on its batch. A run of
-the autoregressive baseline (train.py --objective ar) samples left to right, with --temperature and --top_p.
+the autoregressive baseline (train.py --objective ar) samples left to right, with --temperature and --top_p; a masked
+diffusion run (--objective mdlm) unmasks in --steps ancestral steps, with --temperature and --top_p.
 """
 import argparse
 import json
@@ -20,8 +21,9 @@ from checkpoint import load_model
 from corpus import decode_line
 from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
-from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, beyond_training, draw, length_flag,
-                      parse_length, sample_length, sample_lengths, sampler_settings)
+from objectives import run_objective
+from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, beyond_training, check_objective_flags, draw,
+                      length_flag, parse_length, sample_length, sample_lengths, sampler_settings)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    warn_if_emulated)
 
@@ -29,8 +31,9 @@ from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_mem
 def build_parser():
     """sample.py's command line; the defaults of a sampler's or schedule's own flags are in sampling.py."""
     p = ArgumentParser(prog="sample.py", description=__doc__)
-    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py (a diffusion run, or the "
-                                                               "autoregressive baseline: --temperature, --top_p)")
+    p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py: a continuous "
+                   "diffusion run, or a masked (--steps, --temperature, --top_p) or autoregressive one (--temperature, "
+                   "--top_p)")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples, per prompt or template when some are "
                                                                     "given")
     p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative, "
@@ -86,10 +89,10 @@ def build_parser():
                                              "7 (default, EDM's) spends more steps at low noise")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="score temperature T: the denoiser's step from x is scaled by 1/T, D_T = x + (D - x) / T "
-                        "(below 1: sharper, as Plaid samples at 0.9); for an autoregressive run, the softmax's")
+                        "(below 1: sharper, as Plaid samples at 0.9); for an autoregressive or masked run, the softmax's")
     p.add_argument("--top_p", type=float, default=1.0,
-                   help="an autoregressive run samples from the smallest set of likeliest tokens holding this much "
-                        "probability (nucleus sampling; 1: all)")
+                   help="an autoregressive or masked run draws each token from the smallest set of likeliest tokens "
+                        "holding this much probability (nucleus sampling; 1: all)")
     p.add_argument("--clamp", type=float, default=0.0, metavar="SIGMA",
                    help="below this noise level, replace the denoised estimate by the embedding of its most likely "
                         "token (Diffusion-LM's clamping; 0: never)")
@@ -223,21 +226,20 @@ def build_layouts(args, tokenizer, sampling, causal=False):
     return layouts, sources
 
 
-def check_objective(args, model):
-    """Refuse, naming the flag, what the run's objective cannot sample: for an autoregressive run, held text after
-    the generated tokens (--infill, --suffix) and the diffusion samplers' own flags; for a diffusion run, --top_p."""
-    if not model.cfg.causal:
-        if args.top_p != 1.0:
-            raise UsageError(f"--top_p {args.top_p}: for an autoregressive run; {args.model_dir} is a diffusion run "
-                             "(its --temperature sharpens the score)")
-        return
-    given = [flag for flag, value in (("--infill", args.infill), ("--suffix", args.suffix is not None),
-                                      ("--early_exit", args.early_exit is not None), ("--clamp", args.clamp),
-                                      ("--fp64", args.fp64), ("--grid warped", args.grid == "warped"),
-                                      ("--rho", args.rho is not None)) if value]
-    if given:
-        raise UsageError(f"{given[0]}: not for {args.model_dir}, an autoregressive run, which continues a prompt left "
-                         "to right (--prompt, --length, --temperature, --top_p)")
+def check_objective(args, objective):
+    """Refuse, naming the flag, what the run's objective (objectives.py) cannot sample: the continuous samplers' own
+    flags for the others, held text after the generated tokens (--infill, --suffix) for the autoregressive baseline,
+    --top_p for a continuous diffusion run (sampling.check_objective_flags)."""
+    s = args.settings
+    given = [flag for flag, value in (
+        (f"--sampler {s.sampler}", s.sampler != "iterative"), (f"--schedule {s.schedule}", s.schedule != "uniform"),
+        ("--grid warped", s.grid == "warped"), ("--rho", args.rho is not None),
+        ("--early_exit", args.early_exit is not None), ("--exit_confidence", args.exit_confidence is not None),
+        ("--clamp", args.clamp), ("--fp64", args.fp64), (f"--steps {args.steps}", args.steps != 200),
+        ("--infill", args.infill), ("--suffix", args.suffix is not None), (f"--top_p {args.top_p}", args.top_p != 1.0),
+        *((f"--{k}", getattr(args, k) is not None) for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)
+          for defaults in table.values() for k in defaults)) if value]
+    check_objective_flags(objective.name, given, args.model_dir)
 
 
 def main(argv=None):
@@ -248,15 +250,18 @@ def main(argv=None):
         checked_text(args.suffix, "--suffix")
     device = resolve_device(args.device)
     model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    check_objective(args, model)
-    layouts, sources = build_layouts(args, tokenizer, sampling, model.cfg.causal)
+    objective = run_objective(model, sampling)
+    check_objective(args, objective)
+    layouts, sources = build_layouts(args, tokenizer, sampling, objective.name == "ar")
     settings = args.settings
-    grid = None if model.cfg.causal else settings.sigma_grid(sampling, args.model_dir)
+    grid = settings.sigma_grid(sampling, args.model_dir) if objective.name == "diffusion" else None
     warn_if_emulated(args.precision, device)  # once the request is known to be good
-    print(f"{len(layouts)} samples, autoregressive, temperature {settings.temperature:g}, top-p {settings.top_p:g}"
-          if model.cfg.causal else
-          f"{len(layouts)} samples, {settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, "
-          f"sigma {sampling['sigma_max']} -> {sampling['sigma_min']}", file=sys.stderr)
+    print(f"{len(layouts)} samples, " + {
+        "ar": f"autoregressive, temperature {settings.temperature:g}, top-p {settings.top_p:g}",
+        "mdlm": f"masked diffusion, {settings.steps} unmasking steps, temperature {settings.temperature:g}, top-p "
+                f"{settings.top_p:g}",
+        "diffusion": f"{settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, sigma "
+                     f"{sampling['sigma_max']} -> {sampling['sigma_min']}"}[objective.name], file=sys.stderr)
     evaluations = 0
     for i, row, steps, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
                                      device, args.progress, tokenizer.eos_id):

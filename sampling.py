@@ -1,7 +1,7 @@
 """What the commands that sample share: flag values become checked SamplerSettings (the sampler step and the
 per-token schedule with their parameters bound, the sigma grid, early exit), and draw() samples a list of layouts
-in batches through diffusion.generate (an autoregressive run's through autoregressive.generate_autoregressive), one
-noise seed per sample, with progress on stderr."""
+in batches with the sampler of the run's objective (objectives.py), one noise seed per sample, with progress on
+stderr."""
 import argparse
 import math
 import sys
@@ -13,14 +13,26 @@ import torch
 from tqdm import tqdm
 
 from data import MAX_SAMPLE_LENGTH, sample_layout, sample_rows
-from autoregressive import generate_autoregressive
-from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid, generate
+from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid
+from objectives import run_objective
 from utils import UsageError
 
 # The parameters of one sampler or schedule (each a flag of sample.py), with their defaults
 SAMPLER_PARAMETERS = {"stochastic": {"S_churn": 40.0, "S_tmin": 0.0, "S_tmax": math.inf, "S_noise": 1.0}}
 SCHEDULE_PARAMETERS = {"ar": {"skew": 1.0}, "confidence": {"threshold": 0.9, "patience": 0.5}}
 GRIDS = ("rho", "warped")
+# The sampling flags that only some objectives read (objectives.OBJECTIVES), and what each objective's sampler does
+# read, for the one-line refusal of the others (check_objective_flags)
+CONTINUOUS_ONLY = ("--sampler", "--schedule", "--grid", "--rho", "--early_exit", "--exit_confidence", "--clamp",
+                   "--fp64", *(f"--{k}" for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)
+                               for defaults in table.values() for k in defaults))
+REFUSED = {"diffusion": ("--top_p",), "mdlm": CONTINUOUS_ONLY,
+           "ar": CONTINUOUS_ONLY + ("--steps", "--infill", "--suffix")}
+READS = {"diffusion": "a continuous diffusion run, whose --temperature sharpens the score",
+         "mdlm": "a masked diffusion run, which unmasks tokens (--steps, --temperature, --top_p, --prompt, --infill, "
+                 "--suffix, --length)",
+         "ar": "an autoregressive run, which continues a prompt left to right (--prompt, --length, --temperature, "
+               "--top_p)"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,15 @@ def check_ranges(settings):
             raise UsageError(message)
 
 
+def check_objective_flags(objective, given, where):
+    """Raise UsageError for the first of `given` (flags set to other than their defaults, each as "--name", or
+    "--name value") that the sampler of `objective` (a name of objectives.OBJECTIVES) does not read, naming the flag
+    and the run folder `where`."""
+    for flag in given:
+        if flag.split()[0] in REFUSED[objective]:
+            raise UsageError(f"{flag}: not for {where}, {READS[objective]}")
+
+
 def sample_seed(seed, i):
     """The noise seed of sample i of a run with --seed `seed` (>= 0): 64 bits of numpy's SeedSequence of
     (seed, i), so that no two (seed, i) pairs share their noise in practice."""
@@ -208,62 +229,38 @@ def unconditional_layouts(tokenizer, lengths, n, seed):
 
 def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False, eos_id=None):
     """Sample every layout (ids, held), as data.sample_layout makes them, in batches of `batch_size`, samples of
-    similar length together (a batch is as long as its longest row); sample i is drawn with the noise seed
+    similar length together (a batch is as long as its longest row), with the sampler of the model's objective
+    (objectives.py: diffusion.generate on the sigma `grid`, masked.generate_masked, or left to right,
+    autoregressive.generate_autoregressive, whose rows stop at `eos_id`); sample i is drawn with the noise seed
     sample_seed(seed, i), so it depends on neither its batch nor the batch size. Yields, in order, (i, token ids as
     long as its layout, steps taken, network evaluations), each as soon as those before it are drawn. With
-    `progress`, a bar on stderr counts the sampler steps of all batches. An autoregressive model (cfg.causal) samples
-    left to right instead (autoregressive.generate_autoregressive, with the settings' temperature and top_p; `grid`
-    is not read), each row stopping at `eos_id`."""
+    `progress`, a bar on stderr counts the sampler steps of all batches (positions for the baseline). Raises
+    ValueError for an autoregressive model without `eos_id`."""
     order = sorted(range(len(layouts)), key=lambda i: len(layouts[i][0]))  # stable: equal lengths keep their order
     batches = range(0, len(layouts), batch_size)
-    causal = model.cfg.causal  # the autoregressive baseline: left to right, a bar step per position
-    if causal and eos_id is None:
+    objective = run_objective(model)
+    if objective.name == "ar" and eos_id is None:
         raise ValueError("draw() needs eos_id for an autoregressive model: its rows stop there")
-    total = sum(len(layouts[order[min(start + batch_size, len(layouts)) - 1]][0]) for start in batches) if causal \
-        else len(batches) * settings.steps
-    bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    step, schedule = settings.step(), settings.schedule_function()
-    dtype = torch.float64 if settings.fp64 else torch.float32
+    lengths = [len(layouts[order[min(start + batch_size, len(layouts)) - 1]][0]) for start in batches]
+    per_batch = lengths if objective.name == "ar" else [settings.steps] * len(lengths)  # the bar's steps
+    bar = tqdm(total=sum(per_batch), desc="sampling", unit="step", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    context = {"grid": grid, "pad_id": pad_id, "eos_id": eos_id}
     drawn, following = {}, 0  # samples drawn but not yet yielded; the next index to yield
-    for start in batches:
+    for start, steps in zip(batches, per_batch):
         chosen = order[start:start + batch_size]
         batch = [layouts[i] for i in chosen]
         ids, cond_mask, segment_ids = sample_rows(batch, pad_id)
         seeds = [sample_seed(seed, i) for i in chosen]
         segment_ids = None if segment_ids is None else segment_ids.to(device)
-        if causal:
-            out, evaluations, steps_taken = autoregressive_batch(model, ids.to(device), cond_mask.to(device), seeds,
-                                                                 settings, bar, segment_ids, pad_id, eos_id)
-        else:
-            out, evaluations, steps_taken = generate_batch(model, step, schedule, grid, ids.to(device),
-                                                           cond_mask.to(device), seeds, settings, dtype, bar,
-                                                           segment_ids)
+        before = bar.n
+        out, evaluations, steps_taken = objective.sample(model, ids.to(device), cond_mask.to(device), seeds,
+                                                         settings, segment_ids, context,
+                                                         callback=lambda *_: bar.update(1))
+        bar.update(before + steps - bar.n)  # the batch's whole share, also where its rows ended early
         for b, (i, row) in enumerate(zip(chosen, out.tolist())):
             drawn[i] = (i, row[:len(batch[b][0])], int(steps_taken[b]), int(evaluations[b]))
         while following in drawn:
             yield drawn.pop(following)
             following += 1
     bar.close()
-
-
-def autoregressive_batch(model, ids, cond_mask, seeds, settings, bar, segment_ids, pad_id, eos_id):
-    """autoregressive.generate_autoregressive on one batch with the settings' temperature, top_p and precision,
-    moving `bar` by the batch's length."""
-    before = bar.n
-    result = generate_autoregressive(model, ids, cond_mask, seeds, eos_id, pad_id, segment_ids, settings.temperature,
-                                     settings.top_p, settings.precision)
-    bar.update(before + ids.shape[1] - bar.n)
-    return result
-
-
-def generate_batch(model, step, schedule, grid, ids, cond_mask, seeds, settings, dtype, bar, segment_ids):
-    """diffusion.generate on one batch with `settings`, moving `bar` one step per sampler step (the whole
-    settings.steps for the batch, also when every row exits early)."""
-    def tick(i, rows, tokens, sigma):
-        bar.update(1)
-
-    before = bar.n
-    result = generate(model, step, schedule, grid, ids, cond_mask, seeds, settings.steps, segment_ids,
-                      settings.exit(), settings.precision, dtype, callback=tick, denoising=settings.denoising())
-    bar.update(before + settings.steps - bar.n)
-    return result

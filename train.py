@@ -92,7 +92,7 @@ def run(args, rank, world_size, device):
                   f"{args.max_steps}: nothing to train" if step else
                   f"--max_steps {args.max_steps}: nothing to train, no checkpoint written", file=sys.stderr)
         return
-    state.runner = training_runner(state.model, args, world_size)
+    state.runner = training_runner(state.model, state.objective, args, world_size)
     path = os.path.join(args.model_dir, checkpoint.CHECKPOINT)
 
     def save(at_step):
@@ -241,9 +241,7 @@ def sample_prompts(args, tokenizer, count=2, length=3):
 def print_samples(state, tokenizer, args, device, step, prompts):
     """Write four samples under the progress bar, two unprompted and one continuing each of `prompts` (token ids),
     with the weights of the first EMA rate (the raw ones without EMA), the default sampler, --sample_steps steps and
-    lengths drawn from the training lines' (longer than the prompt); none for the autoregressive baseline."""
-    if state.model.cfg.causal:
-        return
+    lengths drawn from the training lines' (longer than the prompt)."""
     model = state.model
     if state.emas:
         model = copy.deepcopy(state.model)
@@ -255,7 +253,8 @@ def print_samples(state, tokenizer, args, device, step, prompts):
                for i, p in enumerate(pieces)]
     settings = sampler_settings(steps=args.sample_steps, precision=args.precision)
     grid = Grid(args.sigma_min, args.sigma_max, settings.rho)
-    for i, row, _, _ in draw(model, layouts, settings, grid, args.seed, len(layouts), tokenizer.pad_id, device):
+    for i, row, _, _ in draw(model, layouts, settings, grid, args.seed, len(layouts), tokenizer.pad_id, device,
+                             eos_id=tokenizer.eos_id):
         tqdm.write(f"[step {step}] {tokenizer.decode_sample(row, layouts[i][1])}")
     state.model.train()
 

@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autoregressive import autoregressive_loss, autoregressive_targets
 from corpus import load_corpus
 from data import PackedBatches, PackedRows
-from diffusion import draw_training_sigma, score_interpolation_loss
 from flags import FIT_STEPS, ema_rates, warmup_steps
 from model import ModelConfig, ScoreLM
+from objectives import training_objective
 from timewarp import TimeWarp
 from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at
 
@@ -20,13 +19,15 @@ from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at
 @dataclass
 class TrainingState:
     """What an optimiser step changes and a checkpoint holds: the model, its optimizer and gradient scaler, the
-    EMA weights ({rate: state dict}), the data loader, the time warp (or None), and `runner`, what the forward
-    calls (training_runner: the model's training forward, in DDP and compiled where asked)."""
+    EMA weights ({rate: state dict}), the data loader, the objective (objectives.py), the time warp (or None), and
+    `runner`, what the forward calls (training_runner: the model's training forward, in DDP and compiled where
+    asked)."""
     model: ScoreLM
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     emas: dict
     loader: PackedBatches
+    objective: object = None
     warp: TimeWarp = None
     runner: torch.nn.Module = None
     budget: "TimeBudget" = None
@@ -112,7 +113,8 @@ def build_model(args, vocab_size, device):
     """ScoreLM of the run's architecture flags, on `device`."""
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
-                      causal=args.objective == "ar", self_cond=args.self_cond > 0, output_prior=args.output_prior)
+                      causal=args.objective == "ar", masked=args.objective == "mdlm", self_cond=args.self_cond > 0,
+                      output_prior=args.output_prior)
     return ScoreLM(cfg).to(device)
 
 
@@ -132,43 +134,39 @@ def build_optimizer(model, args):
 
 def build_state(args, tokenizer, device, rank=0, world_size=1):
     """A fresh TrainingState for the run: loader, model (initialised from the global generator), optimizer, scaler,
-    one EMA per -ema rate and the time warp with --time_warp; its runner is set once the run is restored, by
-    training_runner."""
+    one EMA per -ema rate, the objective and the time warp with --time_warp; its runner is set once the run is
+    restored, by training_runner."""
     loader = build_loader(args, tokenizer, rank, world_size)
     model = build_model(args, tokenizer.vocab_size, device)
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget, device)
-    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, warp, budget=budget)
+    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, training_objective(args), warp,
+                         budget=budget)
 
 
 class TrainingForward(torch.nn.Module):
-    """The training forward, noisy embeddings to loss, as one module, so that DistributedDataParallel and
-    torch.compile wrap all of it: (ids, sigma, noise, segment_ids, cond_mask, weight, self_cond, prior_scale) ->
-    (loss, ce (B, L), argmax (B, L)) as score_interpolation_loss returns them, weight (B, L) each position's share of
-    the loss, self_cond a bool (this batch takes a self-conditioning pass first), prior_scale the output prior's
-    weight (a 0-dim tensor, so that a ramp does not recompile). A causal model (--objective ar) takes the
-    autoregressive loss instead and ignores sigma, noise, cond_mask and self_cond."""
+    """The training forward, a batch and its noise to the loss, as one module, so that DistributedDataParallel and
+    torch.compile wrap all of it: (ids, segment_ids, cond_mask, weight, noise) -> (loss, ce (B, L), argmax (B, L)) as
+    the objective's loss returns them (objectives.py), weight (B, L) each position's share of the loss, noise what the
+    objective's draw returned for the batch."""
 
-    def __init__(self, model):
+    def __init__(self, model, objective):
         super().__init__()
-        self.model = model
+        self.model, self.objective = model, objective
 
-    def forward(self, ids, sigma, noise, segment_ids, cond_mask, weight, self_cond=False, prior_scale=1.0):
-        if self.model.cfg.causal:
-            return autoregressive_loss(self.model, ids, segment_ids, weight)
-        return score_interpolation_loss(self.model, ids, sigma, noise, segment_ids, cond_mask, weight=weight,
-                                        self_cond=self_cond, prior_scale=prior_scale)
+    def forward(self, ids, segment_ids, cond_mask, weight, noise):
+        return self.objective.loss(self.model, ids, segment_ids, cond_mask, weight, noise)
 
 
-def training_runner(model, args, world_size=1):
-    """What the training steps call: TrainingForward(model), in DistributedDataParallel with several processes,
+def training_runner(model, objective, args, world_size=1):
+    """What the training steps call: TrainingForward(model, objective), in DistributedDataParallel with several processes,
     compiled with --compile (rows have one fixed shape, so it compiles once; the chunked head runs eagerly between
     graphs). The attention kernel is settled first (ScoreLM.settle_attention), so that the compiled forward checks
     nothing. Weights, EMA and checkpoints always come from `model` itself."""
     model.settle_attention()
-    runner = TrainingForward(model)
+    runner = TrainingForward(model, objective)
     if world_size > 1:  # the model's buffers (the rotary embedding's cache) need no broadcast at every forward
         runner = torch.nn.parallel.DistributedDataParallel(runner, broadcast_buffers=False)
     return torch.compile(runner, dynamic=False) if args.compile else runner
@@ -185,12 +183,6 @@ class Diverged(CommandError):
 WARP_FIT_INTERVAL = 10  # steps between refits of the time warp (each a host sync)
 
 
-def loss_targets(segment_ids, cond_mask, causal=False):
-    """Positions whose cross-entropy is trained: in a packed sequence and not conditioned; for the causal
-    baseline, every token that follows one of its own sequence. (B, L) bool."""
-    return autoregressive_targets(segment_ids) if causal else (segment_ids > 0) & ~cond_mask
-
-
 def batch_to(batch, device):
     """A batch's ids, segment_ids and cond_mask (each (B, L)) on `device`: on a GPU as one copy from pinned memory
     that does not wait for the device (three blocking copies would each stall the host); unchanged on the CPU."""
@@ -202,26 +194,21 @@ def batch_to(batch, device):
     return ids, segment_ids, cond_mask.bool()
 
 
-def train_step(model, runner, batch, args, device, scaler, weight, warp=None, step=0):
-    """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`, the summed
-    masked cross-entropy multiplied by `weight` (so that micro-batches and ranks add up to the mean over every loss
-    position of the step); noise levels from `warp` when given. Returns device tensors: summed cross-entropy
-    (nats), right argmax predictions, loss positions, and (sigma, ce, targets), each (B, L), for the time warp's
-    fit."""
+def train_step(state, batch, args, device, weight, step=0):
+    """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`: the objective draws
+    the batch's noise (noise levels from the time warp when the run has one) and its loss is summed over the
+    objective's target positions, multiplied by `weight` (so that micro-batches and ranks add up to the mean over
+    every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions,
+    loss positions, and what the time warp observes (objective.observed: (sigma, ce, targets), or None)."""
     ids, segment_ids, cond_mask = batch_to(batch, device)
-    per_token = bool(torch.rand(()) < args.multilevel_prob)
-    self_cond = model.cfg.self_cond and bool(torch.rand(()) < args.self_cond)  # no draw without: same stream
-    sigma = draw_training_sigma(segment_ids, args.sigma_min, args.sigma_max, args.rho, per_token, warp=warp,
-                                stratified=args.stratified_sigma)
-    noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=device)
-    prior_scale = torch.full((), min(1.0, (step + 1) / args.prior_ramp) if args.prior_ramp else 1.0, device=device)
-    targets = loss_targets(segment_ids, cond_mask, model.cfg.causal)
+    objective = state.objective
+    noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp)
+    targets = objective.targets(segment_ids, cond_mask)
     with autocast(device, args.precision):
-        loss, ce, argmax = runner(ids, sigma, noise, segment_ids, cond_mask, targets * weight, self_cond,
-                                  prior_scale)  # (), (B, L), (B, L)
-    scaler.scale(loss).backward()
+        loss, ce, argmax = state.runner(ids, segment_ids, cond_mask, targets * weight, noise)  # (), (B, L), (B, L)
+    state.scaler.scale(loss).backward()
     correct = ((argmax == ids) & targets).sum()
-    return (ce * targets).sum(), correct, targets.sum(), (sigma, ce, targets)
+    return (ce * targets).sum(), correct, targets.sum(), objective.observed(noise, ce, targets)
 
 
 def host_counts(batches, pad_id):
@@ -251,15 +238,14 @@ def optimizer_step(state, args, device, step):
     batches = [next(loader) for _ in range(args.accumulation_steps)]
     stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id)}
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
-    local = sum(int(loss_targets(b["segment_ids"], b["cond_mask"], model.cfg.causal).sum()) for b in batches)  # host
+    local = sum(int(state.objective.targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # host
     targets = all_reduce_sum(torch.full((), float(local), device=device))  # a fill, not a copy from the host
     weight = loader.world_size / targets.clamp_min(1.0)
     sums, observed = torch.zeros(2, device=device), []  # summed cross-entropy, right predictions
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or loader.world_size == 1 else state.runner.no_sync():
-            ce_sum, correct, _, losses = train_step(model, state.runner, batch, args, device, scaler, weight,
-                                                    state.warp, step)
+            ce_sum, correct, _, losses = train_step(state, batch, args, device, weight, step)
         sums += torch.stack([ce_sum, correct.float()])
         observed.append(losses)
     all_reduce_sum(sums)
@@ -286,7 +272,7 @@ def apply_step(state, params, step, observed):
     for rate, ema in state.emas.items():
         ema_update([ema[n] for n in names], params, rate, step)
     if state.warp is not None:
-        for sigma, ce, targets in observed:
+        for sigma, ce, targets in [seen for seen in observed if seen is not None]:
             state.warp.observe(sigma, ce, targets)
         if (step + 1) % WARP_FIT_INTERVAL == 0:
             all_reduce_sum(state.warp.window)  # every rank fits the same warp

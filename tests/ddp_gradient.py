@@ -7,6 +7,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import diffusion  # noqa: E402
 import flags  # noqa: E402
 import training  # noqa: E402
 from corpus import Tokenizer  # noqa: E402
@@ -24,7 +25,7 @@ def gradient(args, tokenizer, rank, world_size):
     torch.manual_seed(0)
     state = training.build_state(args, tokenizer, torch.device("cpu"), rank, world_size)
     state.optimizer = GradientCapture(state.model.parameters(), lr=0.0)
-    state.runner = training.training_runner(state.model, args, world_size)
+    state.runner = training.training_runner(state.model, state.objective, args, world_size)
     real_randn = torch.randn  # no noise in the step (after the model's init, whose Fourier features draw from it)
     torch.randn = lambda *shape, **kwargs: torch.zeros(*shape)
     try:
@@ -39,7 +40,7 @@ def main(corpus, spm, cache_dir, out):
     torch.distributed.init_process_group("gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     # one noise level, no noise: the loss depends on the rows alone, whichever process computes it
-    training.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
+    diffusion.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
     command = ["-d", corpus, "-spm", spm, "-mdir", "unused", "--cache_dir", cache_dir, "-dim", "32", "-nl", "2",
              "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0", "-ema", "",
                "--precision", "fp32"]  # fp32: equal to rounding error

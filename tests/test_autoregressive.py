@@ -75,5 +75,5 @@ def test_sample_py_samples_a_baseline_run_and_refuses_what_it_cannot(memorised_a
 
 def test_top_p_is_refused_for_a_diffusion_run(memorised_run):
     model_dir, _ = memorised_run
-    with pytest.raises(UsageError, match="--top_p 0.9: for an autoregressive run"):
+    with pytest.raises(UsageError, match="--top_p 0.9: not for .*a continuous diffusion run"):
         sample.main(["-mdir", str(model_dir), "--top_p", "0.9"])

@@ -7,7 +7,8 @@ import chunked
 from chunked import tied_cross_entropy, tied_expectation
 from conftest import small_model
 from diffusion import network_logits, score_interpolation
-from training import TrainingForward, loss_targets
+from objectives import Autoregressive, Continuous
+from training import TrainingForward
 
 
 def test_tied_cross_entropy_equals_cross_entropy_of_the_full_logits():
@@ -104,9 +105,11 @@ def test_training_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch
     segment_ids = torch.tensor([[1] * 9 + [2] * 11 + [0] * 4, [1] * 24])  # packed rows, with fill
     cond_mask = (torch.rand(2, 24) < 0.3) | (segment_ids == 0)
     sigma, noise = torch.rand(2, 24) * 9 + 1, torch.randn(2, 24, 16)
-    targets = loss_targets(segment_ids, cond_mask, causal)
+    objective = Autoregressive() if causal else Continuous()
+    targets = objective.targets(segment_ids, cond_mask)
     weight = targets / targets.sum()
-    loss, ce, argmax = TrainingForward(model)(ids, sigma, noise, segment_ids, cond_mask, weight, self_cond)
+    drawn = {"sigma": sigma, "noise": noise, "self_cond": self_cond, "prior_scale": torch.ones(())}
+    loss, ce, argmax = TrainingForward(model, objective)(ids, segment_ids, cond_mask, weight, drawn)
     loss.backward()
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not the rotary frequencies
     got = {name: p.grad.clone() for name, p in trained}

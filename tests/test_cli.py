@@ -20,7 +20,8 @@ from diffusion import network_logits
 from utils import UsageError
 
 
-@pytest.mark.parametrize("flags, stop_at", [([], 10), (["--self_cond", "0.5", "--time_warp"], 7)])
+@pytest.mark.parametrize("flags, stop_at", [([], 10), (["--self_cond", "0.5", "--time_warp"], 7),
+                                            (["--objective", "mdlm", "--multilevel_prob", "0.5"], 9)])
 def test_resumed_run_reaches_the_same_step_and_weights_as_a_straight_one(tmp_path, corpus_file, spm_path, monkeypatch,
                                                                          flags, stop_at):
     saved = {}

@@ -7,6 +7,7 @@ import torch
 
 import eval as evaluate
 import sample
+import scoring
 from checkpoint import load_model
 from data import sample_rows
 from diffusion import nll_bound
@@ -98,14 +99,14 @@ def test_eval_reports_the_bound_and_the_loss_by_noise_level(memorised_run, tmp_p
 
 def test_sample_metrics_equal_hand_computed_values():
     samples = [[1, 2, 3, 1], [2, 2]]  # tokens 1 x2, 2 x3, 3 x1
-    m = evaluate.sample_metrics(samples)
+    m = scoring.sample_metrics(samples)
     p = [2 / 6, 3 / 6, 1 / 6]
     assert m["entropy"] == pytest.approx(-sum(q * math.log(q) for q in p))
     assert m["distinct_1"] == pytest.approx(3 / 6)
     assert m["distinct_2"] == pytest.approx(4 / 4)  # (1,2) (2,3) (3,1) (2,2)
     assert m["distinct_3"] == pytest.approx(2 / 2)
     assert m["mean_length"] == 3.0
-    assert evaluate.sample_metrics([[5, 6, 7, 8, 5, 6, 7, 8]])["rep_4"] == pytest.approx(1 - 4 / 5)
+    assert scoring.sample_metrics([[5, 6, 7, 8, 5, 6, 7, 8]])["rep_4"] == pytest.approx(1 - 4 / 5)
 
 
 def test_the_autoregressive_baseline_learns_and_its_perplexity_is_exp_of_its_mean_nll(memorised_ar_run, tmp_path,
@@ -141,7 +142,7 @@ def test_the_judge_finds_its_training_lines_likelier_than_shuffled_ones(memorise
     generator = torch.Generator().manual_seed(0)
     shuffled = [[ids[0]] + [ids[1:-1][i] for i in torch.randperm(len(ids) - 2, generator=generator)] + [ids[-1]]
                 for ids in real]
-    ppl = [math.exp(n / t) for n, t in (evaluate.sequence_nll(judge, s, 4, tokenizer.pad_id, "cpu")
+    ppl = [math.exp(n / t) for n, t in (scoring.sequence_nll(judge, s, 4, tokenizer.pad_id, "cpu")
                                         for s in (real, shuffled))]
     assert ppl[0] < ppl[1] / 10, ppl
     # one command line: the diffusion run's bound, the judge's perplexity, scored samples and a sweep
@@ -179,7 +180,8 @@ def test_bad_sweeps_are_refused_before_any_work(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_sweep(memorised_ar_run, tmp_path, capsys):
+def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_steps_sweep(memorised_ar_run, tmp_path,
+                                                                                     capsys):
     model_dir, lines = memorised_ar_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
@@ -190,7 +192,7 @@ def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_sweep
     assert result["samples"]["evaluations"] > 0 and result["self_nll_samples"] == 4
     # the memorised lines again, near-deterministically: as likely to it as the lines themselves
     assert result["samples_self_nll"] == pytest.approx(result["samples_valid_nll"], abs=0.5)
-    with pytest.raises(UsageError, match="--sweep: the diffusion samplers' settings; .* autoregressive run"):
+    with pytest.raises(UsageError, match=r"--steps \(in --sweep or --frontier\): not for .* an autoregressive run"):
         evaluate.main(command + ["--sweep", "steps=2,3"])
     assert json.load(open(model_dir / "args.json"))["expand_prob"] == 0.0  # no pads after eos to predict
 
@@ -259,14 +261,14 @@ def test_the_loss_by_noise_level_plot_has_a_title_and_its_legend_below_the_axes(
 
 def test_shuffled_words_keep_each_lines_words_and_length_limit(tokenizer):
     lines = [(tokenizer.encode(text), len(text) + 1) for text in ("the cat sat on the mat", "alone", "a b c d e f")]
-    kept, shuffled = evaluate.shuffled_words(lines, tokenizer, 0, 64)
+    kept, shuffled = scoring.shuffled_words(lines, tokenizer, 0, 64)
     assert kept == lines and [c for _, c in shuffled] == [c for _, c in lines]
     for (ids, _), (mixed, _) in zip(lines, shuffled):
         assert sorted(tokenizer.decode(mixed).split()) == sorted(tokenizer.decode(ids).split())
     assert tokenizer.decode(shuffled[0][0]) != "the cat sat on the mat"  # seed 0 moves this one
     assert shuffled[1][0] == lines[1][0]  # one word: nothing to shuffle
-    assert evaluate.shuffled_words(lines, tokenizer, 0, 64) == (kept, shuffled)  # the seed fixes the order
-    assert evaluate.shuffled_words(lines, tokenizer, 0, 4)[0] == [lines[1]]  # left out where it no longer fits
+    assert scoring.shuffled_words(lines, tokenizer, 0, 64) == (kept, shuffled)  # the seed fixes the order
+    assert scoring.shuffled_words(lines, tokenizer, 0, 4)[0] == [lines[1]]  # left out where it no longer fits
 
 
 @pytest.mark.parametrize("run", ["memorised_run", "memorised_ar_run"])
@@ -297,3 +299,66 @@ def test_a_judge_that_knows_the_lines_less_well_than_the_judged_run_is_warned_ab
     assert capsys.readouterr().err.strip() == warning
     result["judge"]["bits_per_char"] = 1.5
     assert evaluate.weak_judge_warning(result, "out-ar") is None and capsys.readouterr().err == ""
+
+
+def test_the_frontier_interpolates_gen_ppl_at_an_entropy_and_pools_tokens_at_one_count():
+    points = [{"entropy": 3.0, "gen_ppl": 100.0}, {"entropy": 5.0, "gen_ppl": 400.0}, {"entropy": 4.0,
+                                                                                       "gen_ppl": 200.0}]
+    assert scoring.at_entropy(points, 4.5) == pytest.approx(math.sqrt(200 * 400))  # linear in log gen-PPL
+    assert scoring.at_entropy(points, 3.0) == pytest.approx(100.0)
+    assert scoring.at_entropy(points, 5.5) is None and scoring.at_entropy(points, 2.9) is None
+    assert scoring.pooled_entropy([[1, 2], [3, 4]], 4) == pytest.approx(math.log(4))
+    assert scoring.pooled_entropy([[1, 1], [3, 4]], 2) == 0.0  # the first two tokens only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frontier", "temperature=0.8"], "at least two values"),
+    (["--frontier", "steps=8,16"], "temperature or top_p"),
+    (["--compare", "other"], "--compare: the runs compared on a --frontier"),
+])
+def test_a_frontier_of_one_value_or_another_key_or_a_comparison_without_it_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["-mdir", "m", "--valid", "v", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memorised_run, memorised_ar_run, tmp_path,
+                                                                          capsys):
+    model_dir, lines = memorised_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--shuffle_lines",
+               "0", "--judge", str(memorised_ar_run[0]), "--samples", "4", "--steps", "8", "--plot_dir",
+               str(tmp_path), "--no-progress"]
+    evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(memorised_ar_run[0]), "--json"])
+    frontier = json.loads(capsys.readouterr().out)["frontier"]
+    assert [run["objective"] for run in frontier["runs"]] == ["diffusion", "ar"]
+    assert [[point["value"] for point in run["points"]] for run in frontier["runs"]] == [[0.5, 1.0]] * 2
+    assert frontier["tokens"] == min(point["tokens"] for run in frontier["runs"] for point in run["points"])
+    for run in frontier["runs"]:
+        assert all(point["gen_ppl"] > 1 and point["seconds"] >= 0 for point in run["points"])
+        expected = scoring.at_entropy(run["points"], frontier["real"]["entropy"])
+        assert run["gen_ppl_at_real_entropy"] == expected
+    if frontier["plot"]:
+        assert (tmp_path / "frontier.png").stat().st_size > 0
+    with pytest.raises(UsageError, match=r"--top_p \(in --sweep or --frontier\): not for .*a continuous diffusion"):
+        evaluate.main(command + ["--frontier", "top_p=0.5,1"])
+    with pytest.raises(UsageError, match="--frontier: needs --judge"):
+        evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1"])
+
+
+def test_the_baseline_sweeps_temperature_and_top_p_and_refuses_the_diffusion_samplers(memorised_ar_run, tmp_path,
+                                                                                      capsys):
+    model_dir, lines = memorised_ar_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--shuffle_lines", "0", "--samples", "3",
+               "--plot_dir", str(tmp_path), "--no-progress"]
+    evaluate.main(command + ["--sweep", "temperature=0.5,1", "--sweep", "top_p=0.9", "--json"])
+    sweep = json.loads(capsys.readouterr().out)["sweep"]
+    assert [(row["sampler"], row["temperature"], row["top_p"]) for row in sweep] == [
+        ("autoregressive", 0.5, 0.9), ("autoregressive", 1.0, 0.9)]
+    for argv, flag in ((["--sweep", "steps=4,8"], "--steps"), (["--sampler", "heun"], "--sampler heun"),
+                       (["--steps", "16"], "--steps 16")):
+        with pytest.raises(UsageError, match=f"{flag}.*not for .*an autoregressive run"):
+            evaluate.main(command + argv)

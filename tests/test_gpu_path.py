@@ -21,6 +21,7 @@ import train
 import training
 import utils
 from conftest import NATIVE_BF16, small_model
+from objectives import Continuous
 from diffusion import (EarlyExit, Grid, draw_training_sigma, euler_step, generate, score_interpolation_loss,
                        stratified_uniform, uniform_schedule)
 from model import Packing, flex_agrees_with_sdpa, flex_attention_works, segment_block_mask, segment_positions
@@ -300,7 +301,7 @@ def test_ddp_does_not_broadcast_the_unchanging_buffers(monkeypatch):
             wrapped.update(kwargs)
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
     args = types.SimpleNamespace(compile=False)
-    training.training_runner(small_model(vocab_size=50), args, world_size=2)
+    training.training_runner(small_model(vocab_size=50), Continuous(), args, world_size=2)
     assert wrapped == {"broadcast_buffers": False}
 
 

@@ -13,6 +13,7 @@ import training
 from conftest import run_train, schedule_sigmas, small_model
 from diffusion import Grid, generate, iterative_step, nll_bound, rho_schedule, uniform_schedule
 from model import ScoreLM
+from objectives import Continuous
 from timewarp import TimeWarp, pool_adjacent_violators
 from utils import UsageError
 
@@ -41,23 +42,25 @@ def count_calls(model):
     return calls
 
 
-def train_step_args(self_cond):
-    return SimpleNamespace(multilevel_prob=0.5, self_cond=self_cond, sigma_min=1.0, sigma_max=10.0, rho=1.0,
-                           precision="fp32", stratified_sigma=False, prior_ramp=0)
+def step_state(model, self_cond):
+    """What train_step reads of a TrainingState: the model, its runner, a scaler and the continuous objective with
+    self-conditioning in a `self_cond` share of the batches."""
+    objective = Continuous(1.0, 10.0, 1.0, multilevel_prob=0.5, self_cond=self_cond)
+    return SimpleNamespace(model=model, runner=training.TrainingForward(model, objective), objective=objective,
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), warp=None)
 
 
 def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_otherwise():
     torch.manual_seed(0)
     model = small_model(vocab_size=50, self_cond=True)
-    runner = training.TrainingForward(model)
     batch = {"ids": torch.randint(4, 50, (2, 8)), "segment_ids": torch.ones(2, 8, dtype=torch.long),
              "cond_mask": torch.zeros(2, 8, dtype=torch.bool)}
     batch["cond_mask"][:, 0] = True
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     calls = count_calls(model)
     for share, expected in ((1.0, 2), (0.0, 1)):
         calls.clear()
-        training.train_step(model, runner, batch, train_step_args(share), torch.device("cpu"), scaler, 1.0)
+        training.train_step(step_state(model, share), batch, SimpleNamespace(precision="fp32"), torch.device("cpu"),
+                            1.0)
         assert len(calls) == expected
         if expected == 2:  # a first pass without gradient, then the trained one reading its estimate
             (first_grad, first_estimate), (second_grad, estimate) = calls
@@ -71,7 +74,8 @@ def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_
     twice = 0
     for _ in range(400):
         calls.clear()
-        training.train_step(model, runner, batch, train_step_args(0.3), torch.device("cpu"), scaler, 1.0)
+        training.train_step(step_state(model, 0.3), batch, SimpleNamespace(precision="fp32"), torch.device("cpu"),
+                            1.0)
         twice += len(calls) == 2
     assert 90 <= twice <= 150, twice
 
@@ -257,8 +261,10 @@ def test_resuming_with_other_noise_levels_says_how_to_keep_them_and_refits_the_w
     assert second["time_warp"]["sigma_max"] == 20.0 and second["time_warp"]["counts"].sum() == 0
     with pytest.raises(UsageError, match=r"--self_cond > 0 \(now 0\)"):  # self-conditioned by default
         run_train(corpus_file, spm_path, warped, "--max_steps", "22", "--self_cond", "0")
-    with pytest.raises(UsageError, match=r"--objective diffusion \(now ar\).*need a -mdir each"):
+    with pytest.raises(SystemExit):
         run_train(corpus_file, spm_path, warped, "--max_steps", "22", "--objective", "ar")
+    assert (f"--objective ar: {warped} holds a run of --objective diffusion; each objective needs a -mdir of its own"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("flags", [["--self_cond", "0.5"], ["--time_warp"], ["--self_cond", "1.5"]])

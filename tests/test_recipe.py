@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval as evaluate
 import flags
+import scoring
 import train
 import training
 from conftest import run_train, small_model
@@ -145,7 +146,7 @@ def test_sample_py_takes_temperature_and_clamp(memorised_run, capsys):
 
 
 def test_word_figures_equal_hand_computed_values():
-    m = evaluate.word_metrics(["a b a", "c"])
+    m = scoring.word_metrics(["a b a", "c"])
     p = [2 / 4, 1 / 4, 1 / 4]
     assert m["word_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p))
     assert m["mean_words"] == 2.0 and m["distinct_words"] == pytest.approx(3 / 4)
@@ -157,15 +158,15 @@ def test_the_judge_is_read_per_word_as_well(memorised_ar_run, tmp_path):
     judge, tokenizer, _ = load_model(str(model_dir))
     sequences = [tokenizer.encode(line) for line in lines]
     args = SimpleNamespace(batch_size=2)
-    figures = evaluate.judge_figures(evaluate.Judge(judge, tokenizer, True), sequences, lines, args, "cpu")
-    nats, tokens = evaluate.sequence_nll(judge, sequences, 2, tokenizer.pad_id, "cpu")
+    figures = evaluate.judge_figures(scoring.Judge(judge, tokenizer, True), sequences, lines, args, "cpu")
+    nats, tokens = scoring.sequence_nll(judge, sequences, 2, tokenizer.pad_id, "cpu")
     words = sum(len(line.split()) + 1 for line in lines)
     assert figures["gen_ppl"] == pytest.approx(math.exp(nats / tokens))
     assert figures["gen_ppl_word"] == pytest.approx(math.exp(nats / words))
     # a judge of another tokenizer scores the texts encoded by its own, whatever ids the evaluated run had
     other = [[tokenizer.bos_id, 7, 7, tokenizer.eos_id]] * len(lines)
-    assert evaluate.judge_figures(evaluate.Judge(judge, tokenizer, False), other, lines, args, "cpu") == figures
-    assert evaluate.judge_figures(evaluate.Judge(judge, tokenizer, True), other, lines, args, "cpu") != figures
+    assert evaluate.judge_figures(scoring.Judge(judge, tokenizer, False), other, lines, args, "cpu") == figures
+    assert evaluate.judge_figures(scoring.Judge(judge, tokenizer, True), other, lines, args, "cpu") != figures
 
 
 def test_a_judge_of_another_tokenizer_is_taken_with_a_note(memorised_ar_run, tmp_path, capsys):

@@ -10,6 +10,7 @@ import training
 from conftest import run_train, small_model
 from corpus import load_corpus
 from data import PackedBatches, PackedRows
+from objectives import training_objective
 from utils import UsageError, load_checkpoint, load_state_dict_strict, save_checkpoint
 
 
@@ -32,8 +33,9 @@ def engine(tmp_path, corpus_file, tokenizer, precision):
     model = small_model(vocab_size=tokenizer.vocab_size)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     emas = {0.9: {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    state = training.TrainingState(model, training.build_optimizer(model, args), scaler, emas, loader,
-                                   runner=training.TrainingForward(model))
+    objective = training_objective(args)
+    state = training.TrainingState(model, training.build_optimizer(model, args), scaler, emas, loader, objective,
+                                   runner=training.TrainingForward(model, objective))
     return args, state
 
 

@@ -1,0 +1,148 @@
+"""Masked (absorbing-state) diffusion as an objective, MDLM (Sahoo et al. 2024, arXiv 2406.07524): the forward process
+replaces each free token by [MASK] with probability t (the log-linear schedule, alpha_t = 1 - t), the network
+predicts the clean tokens of the masked positions from the rest (bidirectionally), the loss is the continuous-time
+ELBO, and sampling unmasks positions from t = 1 to 0 (ancestral steps). The network is received as an argument (a
+model.ScoreLM built with masked=True: its embedding table has one row more, [MASK] at id `vocab_size`, and
+`head_weights()` leaves that row out, so the prediction gives [MASK] probability zero, MDLM's SUBS
+parameterisation); it reads the embeddings of the partly masked row with c_noise = 0: the MDLM denoiser needs no
+time input (Sahoo et al. 2024, section 3.2.3), which is also what lets a step that changed nothing reuse the last
+output. Shapes: B batch, L length, V vocabulary (without [MASK]).
+"""
+import torch
+import torch.nn.functional as F
+
+from autoregressive import top_p_filter
+from chunked import tied_cross_entropy
+from diffusion import stratified_uniform
+from utils import autocast
+
+T_MIN = 1e-3  # the lowest training t: the 1/t weight of a lower one would make the loss's variance unbounded
+
+
+def mask_id(model):
+    """The id of [MASK]: one past the tokenizer's pieces."""
+    return model.cfg.vocab_size
+
+
+def draw_mask_times(segment_ids, per_token, generator=None, t_min=T_MIN):
+    """Training times t (B, L) float32 in [t_min, 1], each token's mask probability: stratified over the batch
+    (MDLM's low-discrepancy draws: n draws take one value from each of n equal slices, diffusion.stratified_uniform),
+    one t per packed sequence (all tokens sharing a segment id share it), or with `per_token` one per position."""
+    B, L = segment_ids.shape
+    u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
+    drawn = torch.zeros_like(u, dtype=torch.bool)
+    if per_token:
+        drawn[:, :L] = True
+    else:  # the (row, segment) pairs of real sequences
+        drawn.scatter_(1, segment_ids, True)
+        drawn[:, 0] = False
+    u = stratified_uniform(u, drawn, generator)
+    u = u[:, :L] if per_token else u.gather(1, segment_ids)
+    return (t_min + (1 - t_min) * u).float()
+
+
+def draw_masks(t, free, generator=None):
+    """Which positions the forward process masks at times t (B, L): each free position (B, L) bool independently with
+    probability t; held ones (bos, prompts, the training's conditioning spans, fill) never. (B, L) bool."""
+    return (torch.rand(t.shape, generator=generator, device=t.device) < t) & free
+
+
+def masked_loss(model, ids, t, masked, segment_ids=None, weight=None, uniform=False):
+    """MDLM's continuous-time ELBO integrand for the log-linear schedule (Sahoo et al. 2024, eq. 11 with
+    alpha_t = 1 - t, so -alpha'_t / (1 - alpha_t) = 1 / t): ce (B, L) float32 holds -log p(ids | masked row) / t in
+    nats at masked positions and 0 elsewhere (SUBS: unmasked tokens are carried over, so they cost nothing); with
+    `uniform`, the masked cross-entropy unweighted (not a bound; a common lower-variance choice). argmax (B, L) int64
+    is the prediction at masked positions and the token itself elsewhere. loss is the sum of weight * ce, weight
+    (B, L) float or None (every position 1). ids (B, L) int64 in [0, V); t (B, L) float in (0, 1]; masked (B, L) bool;
+    segment_ids (B, L) or None (one sequence a row). Returns (loss, ce, argmax) as score_interpolation_loss does."""
+    x = model.embed(torch.where(masked, mask_id(model), ids))
+    features = model.features(x, torch.zeros(ids.shape, device=ids.device), segment_ids)
+    scale = masked.float() if uniform else masked.float() / t
+    weight = scale if weight is None else weight * scale
+    table, bias = model.head_weights()  # the pieces' rows only: [MASK] is never predicted
+    loss, ce, argmax = tied_cross_entropy(features, table, bias, ids, weight)
+    return loss, ce * scale, torch.where(masked, argmax, ids)
+
+
+@torch.no_grad()
+def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
+    """Monte Carlo estimate of MDLM's ELBO, an upper bound on -log p(free tokens | held tokens), per row, in nats.
+
+    With n free positions and t ~ U(0, 1), the continuous-time bound E_t[(1/t) sum_{masked l} -log p(x_l | z_t)]
+    (Sahoo et al. 2024, eq. 11) equals sum_{k=1..n} (1/k) E_{|M| = k}[sum_{l in M} -log p(x_l | x with M masked)],
+    M a uniformly random set of k free positions: given t, k is Binomial(n, t), and
+    int_0^1 (1/t) C(n, k) t^k (1 - t)^(n-k) dt = 1/k (the any-order autoregressive form; Ou et al. 2024, arXiv
+    2406.03736, Theorem 1). That form is estimated here: k uniform on 1..n (weight n), stratified over the draws
+    (draw j of a row takes k from the j-th of `draws` equal slices), so that the estimate is exact in expectation
+    without the 1/t weight's unbounded variance near t = 0. The variance returned treats the draws as independent,
+    which overstates it under stratification (a conservative error).
+
+    ids (B, L) int64; cond_mask (B, L) bool, held positions (bos, prompts, row padding); segment_ids (B, L) or
+    None; draws >= 2. Returns a dict of (B,) float64 CPU tensors: "masked" (the estimate, nats per row), "variance"
+    (of that estimate) and "tokens" (free positions). Raises ValueError if draws < 2."""
+    if draws < 2:
+        raise ValueError(f"need draws >= 2, got {draws}")
+    free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
+    n = free.sum(-1)  # (B,)
+    estimates = []
+    for j in range(draws):
+        v = (j + torch.rand(len(ids), generator=generator, dtype=torch.float64)) / draws
+        k = (v * n.cpu()).floor().long().clamp_max(n.cpu() - 1) + 1  # uniform on 1..n, stratified
+        keys = torch.rand(ids.shape, generator=generator).to(ids.device).masked_fill(~free, 2.0)
+        rank = keys.argsort(-1).argsort(-1)  # each free position's place in a random order
+        masked = rank < k.to(ids.device)[:, None]
+        x = model.embed(torch.where(masked, mask_id(model), ids))
+        with autocast(ids.device, "fp32"):
+            logits = model(x, torch.zeros(ids.shape, device=ids.device), segment_ids).double()
+        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+        estimates.append(((ce * masked).sum(-1) * (n / k.to(ids.device))).cpu())
+    estimates = torch.stack(estimates)  # (draws, B)
+    estimates = torch.where(n.cpu() > 0, estimates, 0.0)
+    return {"masked": estimates.mean(0), "variance": estimates.var(0) / draws, "tokens": n.double().cpu()}
+
+
+@torch.no_grad()
+def generate_masked(model, ids, cond_mask, seeds, steps, segment_ids=None, temperature=1.0, top_p=1.0,
+                    precision="fp32", callback=None):
+    """Ancestral sampling (Sahoo et al. 2024, eq. 7 with the log-linear schedule): the free positions start masked at
+    t = 1; a step from t to s = t - 1/steps unmasks each masked position with probability (t - s) / t, giving it a
+    token drawn from softmax(logits / temperature) truncated to its top_p nucleus; at s = 0 every position left is
+    unmasked. A step that unmasked nothing leaves the network's output unchanged (it has no time input), so the next
+    step reuses it (MDLM's caching): a row counts an evaluation only when its tokens changed since its last one.
+    Each row draws from its own generator seeded by its seed, so a sample does not depend on its batch. Held
+    positions (bos, prompts, infill context, suffixes, row padding) are never masked. ids (B, L) int64, cond_mask
+    (B, L) bool, segment_ids (B, L) or None (0 on the padding after a shorter row); callback(i, tokens) after each
+    step. Returns (tokens (B, L) int64, network evaluations per row (B,) int64, steps until the row had no mask left
+    (B,) int64), as diffusion.generate."""
+    free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
+    tokens = torch.where(free, mask_id(model), ids)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    evaluations = torch.zeros(len(ids), dtype=torch.long)
+    steps_taken = torch.zeros(len(ids), dtype=torch.long)
+    stale = torch.ones(len(ids), dtype=torch.bool)  # rows whose tokens changed since the network last read them
+    c_noise = torch.zeros(ids.shape, device=ids.device)
+    probs = None
+    for i in range(steps):
+        masked = (tokens == mask_id(model)).cpu()
+        if not masked.any():
+            break
+        t, s = 1 - i / steps, max(1 - (i + 1) / steps, 0.0)
+        unmasking = torch.zeros_like(masked)
+        for b, g in enumerate(generators):
+            unmasking[b] = masked[b] & (torch.rand(ids.shape[1], generator=g) < (t - s) / t)
+        if unmasking.any():
+            if probs is None or stale.any():
+                with autocast(ids.device, precision):
+                    logits = model(model.embed(tokens), c_noise, segment_ids).float()  # (B, L, V)
+                probs = top_p_filter((logits / temperature).softmax(dim=-1), top_p).cpu()
+                evaluations += (stale & masked.any(-1)).long()
+                stale[:] = False
+            for b in unmasking.any(-1).nonzero().flatten().tolist():
+                where = unmasking[b].nonzero().flatten()
+                drawn = torch.multinomial(probs[b, where], 1, generator=generators[b]).flatten()
+                tokens[b, where.to(tokens.device)] = drawn.to(tokens.device)
+                stale[b] = True
+        steps_taken += masked.any(-1).long()
+        if callback is not None:
+            callback(i, tokens)
+    return tokens, evaluations, steps_taken

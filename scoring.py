@@ -1,0 +1,120 @@
+"""What eval.py measures of texts, apart from any run: sample and word metrics, the judge (an autoregressive run that
+scores texts) and the exact NLL it computes, perplexities, unigram entropy at a fixed token count, gen-PPL
+interpolated at an entropy (the frontier's comparison), and lines with their words shuffled (the shuffle gap's
+input)."""
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from data import sample_rows
+from objectives import Autoregressive
+
+
+def sequence_nll(model, sequences, batch_size, pad_id, device):
+    """Exact negative log-likelihood under a causal model of each id list after its first token (bos): total
+    nats and the number of tokens scored (eos included where the list has it)."""
+    nats = tokens = 0.0
+    objective = Autoregressive()
+    for start in range(0, len(sequences), batch_size):
+        layouts = [(ids, [True] + [False] * (len(ids) - 1)) for ids in sequences[start:start + batch_size]]
+        ids, cond_mask, segment_ids = sample_rows(layouts, pad_id)
+        segment_ids = None if segment_ids is None else segment_ids.to(device)
+        scored = objective.nll(model, ids.to(device), cond_mask.to(device), segment_ids)
+        nats, tokens = nats + float(scored["nll"].sum()), tokens + float(scored["tokens"].sum())
+    return nats, tokens
+
+
+def shuffled_words(lines, tokenizer, seed, length):
+    """The lines with their words (split at white space) in a random order, from one generator seeded by `seed`, and
+    encoded again: (kept, shuffled), both lists of read_lines' (ids, characters) pairs, where a line whose shuffled
+    words take more than `length` tokens is left out of both (a line of one word stays as it is)."""
+    rng, kept, shuffled = random.Random(seed), [], []
+    for ids, chars in lines:
+        words = tokenizer.decode(ids).split()
+        rng.shuffle(words)
+        mixed = tokenizer.encode(" ".join(words))
+        if len(mixed) <= length:
+            kept.append((ids, chars))
+            shuffled.append((mixed, chars))
+    return kept, shuffled
+
+
+def sample_metrics(samples):
+    """Scores of token lists (bos, eos and pads removed): unigram entropy of all their tokens pooled (nats),
+    distinct-n for n = 1, 2, 3 (distinct n-grams over all n-grams, pooled), rep-4 (Welleck et al. 2020: a
+    sample's share of 4-grams that repeat an earlier one in it, averaged over samples with any), mean length
+    in tokens and the share of empty samples (no token before eos)."""
+    counts = {}
+    for tokens in samples:
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+    result = {"entropy": entropy, "mean_length": total / max(len(samples), 1),
+              "empty": sum(not tokens for tokens in samples) / max(len(samples), 1)}
+    for n in (1, 2, 3):
+        grams = [tuple(tokens[i:i + n]) for tokens in samples for i in range(len(tokens) - n + 1)]
+        result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    reps = [1 - len(set(g)) / len(g) for g in ([tuple(t[i:i + 4]) for i in range(len(t) - 3)] for t in samples) if g]
+    result["rep_4"] = sum(reps) / len(reps) if reps else 0.0
+    return result
+
+
+def word_metrics(texts):
+    """Word-level scores of texts, comparable across tokenizers (words split at whitespace): the unigram entropy of
+    all their words pooled (nats), the share of distinct words, and the mean words per text."""
+    counts = {}
+    for text in texts:
+        for word in text.split():
+            counts[word] = counts.get(word, 0) + 1
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+    return {"word_entropy": entropy, "distinct_words": len(counts) / max(total, 1),
+            "mean_words": total / max(len(texts), 1)}
+
+
+@dataclass
+class Judge:
+    """An autoregressive run that scores texts: its model, its tokenizer, and whether that tokenizer is the evaluated
+    run's (then the evaluated token ids are scored as they are; otherwise each text is encoded anew by the judge's,
+    so that runs of different tokenizers can be scored by one judge, per word and per character)."""
+    model: torch.nn.Module
+    tokenizer: object
+    shared: bool
+
+    def nll(self, sequences, texts, batch_size, device):
+        """(total NLL in nats, tokens scored) of the judge on the sequences (token ids of the evaluated run, bos and
+        eos included) whose decoded texts are `texts`."""
+        if not self.shared:
+            sequences = [self.tokenizer.encode(text) for text in texts]
+        return sequence_nll(self.model, sequences, batch_size, self.tokenizer.pad_id, device)
+
+
+def perplexities(nats, tokens, texts):
+    """Perplexity from a total NLL (nats) over `tokens` judge tokens (eos included), per token and per word (the
+    same NLL over the words of the decoded texts plus one for each line's end, comparable across tokenizers)."""
+    words = sum(len(text.split()) + 1 for text in texts)
+    return {"gen_ppl": math.exp(nats / tokens), "gen_ppl_word": math.exp(nats / words)}
+
+
+def pooled_entropy(token_lists, count):
+    """Unigram entropy (nats) of the first `count` tokens of the lists pooled in order: entropy grows with the
+    tokens it is measured on (rarer types turn up), so frontier points are compared at one count."""
+    pooled = [t for tokens in token_lists for t in tokens][:count]
+    counts = {}
+    for t in pooled:
+        counts[t] = counts.get(t, 0) + 1
+    return -sum(c / len(pooled) * math.log(c / len(pooled)) for c in counts.values()) if pooled else 0.0
+
+
+def at_entropy(points, entropy):
+    """gen-PPL interpolated at `entropy` on the curve through `points` (dicts of gen_ppl and entropy), linear in
+    log gen-PPL between the two neighbouring points; None where `entropy` lies outside the points' range."""
+    points = sorted(points, key=lambda point: point["entropy"])
+    for left, right in zip(points, points[1:]):
+        if left["entropy"] <= entropy <= right["entropy"]:
+            share = (entropy - left["entropy"]) / max(right["entropy"] - left["entropy"], 1e-12)
+            return math.exp((1 - share) * math.log(left["gen_ppl"]) + share * math.log(right["gen_ppl"]))
+    return None
