@@ -33,11 +33,18 @@ def rho_schedule(u, sigma_min, sigma_max, rho):
 
 def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, generator=None, warp=None,
                         stratified=False):
-    """Training noise levels (B, L) float32 from u ~ U(0, 1) through rho_schedule, or through `warp` (a fitted
-    TimeWarp) when given: one level per packed sequence (all tokens sharing a segment id share it), or, with
-    `per_token`, an independent level at every position (multi-level diffusion, after AR-Diffusion, Wu et al. 2023).
-    With `stratified`, the batch's draws of u are one from each of as many equal slices of [0, 1), in random
-    order (stratified_uniform), so that every batch covers the levels evenly."""
+    """Training noise levels (B, L) float32 from u ~ U(0, 1) (draw_uniform: one per packed sequence, or with
+    `per_token` one per position, multi-level diffusion after AR-Diffusion, Wu et al. 2023; stratified over the batch
+    with `stratified`) through rho_schedule, or through `warp` (a fitted TimeWarp) when given."""
+    u = draw_uniform(segment_ids, per_token, generator, stratified)
+    return (rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)).float()
+
+
+def draw_uniform(segment_ids, per_token, generator=None, stratified=False):
+    """u ~ U(0, 1), (B, L): one value per packed sequence (all tokens sharing a segment id share it), or, with
+    `per_token`, an independent value at every position. With `stratified`, the batch's draws are one from each of
+    as many equal slices of [0, 1), in random order (stratified_uniform), so that every batch covers [0, 1) evenly;
+    then float64, else float32."""
     B, L = segment_ids.shape
     u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
     if stratified:
@@ -48,8 +55,7 @@ def draw_training_sigma(segment_ids, sigma_min, sigma_max, rho, per_token, gener
             drawn.scatter_(1, segment_ids, True)
             drawn[:, 0] = False
         u = stratified_uniform(u, drawn, generator)
-    u = u[:, :L] if per_token else u.gather(1, segment_ids)
-    return (rho_schedule(u, sigma_min, sigma_max, rho) if warp is None else warp(u)).float()
+    return u[:, :L] if per_token else u.gather(1, segment_ids)
 
 
 def stratified_uniform(u, drawn, generator=None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from autoregressive import top_p_filter
 from chunked import tied_cross_entropy
-from diffusion import stratified_uniform
+from diffusion import draw_uniform
 from utils import autocast
 
 T_MIN = 1e-3  # the lowest training t: the 1/t weight of a lower one would make the loss's variance unbounded
@@ -25,19 +25,10 @@ def mask_id(model):
 
 
 def draw_mask_times(segment_ids, per_token, generator=None, t_min=T_MIN):
-    """Training times t (B, L) float32 in [t_min, 1], each token's mask probability: stratified over the batch
-    (MDLM's low-discrepancy draws: n draws take one value from each of n equal slices, diffusion.stratified_uniform),
-    one t per packed sequence (all tokens sharing a segment id share it), or with `per_token` one per position."""
-    B, L = segment_ids.shape
-    u = torch.rand(B, L + 1, generator=generator, device=segment_ids.device)  # segment ids lie in [0, L]
-    drawn = torch.zeros_like(u, dtype=torch.bool)
-    if per_token:
-        drawn[:, :L] = True
-    else:  # the (row, segment) pairs of real sequences
-        drawn.scatter_(1, segment_ids, True)
-        drawn[:, 0] = False
-    u = stratified_uniform(u, drawn, generator)
-    u = u[:, :L] if per_token else u.gather(1, segment_ids)
+    """Training times t (B, L) float32 in [t_min, 1], each token's mask probability: one per packed sequence (all
+    tokens sharing a segment id share it), or with `per_token` one per position, stratified over the batch (MDLM's
+    low-discrepancy draws: n draws take one value from each of n equal slices; diffusion.draw_uniform)."""
+    u = draw_uniform(segment_ids, per_token, generator, stratified=True)
     return (t_min + (1 - t_min) * u).float()
 
 
