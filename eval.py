@@ -155,7 +155,7 @@ def draw_samples(model, tokenizer, sampling, settings, lengths, args, device):
     sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos,
     mean network evaluations per sample)."""
     layouts = unconditional_layouts(tokenizer, lengths, args.samples, args.seed)
-    grid = settings.sigma_grid(sampling, "the evaluated run") if objective_name(model.cfg) == "diffusion" else None
+    grid = settings.sigma_grid(sampling, args.model_dir) if objective_name(model.cfg) == "diffusion" else None
     sequences, evaluations = [], 0
     for _, row, _, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
                                  device, args.progress, tokenizer.eos_id):
@@ -291,7 +291,8 @@ def build_parser():
     p.add_argument("-mdir", "--model_dir", required=True, help="folder written by train.py")
     p.add_argument("--valid", required=True, help="held-out lines, one example a line")
     p.add_argument("--ema", help="use the EMA weights of this rate (e.g. 0.999) instead of the raw weights")
-    p.add_argument("--draws", type=int, default=16, help="Monte Carlo draws of sigma per line for the bound")
+    p.add_argument("--draws", type=int, default=16, help="Monte Carlo draws per line for a bound (of sigma; "
+                   "for a masked run, of how many tokens are masked)")
     p.add_argument("--max_lines", type=int, default=2000, help="lines scored from --valid (0: all)")
     p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve, sigma_min to "
                                                           "sigma_max spaced by rho 7")
@@ -313,19 +314,20 @@ def build_parser():
     p.add_argument("--grid", choices=GRIDS, default="rho",
                    help="sigma grid of the samples, as in sample.py (warped: the run's time warp)")
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of the samples, as in sample.py (score "
-                                                                  "temperature; the softmax's for the baseline)")
+                                                                  "temperature; the softmax's for a masked run or the baseline)")
     p.add_argument("--clamp", type=float, default=0.0, help="clamping noise level of the samples, as in sample.py")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus of an autoregressive run's samples, as in "
-                                                            "sample.py")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus of a masked or autoregressive run's "
+                                                            "samples, as in sample.py")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="the network's autocast precision while sampling, as in sample.py (the bound stays fp32)")
     p.add_argument("--sweep", type=parse_sweep, action="append", metavar="KEY=V1,V2",
                    help="score samples at every combination of these values (keys: steps, schedule, sampler, grid, "
-                        "temperature, clamp, length; repeat the flag)")
+                        "temperature, clamp, length, top_p; repeat the flag; each objective takes those its sampler reads)")
     p.add_argument("--frontier", type=parse_frontier, metavar="KEY=V1,V2",
                    help="gen-PPL against unigram entropy at each value of temperature or top_p (at least two), for "
                         "this run and every --compare run, under --judge, to frontier.png and the JSON, with gen-PPL "
-                        "interpolated at the real lines' entropy; --samples samples a point (default 64)")
+                        "interpolated at the real lines' entropy; --samples samples a point (default 64; the single --samples "
+                        "block is then drawn only where --samples is given)")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL_DIR",
                    help="other runs (any objective, the same --ema) drawn and judged alike on the --frontier")
     p.add_argument("--plot_dir", help="folder for ce_by_sigma.png, sweep.png and frontier.png (default: MODEL_DIR)")
@@ -350,6 +352,7 @@ def parse_args(argv=None):
     keys = [key for key, _ in args.sweep or []]
     if len(set(keys)) < len(keys):
         p.error("--sweep: give each key once, with all its values (steps=16,32)")
+    args.samples_given = bool(args.samples)
     if (args.sweep or args.frontier) and not args.samples:
         args.samples = 64
     if args.compare and not args.frontier:
@@ -429,6 +432,7 @@ def evaluate(args, device):
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
     check_request(args, objective, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
+    compared = load_compared(args, tokenizer, device) if args.frontier else []
     if args.samples or args.sweep or args.frontier:  # --precision is sampling's (the bound stays fp32)
         warn_if_emulated(args.precision, device)
     share = skipped / (skipped + len(lines))
@@ -440,10 +444,10 @@ def evaluate(args, device):
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     result.update(likelihood(model, objective, lines, args, device, generator))
-    if objective.name != "ar":
-        result["draws"] = args.draws
-    if objective.name == "ar":
+    if objective.name == "ar":  # exact; a bound's perplexity is only bounded (print_table)
         result["perplexity"] = math.exp(result["nll_nats_per_token"])
+    else:
+        result["draws"] = args.draws
     result["nll_seconds"] = round(time.perf_counter() - started, 1)
     if objective.name == "diffusion":
         result.update(ce_figures(model, lines, sampling, args, device, generator))
@@ -461,7 +465,8 @@ def evaluate(args, device):
         weak_judge_warning(result, args.judge)
     result.update(sample_figures(model, objective, tokenizer, sampling, judge, lines, args, device))
     if args.frontier:
-        result["frontier"] = frontier_figures(judge, lines, tokenizer, args, device, (model, tokenizer, sampling))
+        runs = [(args.model_dir, model, tokenizer, sampling)] + compared
+        result["frontier"] = frontier_figures(judge, lines, tokenizer, args, device, runs)
     return result
 
 
@@ -503,7 +508,7 @@ def sample_figures(model, objective, tokenizer, sampling, judge, lines, args, de
     """With --samples, the scores of samples drawn with the sample flags and their own NLL (self_nll_figures); with
     --sweep, the scores of every combination of its values instead, and their plot."""
     result = {}
-    if args.samples and not args.sweep:
+    if args.samples_given and not args.sweep:
         chosen, settings, lengths = settings_of(args, sampling)
         started = time.perf_counter()
         sequences, evaluations = draw_samples(model, tokenizer, sampling, settings, lengths, args, device)
@@ -542,54 +547,68 @@ def self_nll_figures(model, objective, tokenizer, sequences, lines, args, device
             "self_nll_seconds": round(time.perf_counter() - started, 1)}
 
 
-def frontier_figures(judge, lines, tokenizer, args, device, evaluated):
-    """--frontier: for the evaluated run (`evaluated`, its (model, tokenizer, sampling)) and each --compare run, in
-    order, args.samples samples at each value of the frontier's key (the other sample flags as given), their gen-PPL
-    under `judge` and the unigram entropy of their tokens (pooled_entropy at one token count for every point and the
-    real lines: the fewest any point has); each run's gen-PPL at the real lines' entropy (at_entropy), and the plot
-    frontier.png. Raises UsageError for a compared run whose objective does not read the key (top_p of a continuous
-    run) or that cannot be loaded."""
+def load_compared(args, tokenizer, device):
+    """The --compare runs, loaded and checked before any work: (model_dir, model, tokenizer, sampling) each. Raises
+    UsageError naming the folder for one that cannot be loaded (or lacks --ema), has another tokenizer than the
+    evaluated run (the frontier's entropies count tokens), takes no --frontier key (top_p of a continuous run), or
+    cannot draw samples of --length or on --grid warped."""
+    compared = []
+    for model_dir in args.compare:
+        try:
+            model, run_tokenizer, sampling = load_model(model_dir, args.ema, device)
+        except UsageError as e:
+            raise UsageError(f"--compare {model_dir}: {e}") from None
+        if run_tokenizer.model_proto != tokenizer.model_proto:
+            raise UsageError(f"--compare {model_dir}: another tokenizer than {args.model_dir}'s; a frontier's entropies "
+                             "count tokens, so its runs share one tokenizer")
+        objective = run_objective(model, sampling)
+        check_objective_flags(objective.name, [f"--{args.frontier[0]} (in --frontier)"], model_dir)
+        if isinstance(args.length, tuple) and args.length[1] > sampling["sequence_length"]:
+            raise beyond_training(length_flag(args.length), args.length[1], sampling["sequence_length"], model_dir)
+        if objective.name == "diffusion" and args.grid == "warped" and sampling["warp"] is None:
+            raise UsageError(f"--grid warped: --compare {model_dir} was trained without --time_warp")
+        compared.append((model_dir, model, run_tokenizer, sampling))
+    return compared
+
+
+def frontier_figures(judge, lines, tokenizer, args, device, runs):
+    """--frontier: for each of `runs` ((model_dir, model, tokenizer, sampling): the evaluated run, then the --compare
+    runs, load_compared), args.samples samples at each value of the frontier's key (the other sample flags as given),
+    their gen-PPL under `judge` and the unigram entropy of their tokens (pooled_entropy at one token count for every
+    point and the real lines: the fewest any point has); each run's gen-PPL at the real lines' entropy (at_entropy),
+    and the plot frontier.png."""
     key, values = args.frontier
     started = time.perf_counter()
     real_tokens = [ids[1:-1] for ids, _ in lines]
-    runs, pooled = [], []
-    for model_dir in [args.model_dir] + args.compare:
-        if model_dir == args.model_dir:
-            model, run_tokenizer, sampling = evaluated
-        else:
-            try:
-                model, run_tokenizer, sampling = load_model(model_dir, args.ema, device)
-            except UsageError as e:
-                raise UsageError(f"--compare {model_dir}: {e}") from None
+    results, pooled = [], []
+    for model_dir, model, run_tokenizer, sampling in runs:
         objective = run_objective(model, sampling)
-        check_objective_flags(objective.name, [f"--{key} (in --frontier)"], model_dir)
         run_args = argparse.Namespace(**{**vars(args), "model_dir": model_dir, "objective": objective.name})
-        run_judge = Judge(judge.model, judge.tokenizer, judge.tokenizer.model_proto == run_tokenizer.model_proto)
+        special = {run_tokenizer.bos_id, run_tokenizer.eos_id, run_tokenizer.pad_id}
         points = []
         for value in values:
             point_started = time.perf_counter()
             _, settings, lengths = settings_of(run_args, sampling, **{key: value})
             sequences, evaluations = draw_samples(model, run_tokenizer, sampling, settings, lengths, run_args, device)
             texts = [run_tokenizer.decode(ids) for ids in sequences]
-            tokens = [[t for t in ids if t not in {run_tokenizer.bos_id, run_tokenizer.eos_id,
-                                                   run_tokenizer.pad_id}] for ids in sequences]
+            tokens = [[t for t in ids if t not in special] for ids in sequences]
             pooled.append(tokens)
-            points.append({"value": value, **judge_figures(run_judge, sequences, texts, args, device),
+            points.append({"value": value, **judge_figures(judge, sequences, texts, args, device),
                            "evaluations": evaluations, "tokens": sum(map(len, tokens)),
                            "seconds": round(time.perf_counter() - point_started, 1)})
-        runs.append({"model_dir": model_dir, "objective": objective.name, "points": points})
+        results.append({"model_dir": model_dir, "objective": objective.name, "points": points})
     count = min([sum(map(len, tokens)) for tokens in pooled] + [sum(map(len, real_tokens))])
-    for run in runs:
+    for run in results:
         for point in run["points"]:
             point["entropy"] = pooled_entropy(pooled.pop(0), count)
     texts = [tokenizer.decode(ids) for ids, _ in lines]
     real = {"gen_ppl": perplexities(*judge.nll([ids for ids, _ in lines], texts, args.batch_size, device),
                                     texts)["gen_ppl"], "entropy": pooled_entropy(real_tokens, count)}
-    for run in runs:
+    for run in results:
         run["gen_ppl_at_real_entropy"] = at_entropy(run["points"], real["entropy"])
     plot = os.path.join(args.plot_dir or args.model_dir, "frontier.png")
     frontier = {"key": key, "values": values, "samples": args.samples, "tokens": count, "judge": args.judge,
-                "real": real, "runs": runs}
+                "real": real, "runs": results}
     frontier["plot"] = plot if plot_frontier(frontier, plot) else None
     frontier["seconds"] = round(time.perf_counter() - started, 1)
     return frontier

@@ -182,7 +182,7 @@ def build_parser(description=None):
     run.add_argument("--sample_interval", type=int,
                      help=f"steps between the four samples printed during training (two unprompted, two continuing "
                           f"the first tokens of valid lines), also printed at the end; 0: never, but --demo prints "
-                          f"them at the end; none for --objective ar ({d('sample_interval')})")
+                          f"them at the end ({d('sample_interval')})")
     run.add_argument("--sample_steps", type=int, help=f"sampler steps of those samples ({d('sample_steps')})")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help=f"show the progress bar with loss and tokens/s ({d('progress')})")

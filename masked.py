@@ -100,38 +100,38 @@ def generate_masked(model, ids, cond_mask, seeds, steps, segment_ids=None, tempe
     token drawn from softmax(logits / temperature) truncated to its top_p nucleus; at s = 0 every position left is
     unmasked. A step that unmasked nothing leaves the network's output unchanged (it has no time input), so the next
     step reuses it (MDLM's caching): a row counts an evaluation only when its tokens changed since its last one.
-    Each row draws from its own generator seeded by its seed, so a sample does not depend on its batch. Held
-    positions (bos, prompts, infill context, suffixes, row padding) are never masked. ids (B, L) int64, cond_mask
-    (B, L) bool, segment_ids (B, L) or None (0 on the padding after a shorter row); callback(i, tokens) after each
-    step. Returns (tokens (B, L) int64, network evaluations per row (B,) int64, steps until the row had no mask left
-    (B,) int64), as diffusion.generate."""
+    Each row draws from its own generator seeded by its seed, as many uniforms a step as the row is long, so a sample
+    does not depend on its batch. Held positions (bos, prompts, infill context, suffixes, row padding) are never
+    masked. ids (B, L) int64, cond_mask (B, L) bool, segment_ids (B, L) or None (0 on the padding after a shorter
+    row); callback(i, tokens) after each step. Returns (tokens (B, L) int64, network evaluations per row (B,) int64,
+    steps until the row had no mask left (B,) int64), as diffusion.generate."""
     free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
+    lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids > 0).sum(-1).tolist()
     tokens = torch.where(free, mask_id(model), ids)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     evaluations = torch.zeros(len(ids), dtype=torch.long)
     steps_taken = torch.zeros(len(ids), dtype=torch.long)
     stale = torch.ones(len(ids), dtype=torch.bool)  # rows whose tokens changed since the network last read them
     c_noise = torch.zeros(ids.shape, device=ids.device)
-    probs = None
+    logits = None
     for i in range(steps):
         masked = (tokens == mask_id(model)).cpu()
         if not masked.any():
             break
         t, s = 1 - i / steps, max(1 - (i + 1) / steps, 0.0)
         unmasking = torch.zeros_like(masked)
-        for b, g in enumerate(generators):
-            unmasking[b] = masked[b] & (torch.rand(ids.shape[1], generator=g) < (t - s) / t)
+        for b, g in enumerate(generators):  # a row's own length of draws: its stream does not see its batch
+            unmasking[b, :lengths[b]] = masked[b, :lengths[b]] & (torch.rand(lengths[b], generator=g) < (t - s) / t)
         if unmasking.any():
-            if probs is None or stale.any():
+            if logits is None or stale.any():
                 with autocast(ids.device, precision):
                     logits = model(model.embed(tokens), c_noise, segment_ids).float()  # (B, L, V)
-                probs = top_p_filter((logits / temperature).softmax(dim=-1), top_p).cpu()
                 evaluations += (stale & masked.any(-1)).long()
                 stale[:] = False
             for b in unmasking.any(-1).nonzero().flatten().tolist():
-                where = unmasking[b].nonzero().flatten()
-                drawn = torch.multinomial(probs[b, where], 1, generator=generators[b]).flatten()
-                tokens[b, where.to(tokens.device)] = drawn.to(tokens.device)
+                where = unmasking[b].nonzero().flatten().to(ids.device)
+                probs = top_p_filter((logits[b, where] / temperature).softmax(dim=-1), top_p).cpu()  # (n, V)
+                tokens[b, where] = torch.multinomial(probs, 1, generator=generators[b]).flatten().to(tokens.device)
                 stale[b] = True
         steps_taken += masked.any(-1).long()
         if callback is not None:

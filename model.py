@@ -271,7 +271,8 @@ class ScoreLM(nn.Module):
             nn.init.normal_(module.weight, std=1.0)
 
     def embedding_table(self):
-        """All token embeddings, L2-normalised and scaled to norm sqrt(E) (CDCD): (V, E) float32."""
+        """All token embeddings, L2-normalised and scaled to norm sqrt(E) (CDCD): (V, E) float32 ((V + 1, E) for a
+        masked model: its [MASK] row last)."""
         return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.cfg.embedding_dim)
 
     def embed(self, ids):

@@ -4,6 +4,7 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
 
     name                                      "diffusion", "ar" or "mdlm" (train.py's --objective)
     targets(segment_ids, cond_mask)           (B, L) bool: the positions whose loss a step averages over
+    scored(noise, targets)                    (B, L) bool: the positions whose predictions the accuracy counts
     draw(model, ids, segment_ids, cond_mask, step, warp)
                                               the training noise of one micro-batch, a dict of tensors (and flags)
     loss(model, ids, segment_ids, cond_mask, weight, noise)
@@ -72,6 +73,9 @@ class Continuous:
     def observed(self, noise, ce, targets):
         return noise["sigma"], ce, targets
 
+    def scored(self, noise, targets):
+        return targets
+
     def nll(self, model, ids, cond_mask, segment_ids, draws, generator):
         return diffusion.nll_bound(model, ids, cond_mask, self.sigma_min, self.sigma_max, draws, segment_ids, generator)
 
@@ -98,6 +102,9 @@ class Autoregressive:
 
     def observed(self, noise, ce, targets):
         return None
+
+    def scored(self, noise, targets):
+        return targets
 
     @torch.no_grad()
     def nll(self, model, ids, cond_mask, segment_ids, draws=None, generator=None):
@@ -135,6 +142,9 @@ class Masked:
 
     def observed(self, noise, ce, targets):
         return None
+
+    def scored(self, noise, targets):
+        return targets & noise["masked"]  # the unmasked ones are carried over: right by construction
 
     def nll(self, model, ids, cond_mask, segment_ids, draws, generator):
         return masked.nll_bound(model, ids, cond_mask, draws, segment_ids, generator)

@@ -198,8 +198,9 @@ def train_step(state, batch, args, device, weight, step=0):
     """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`: the objective draws
     the batch's noise (noise levels from the time warp when the run has one) and its loss is summed over the
     objective's target positions, multiplied by `weight` (so that micro-batches and ranks add up to the mean over
-    every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions,
-    loss positions, and what the time warp observes (objective.observed: (sigma, ce, targets), or None)."""
+    every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions
+    and the positions they are counted over (objective.scored: for masked diffusion the masked ones), and what the
+    time warp observes (objective.observed: (sigma, ce, targets), or None)."""
     ids, segment_ids, cond_mask = batch_to(batch, device)
     objective = state.objective
     noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp)
@@ -207,8 +208,9 @@ def train_step(state, batch, args, device, weight, step=0):
     with autocast(device, args.precision):
         loss, ce, argmax = state.runner(ids, segment_ids, cond_mask, targets * weight, noise)  # (), (B, L), (B, L)
     state.scaler.scale(loss).backward()
-    correct = ((argmax == ids) & targets).sum()
-    return (ce * targets).sum(), correct, targets.sum(), objective.observed(noise, ce, targets)
+    scored = objective.scored(noise, targets)
+    correct = ((argmax == ids) & scored).sum()
+    return (ce * targets).sum(), correct, scored.sum(), objective.observed(noise, ce, targets)
 
 
 def host_counts(batches, pad_id):
@@ -229,7 +231,7 @@ def optimizer_step(state, args, device, step):
     weights, EMA, optimizer state nor (the caller's) schedule; the time warp draws the noise levels, observes the
     losses of applied steps only, and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status
     "applied", "overflow" (fp16: finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of
-    device tensors (loss, correct, targets, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
+    device tensors (loss, correct, targets: the positions correct counts over, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
     model, loader, optimizer, scaler = state.model, state.loader, state.optimizer, state.scaler
     end = state.schedule_end(args)
     lr = lr_at(step, args.learning_rate, warmup_steps(args, end), end)
@@ -241,15 +243,15 @@ def optimizer_step(state, args, device, step):
     local = sum(int(state.objective.targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # host
     targets = all_reduce_sum(torch.full((), float(local), device=device))  # a fill, not a copy from the host
     weight = loader.world_size / targets.clamp_min(1.0)
-    sums, observed = torch.zeros(2, device=device), []  # summed cross-entropy, right predictions
+    sums, observed = torch.zeros(3, device=device), []  # summed cross-entropy, right predictions, scored positions
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or loader.world_size == 1 else state.runner.no_sync():
-            ce_sum, correct, _, losses = train_step(state, batch, args, device, weight, step)
-        sums += torch.stack([ce_sum, correct.float()])
+            ce_sum, correct, scored, losses = train_step(state, batch, args, device, weight, step)
+        sums += torch.stack([ce_sum, correct.float(), scored.float()])
         observed.append(losses)
     all_reduce_sum(sums)
-    stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=targets)
+    stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=sums[2])  # accuracy: over scored
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))

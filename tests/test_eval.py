@@ -343,6 +343,8 @@ def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memori
         assert (tmp_path / "frontier.png").stat().st_size > 0
     with pytest.raises(UsageError, match=r"--top_p \(in --sweep or --frontier\): not for .*a continuous diffusion"):
         evaluate.main(command + ["--frontier", "top_p=0.5,1"])
+    with pytest.raises(UsageError, match="--compare .*nowhere"):  # before any work
+        evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(tmp_path / "nowhere")])
     with pytest.raises(UsageError, match="--frontier: needs --judge"):
         evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1"])
 

@@ -118,6 +118,14 @@ def test_a_step_that_unmasks_nothing_reuses_the_last_output_and_a_row_does_not_d
     alone, _, _ = generate_masked(model, ids[1:2], cond[1:2], seeds=[6], steps=500, top_p=0.9)
     assert torch.equal(alone[0], out[1])
     assert torch.equal(out[:, :2], ids[:, :2])
+    # beside a longer row, as sampling.draw pads a batch: the shorter row draws as it does alone
+    segment_ids = torch.ones_like(ids)
+    segment_ids[1, 6:] = 0
+    short = cond.clone()
+    short[1, 6:] = True
+    padded, _, _ = generate_masked(model, ids, short, seeds=[5, 6, 7], steps=50, segment_ids=segment_ids)
+    single, _, _ = generate_masked(model, ids[1:2, :6], short[1:2, :6], seeds=[6], steps=50)
+    assert torch.equal(padded[1, :6], single[0]) and torch.equal(padded[1, 6:], ids[1, 6:])
 
 
 def test_the_masked_objective_never_masks_held_or_fill_positions():
