@@ -223,7 +223,7 @@ def test_eval_draws_the_samples_sample_py_draws(memorised_run, capsys):
     model, tokenizer, sampling = load_model(str(model_dir))
     eos = tokenizer.eos_id
     expected = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in (r["ids"] for r in records(out))]
-    args = SimpleNamespace(samples=3, seed=5, batch_size=3, progress=False)
+    args = SimpleNamespace(samples=3, seed=5, batch_size=3, progress=False, model_dir=str(model_dir))
     lengths = sample_lengths(None, sampling, str(model_dir))
     assert isinstance(lengths, list)  # the default: drawn from the training lines' lengths
     sequences, evaluations = evaluate.draw_samples(model, tokenizer, sampling, sampler_settings(steps=8), lengths,
