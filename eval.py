@@ -242,6 +242,7 @@ def plot_sweep(rows, path):
 
 SWEEP_KEYS = ("steps", "schedule", "sampler", "grid", "temperature", "clamp", "length", "top_p")
 FRONTIER_KEYS = ("temperature", "top_p")
+FRONTIER_FEWEST = 200  # text tokens a frontier point should hold, below which eval.py warns
 
 
 def parse_sweep(text):
@@ -308,7 +309,7 @@ def build_parser():
                                                        "them), N, or a range A:B (default for earlier runs: the "
                                                        "training rows)")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative", help="sampler of the samples, as in sample.py")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps of the samples")
+    p.add_argument("--steps", type=int, help="sampler steps of the samples (default 200)")
     p.add_argument("--schedule", choices=SCHEDULES, default="uniform",
                    help="per-token schedule of the samples, as in sample.py")
     p.add_argument("--grid", choices=GRIDS, default="rho",
@@ -344,6 +345,7 @@ def parse_args(argv=None):
     """eval.py's flags, checked."""
     p = build_parser()
     args = p.parse_args(argv)
+    args.steps_given, args.steps = args.steps is not None, 200 if args.steps is None else args.steps
     at_least = {"draws": 2, "sigmas": 2, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0,
                 "shuffle_lines": 0}
     for name, low in at_least.items():
@@ -408,7 +410,7 @@ def check_request(args, objective, sampling):
         (f"--sampler {args.sampler}", args.sampler != "iterative"), (f"--schedule {args.schedule}",
                                                                      args.schedule != "uniform"),
         (f"--grid {args.grid}", args.grid != "rho"), (f"--clamp {args.clamp:g}", args.clamp),
-        (f"--top_p {args.top_p:g}", args.top_p != 1.0), (f"--steps {args.steps}", args.steps != 200)) if value]
+        (f"--top_p {args.top_p:g}", args.top_p != 1.0), (f"--steps {args.steps}", args.steps_given)) if value]
     check_objective_flags(objective.name, given + [f"--{key} (in --sweep or --frontier)" for key in swept],
                           args.model_dir)
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
@@ -433,6 +435,10 @@ def evaluate(args, device):
     check_request(args, objective, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     compared = load_compared(args, tokenizer, device) if args.frontier else []
+    judged = {os.path.realpath(d) for d in [args.model_dir] + args.compare}
+    if args.judge is not None and os.path.realpath(args.judge) in judged:
+        print(f"warning: --judge {args.judge} is also a judged run: it scores its own beliefs, which favours it; judge "
+              "with a run none of the compared runs is", file=sys.stderr)
     if args.samples or args.sweep or args.frontier:  # --precision is sampling's (the bound stays fp32)
         warn_if_emulated(args.precision, device)
     share = skipped / (skipped + len(lines))
@@ -598,6 +604,9 @@ def frontier_figures(judge, lines, tokenizer, args, device, runs):
                            "seconds": round(time.perf_counter() - point_started, 1)})
         results.append({"model_dir": model_dir, "objective": objective.name, "points": points})
     count = min([sum(map(len, tokens)) for tokens in pooled] + [sum(map(len, real_tokens))])
+    if count < FRONTIER_FEWEST:
+        print(f"warning: --frontier: a point holds only {count} text tokens, so every entropy is measured on {count}: "
+              "the frontier means little; give more --samples or settings that make longer samples", file=sys.stderr)
     for run in results:
         for point in run["points"]:
             point["entropy"] = pooled_entropy(pooled.pop(0), count)

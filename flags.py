@@ -224,13 +224,17 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
         return (f"--objective {args.objective}: {model_dir} holds a run of --objective "
                 f"{saved.get('objective', 'diffusion')}; each objective needs a -mdir of its own")
     objective = args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)
-    if objective in ("ar", "mdlm"):
+    if objective in ("ar", "mdlm"):  # the flags of the continuous process, which these objectives do not read
         given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
-                                          ("--output_prior", args.output_prior)) if value]
+                                          ("--output_prior", args.output_prior), ("-smin", args.sigma_min),
+                                          ("-smax", args.sigma_max), ("-rho", args.rho),
+                                          ("--stratified_sigma", args.stratified_sigma),
+                                          ("--prior_ramp", args.prior_ramp),
+                                          ("--multilevel_prob", objective == "ar" and args.multilevel_prob)) if value]
         if given:
             return f"{' and '.join(given)}: only for the diffusion objective, not --objective {objective}"
         rows.append(DEFAULTS[objective])
-    elif args.mask_weight is not None:
+    if objective != "mdlm" and args.mask_weight is not None:
         return f"--mask_weight {args.mask_weight}: only for --objective mdlm"
     preset = args.preset or next(row["preset"] for row in rows + [DEFAULTS["every"]] if "preset" in row)
     rows += [PRESETS[preset], DEFAULTS["every"]]

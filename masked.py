@@ -96,44 +96,42 @@ def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
 def generate_masked(model, ids, cond_mask, seeds, steps, segment_ids=None, temperature=1.0, top_p=1.0,
                     precision="fp32", callback=None):
     """Ancestral sampling (Sahoo et al. 2024, eq. 7 with the log-linear schedule): the free positions start masked at
-    t = 1; a step from t to s = t - 1/steps unmasks each masked position with probability (t - s) / t, giving it a
-    token drawn from softmax(logits / temperature) truncated to its top_p nucleus; at s = 0 every position left is
-    unmasked. A step that unmasked nothing leaves the network's output unchanged (it has no time input), so the next
-    step reuses it (MDLM's caching): a row counts an evaluation only when its tokens changed since its last one.
-    Each row draws from its own generator seeded by its seed, as many uniforms a step as the row is long, so a sample
-    does not depend on its batch. Held positions (bos, prompts, infill context, suffixes, row padding) are never
-    masked. ids (B, L) int64, cond_mask (B, L) bool, segment_ids (B, L) or None (0 on the padding after a shorter
-    row); callback(i, tokens) after each step. Returns (tokens (B, L) int64, network evaluations per row (B,) int64,
-    steps until the row had no mask left (B,) int64), as diffusion.generate."""
-    free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
+    t = 1; a step from t_i = 1 - i/steps to s = t_i - 1/steps unmasks each masked position with probability
+    (t_i - s) / t_i, giving it a token drawn from softmax(logits / temperature) truncated to its top_p nucleus; at
+    s = 0 every position left is unmasked. A position then survives step i with probability s, so it unmasks at a step
+    uniform on 0..steps-1, independently of the others: that step is drawn once per position, and only the steps in
+    which some position unmasks are run (the same process, without the empty steps). The network has no time input,
+    so its output is reused until a row's tokens change (MDLM's caching): a row counts an evaluation only when its
+    tokens changed since its last one. Each row draws from its own generator seeded by its seed, as many values as the
+    row is long, so a sample does not depend on its batch. Held positions (bos, prompts, infill context, suffixes, row
+    padding) are never masked. ids (B, L) int64, cond_mask (B, L) bool, segment_ids (B, L) or None (0 on the padding
+    after a shorter row); callback(i, tokens) after each step run. Returns (tokens (B, L) int64, network evaluations
+    per row (B,) int64, the steps until the row's last unmasking (B,) int64), as diffusion.generate."""
+    free = (~cond_mask & (segment_ids > 0 if segment_ids is not None else True)).cpu()
     lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids > 0).sum(-1).tolist()
-    tokens = torch.where(free, mask_id(model), ids)
+    tokens = torch.where(free.to(ids.device), mask_id(model), ids)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    unmask_at = torch.full(ids.shape, steps, dtype=torch.long)  # steps: never (held)
+    for b, g in enumerate(generators):  # a row's own length of draws: its stream does not see its batch
+        unmask_at[b, :lengths[b]] = (torch.rand(lengths[b], generator=g) * steps).long().clamp_max(steps - 1)
+    unmask_at = torch.where(free, unmask_at, steps)
     evaluations = torch.zeros(len(ids), dtype=torch.long)
-    steps_taken = torch.zeros(len(ids), dtype=torch.long)
     stale = torch.ones(len(ids), dtype=torch.bool)  # rows whose tokens changed since the network last read them
     c_noise = torch.zeros(ids.shape, device=ids.device)
     logits = None
-    for i in range(steps):
-        masked = (tokens == mask_id(model)).cpu()
-        if not masked.any():
-            break
-        t, s = 1 - i / steps, max(1 - (i + 1) / steps, 0.0)
-        unmasking = torch.zeros_like(masked)
-        for b, g in enumerate(generators):  # a row's own length of draws: its stream does not see its batch
-            unmasking[b, :lengths[b]] = masked[b, :lengths[b]] & (torch.rand(lengths[b], generator=g) < (t - s) / t)
-        if unmasking.any():
-            if logits is None or stale.any():
-                with autocast(ids.device, precision):
-                    logits = model(model.embed(tokens), c_noise, segment_ids).float()  # (B, L, V)
-                evaluations += (stale & masked.any(-1)).long()
-                stale[:] = False
-            for b in unmasking.any(-1).nonzero().flatten().tolist():
-                where = unmasking[b].nonzero().flatten().to(ids.device)
-                probs = top_p_filter((logits[b, where] / temperature).softmax(dim=-1), top_p).cpu()  # (n, V)
-                tokens[b, where] = torch.multinomial(probs, 1, generator=generators[b]).flatten().to(tokens.device)
-                stale[b] = True
-        steps_taken += masked.any(-1).long()
+    for i in unmask_at[free].unique().tolist():  # ascending: the steps in which something unmasks
+        unmasking = unmask_at == i
+        if logits is None or (stale & unmasking.any(-1)).any():
+            with autocast(ids.device, precision):
+                logits = model(model.embed(tokens), c_noise, segment_ids).float()  # (B, L, V)
+            evaluations += (stale & ((unmask_at >= i) & free).any(-1)).long()  # rows with tokens still to draw
+            stale[:] = False
+        for b in unmasking.any(-1).nonzero().flatten().tolist():
+            where = unmasking[b].nonzero().flatten().to(ids.device)
+            probs = top_p_filter((logits[b, where] / temperature).softmax(dim=-1), top_p).cpu()  # (n, V)
+            tokens[b, where] = torch.multinomial(probs, 1, generator=generators[b]).flatten().to(tokens.device)
+            stale[b] = True
         if callback is not None:
             callback(i, tokens)
+    steps_taken = torch.where(free.any(-1), torch.where(free, unmask_at, -1).amax(-1) + 1, 0)
     return tokens, evaluations, steps_taken

@@ -36,9 +36,9 @@ def build_parser():
                    "--top_p)")
     p.add_argument("-n", "--num_samples", type=int, default=8, help="samples, per prompt or template when some are "
                                                                     "given")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps; network evaluations are steps for iterative, "
-                                                          "ancestral and euler, about twice that for heun and "
-                                                          "stochastic")
+    p.add_argument("--steps", type=int, help="sampler steps (default 200); network evaluations are steps for "
+                                              "iterative, ancestral and euler, about twice that for heun and "
+                                              "stochastic")
     p.add_argument("--sampler", choices=SAMPLERS, default="iterative",
                    help="iterative (the original project's: denoise, then re-noise at the next level), ancestral "
                         "(DDPM's: a draw from the posterior given the estimate), euler or heun "
@@ -118,6 +118,7 @@ def parse_args(argv=None):
     """sample.py's flags, checked; args.settings holds the SamplerSettings they describe."""
     p = build_parser()
     args = p.parse_args(argv)
+    args.steps_given, args.steps = args.steps is not None, 200 if args.steps is None else args.steps
     names = SETTINGS + tuple(k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values()
                              for k in d)
     try:
@@ -235,7 +236,7 @@ def check_objective(args, objective):
         (f"--sampler {s.sampler}", s.sampler != "iterative"), (f"--schedule {s.schedule}", s.schedule != "uniform"),
         ("--grid warped", s.grid == "warped"), ("--rho", args.rho is not None),
         ("--early_exit", args.early_exit is not None), ("--exit_confidence", args.exit_confidence is not None),
-        ("--clamp", args.clamp), ("--fp64", args.fp64), (f"--steps {args.steps}", args.steps != 200),
+        ("--clamp", args.clamp), ("--fp64", args.fp64), (f"--steps {args.steps}", args.steps_given),
         ("--infill", args.infill), ("--suffix", args.suffix is not None), (f"--top_p {args.top_p}", args.top_p != 1.0),
         *((f"--{k}", getattr(args, k) is not None) for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)
           for defaults in table.values() for k in defaults)) if value]

@@ -361,6 +361,6 @@ def test_the_baseline_sweeps_temperature_and_top_p_and_refuses_the_diffusion_sam
     assert [(row["sampler"], row["temperature"], row["top_p"]) for row in sweep] == [
         ("autoregressive", 0.5, 0.9), ("autoregressive", 1.0, 0.9)]
     for argv, flag in ((["--sweep", "steps=4,8"], "--steps"), (["--sampler", "heun"], "--sampler heun"),
-                       (["--steps", "16"], "--steps 16")):
+                       (["--steps", "16"], "--steps 16"), (["--steps", "200"], "--steps 200")):
         with pytest.raises(UsageError, match=f"{flag}.*not for .*an autoregressive run"):
             evaluate.main(command + argv)

@@ -194,5 +194,12 @@ def test_another_objective_in_a_run_folder_is_one_line_naming_the_flag_and_folde
                            "a -mdir of its own")
     with pytest.raises(SystemExit):
         flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective", "mdlm", "--self_cond", "0.5"])
-    with pytest.raises(SystemExit):
-        flags.parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--mask_weight", "uniform"])
+    for objective, flag in (("mdlm", ["-smax", "5"]), ("mdlm", ["--prior_ramp", "10"]), ("ar", ["-rho", "7"]),
+                            ("ar", ["--multilevel_prob", "0.5"])):
+        problem = flags.resolve(flags.build_parser().parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective",
+                                                                  objective, *flag]))
+        assert problem == f"{flag[0]}: only for the diffusion objective, not --objective {objective}"
+    for objective in ("diffusion", "ar"):
+        problem = flags.resolve(flags.build_parser().parse_args(["-d", "c", "-spm", "s", "-mdir", "m", "--objective",
+                                                                  objective, "--mask_weight", "uniform"]))
+        assert problem == "--mask_weight uniform: only for --objective mdlm"
