@@ -74,11 +74,11 @@ def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
     if draws < 2:
         raise ValueError(f"need draws >= 2, got {draws}")
     free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
-    n = free.sum(-1)  # (B,)
+    n = free.sum(-1).cpu()  # (B,), on the host once: k is drawn there
     estimates = []
     for j in range(draws):
         v = (j + torch.rand(len(ids), generator=generator, dtype=torch.float64)) / draws
-        k = (v * n.cpu()).floor().long().clamp_max(n.cpu() - 1) + 1  # uniform on 1..n, stratified
+        k = (v * n).floor().long().clamp_max(n - 1) + 1  # uniform on 1..n, stratified
         keys = torch.rand(ids.shape, generator=generator).to(ids.device).masked_fill(~free, 2.0)
         rank = keys.argsort(-1).argsort(-1)  # each free position's place in a random order
         masked = rank < k.to(ids.device)[:, None]
@@ -86,10 +86,9 @@ def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
         with autocast(ids.device, "fp32"):
             logits = model(x, torch.zeros(ids.shape, device=ids.device), segment_ids).double()
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
-        estimates.append(((ce * masked).sum(-1) * (n / k.to(ids.device))).cpu())
-    estimates = torch.stack(estimates)  # (draws, B)
-    estimates = torch.where(n.cpu() > 0, estimates, 0.0)
-    return {"masked": estimates.mean(0), "variance": estimates.var(0) / draws, "tokens": n.double().cpu()}
+        estimates.append((ce * masked).sum(-1).cpu() * (n / k))
+    estimates = torch.where(n > 0, torch.stack(estimates), 0.0)  # (draws, B); a row with nothing free scores 0
+    return {"masked": estimates.mean(0), "variance": estimates.var(0) / draws, "tokens": n.double()}
 
 
 @torch.no_grad()
