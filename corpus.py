@@ -102,6 +102,34 @@ def decode_line(raw, errors="strict"):
     return text
 
 
+def read_lines(path, tokenizer, length, max_lines, flag="--valid"):
+    """Held-out lines as (token ids with bos and eos, characters + 1 for the line end), at most `max_lines`
+    (-1: all), and the number of lines read but left out for not fitting `length` tokens. Raises UsageError
+    naming `flag` and the file, or path:line for a line that is not text."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    lines, skipped = [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = decode_line(raw)
+            except ValueError as e:
+                raise UsageError(f"{path}:{number}: {e}") from None
+            ids = tokenizer.encode(text) if text else []
+            if len(ids) > length:
+                skipped += 1
+            elif ids:
+                lines.append((ids, len(text) + 1))
+            if len(lines) == max_lines:
+                break
+    if not lines and skipped:
+        raise UsageError(f"{flag} {path}: each of its {skipped:,} lines is longer than the training rows of {length} "
+                         "tokens")
+    if not lines:
+        raise UsageError(f"{flag} {path}: no line with text in it")
+    return lines, skipped
+
+
 def lines_starting_in(f, start, end):
     """The lines (bytes) of an open binary file that start in the byte range [start, end)."""
     f.seek(max(start - 1, 0))

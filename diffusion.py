@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from chunked import tied_cross_entropy, tied_expectation
+from chunked import chunk_rows, tied_cross_entropy, tied_expectation
 from utils import append_dims, autocast
 
 SIGMA_DATA = 1.0  # normalised embeddings of norm sqrt(E) have unit variance per coordinate
@@ -56,6 +57,19 @@ def draw_uniform(segment_ids, per_token, generator=None, stratified=False):
             drawn[:, 0] = False
         u = stratified_uniform(u, drawn, generator)
     return u[:, :L] if per_token else u.gather(1, segment_ids)
+
+
+def draw_anchors(sigma, free, segment_ids, share, sigma_min, sigma_max, generator=None):
+    """Clean anchors, after CANDI (arXiv 2510.22510, whose clean share is 1 - t at time t): in a `share` of the packed
+    sequences (drawn per sequence), each free position is held clean (sigma 0, left out of the
+    loss) with probability 1 - s, s = ln(sigma / sigma_min) / ln(sigma_max / sigma_min) in [0, 1] the coordinate of
+    its level: most of a sequence at the lowest levels, none at sigma_max. Gaussian noise leaves a token's identity
+    ambiguous over a band of levels where every neighbour is as ambiguous; with anchors, the levels of that band are
+    also trained with clean neighbours to read, as masked diffusion trains. sigma (B, L) float, free (B, L) bool,
+    segment_ids (B, L) int64; returns (B, L) bool."""
+    chosen = draw_uniform(segment_ids, False, generator) < share  # (B, L): the sequences that get anchors
+    s = (sigma.float().clamp(sigma_min, sigma_max) / sigma_min).log() / math.log(sigma_max / sigma_min)
+    return chosen & free & (torch.rand(sigma.shape, generator=generator, device=sigma.device) >= s)
 
 
 def stratified_uniform(u, drawn, generator=None):
@@ -173,6 +187,27 @@ def held_clean(expected, x, sigma):
     return torch.where(append_dims(sigma == 0, x.ndim), x.to(expected.dtype), expected)
 
 
+def training_features(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
+                      self_cond=False, prior_scale=1.0):
+    """The trained pass of a training step up to the tied head: (features (B, L, E) in the compute dtype, the levels
+    sigma (B, L) float with held positions at 0). Arguments as score_interpolation_loss's: the clean embeddings plus
+    sigma times noise, read by the preconditioned network; with self_cond, after a first pass without gradient
+    whose estimate of the clean embeddings it reads (Chen et al. 2022, Analog Bits, sec. 3.2)."""
+    if sigma.ndim == 1:
+        sigma = sigma[:, None].expand(ids.shape)
+    if cond_mask is not None:
+        sigma = sigma.masked_fill(cond_mask, 0.0)
+    x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
+    estimate = None
+    if self_cond:
+        segment_ids = packed(model, segment_ids, ids.shape, ids.device)  # the mask of both passes, built once
+        with torch.no_grad():
+            first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
+            expected, _, _ = tied_expectation(first, *model.head_weights())
+            estimate = held_clean(expected, x, sigma)  # score interpolation's D, (B, L, E)
+    return network_features(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale), sigma
+
+
 def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_mask=None, sigma_data=SIGMA_DATA,
                              weight=None, self_cond=False, prior_scale=1.0):
     """CDCD's loss, the cross-entropy of the clean tokens: (loss, ce, argmax), where ce (B, L) float32 is each
@@ -188,21 +223,75 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     second, trained pass reads (Chen et al. 2022, Analog Bits, sec. 3.2); otherwise the model reads none.
     prior_scale: the weight of a model's output prior (network_features; training may ramp it in).
     """
-    if sigma.ndim == 1:
-        sigma = sigma[:, None].expand(ids.shape)
-    if cond_mask is not None:
-        sigma = sigma.masked_fill(cond_mask, 0.0)
-    x = model.embed(ids) + append_dims(sigma, noise.ndim) * noise  # (B, L, E)
+    features, _ = training_features(model, ids, sigma, noise, segment_ids, cond_mask, sigma_data, self_cond,
+                                    prior_scale)
+    return tied_cross_entropy(features, *model.head_weights(), ids, weight)
+
+
+def training_density(sigma, sigma_min, sigma_max, rho, warp=None):
+    """The density q(sigma) (per unit of sigma) from which training draws its levels: rho_schedule(u) with u ~ U(0, 1),
+    q = 1 / |d sigma / d u| = 1 / (rho sigma^(1 - 1/rho) (sigma_max^(1/rho) - sigma_min^(1/rho))), or the time warp's
+    (TimeWarp.density). sigma (any shape) float in [sigma_min, sigma_max] -> the same shape, float32."""
+    if warp is not None:
+        return warp.density(sigma).float()
+    inv_rho = 1.0 / rho
+    span = sigma_max ** inv_rho - sigma_min ** inv_rho
+    return 1.0 / (rho * sigma.double().clamp(sigma_min, sigma_max) ** (1 - inv_rho) * span).float()
+
+
+def chunk_error(features, table, bias, clean):
+    """|clean - softmax(features @ table.T + bias) @ table|^2 of one chunk of rows: (n, E), (V, E), (V,), (n, E) ->
+    (n,) float32; the product in the features' dtype, the softmax and the estimate in float32."""
+    with torch.autocast(features.device.type, enabled=False):
+        logits = (features @ table.to(features.dtype).t()).float() + bias  # (n, V)
+        return (logits.softmax(dim=-1) @ table - clean).square().sum(-1)
+
+
+@torch.compiler.disable  # eager under torch.compile, as chunked.tied_cross_entropy
+def denoising_error(features, table, bias, clean, chunk=None):
+    """|clean - D|^2 per position, D = softmax(features @ table.T + bias) @ table the score-interpolation estimate:
+    features (..., E) in the compute dtype, table (V, E) and bias (V,) float32, clean (..., E) float32 -> (...)
+    float32, differentiable with respect to all four. A chunk of rows at a time (chunked.chunk_rows), each
+    recomputed in the backward pass (activation checkpointing), so that no (N, V) logits outlive their chunk."""
+    flat, target = features.reshape(-1, features.shape[-1]), clean.reshape(-1, clean.shape[-1]).float()
+    chunk = chunk or chunk_rows(features.device, len(table))
+    if torch.is_grad_enabled():
+        errors = [torch.utils.checkpoint.checkpoint(chunk_error, flat[i:i + chunk], table, bias.float(),
+                                                    target[i:i + chunk], use_reentrant=False)
+                  for i in range(0, len(flat), chunk)]
+    else:  # nothing to recompute
+        errors = [chunk_error(flat[i:i + chunk], table, bias.float(), target[i:i + chunk])
+                  for i in range(0, len(flat), chunk)]
+    return torch.cat(errors).view(clean.shape[:-1])
+
+
+def elbo_integrand(model, ids, features, sigma, density, weight):
+    """The diffusion term of the bound (nll_bound's), estimated at the drawn levels: each position's
+    sigma^-3 |x - D(z; sigma)|^2 / q(sigma) (Kingma et al. 2021, VDM, eq. 17 for this variance-exploding process, as
+    nll_bound derives it), importance-weighted by the density q the levels were drawn from (training_density), so
+    that its expectation over the draws is the term itself in nats per token; x are the clean embeddings, so their
+    gradient reaches the embeddings as Plaid's ELBO does (Gulrajani & Hashimoto 2023). Returns (the 0-dim sum of
+    weight times it, the per-position values (B, L) float32, not differentiable). features (B, L, E) of
+    training_features, sigma (B, L) with held positions at 0 (where the value is 0), density (B, L), weight (B, L)."""
     table, bias = model.head_weights()
-    estimate = None
-    if self_cond:
-        segment_ids = packed(model, segment_ids, ids.shape, ids.device)  # the mask of both passes, built once
-        with torch.no_grad():
-            first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
-            expected, _, _ = tied_expectation(first, table, bias)
-            estimate = held_clean(expected, x, sigma)  # score interpolation's D, (B, L, E)
-    features = network_features(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale)  # (B, L, E)
-    return tied_cross_entropy(features, table, bias, ids, weight)
+    error = denoising_error(features, table, bias, model.embed(ids))  # (B, L)
+    scale = torch.where(sigma > 0, sigma.float().clamp_min(SIGMA_FLOOR) ** -3 / density.float().clamp_min(1e-12), 0.0)
+    value = error * scale
+    return (value * weight).sum(), value.detach()
+
+
+def mixed_elbo_loss(model, ids, sigma, noise, density, elbo_weight, segment_ids=None, cond_mask=None, weight=None,
+                    self_cond=False, prior_scale=1.0):
+    """The cross-entropy of score_interpolation_loss plus `elbo_weight` times the bound's diffusion term
+    (elbo_integrand) of the same pass: Plaid's ELBO in embedding space (Gulrajani & Hashimoto 2023) mixed with CDCD's
+    cross-entropy. (loss, ce, argmax) as score_interpolation_loss returns them (ce the cross-entropy alone);
+    density (B, L) the training density of the drawn levels (training_density); other arguments as there."""
+    features, sigma = training_features(model, ids, sigma, noise, segment_ids, cond_mask, SIGMA_DATA, self_cond,
+                                        prior_scale)
+    weight = torch.ones(ids.shape, device=ids.device) if weight is None else weight
+    loss, ce, argmax = tied_cross_entropy(features, *model.head_weights(), ids, weight)
+    elbo, _ = elbo_integrand(model, ids, features, sigma, density, weight)
+    return loss + elbo_weight * elbo, ce, argmax
 
 
 @torch.no_grad()

@@ -25,51 +25,15 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_model
-from corpus import decode_line
-from data import sample_rows
+from corpus import read_lines
 from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, rho_schedule
 from objectives import objective_name, run_objective
 from sampling import (GRIDS, beyond_training, check_objective_flags, draw, length_flag, parse_length, sample_lengths,
                       sampler_settings, unconditional_layouts)
-from scoring import Judge, at_entropy, perplexities, pooled_entropy, sample_metrics, shuffled_words, word_metrics
+from scoring import (Judge, at_entropy, line_batches, nll_totals, perplexities, pooled_entropy, sample_metrics,
+                     shuffle_gap, word_metrics)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    seed_all, warn_if_emulated)
-
-
-def read_lines(path, tokenizer, length, max_lines):
-    """Held-out lines as (token ids with bos and eos, characters + 1 for the line end), at most `max_lines`
-    (-1: all), and the number of lines read but left out for not fitting `length` tokens. Raises UsageError
-    naming path:line."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--valid {path}: no such file")
-    lines, skipped = [], 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                text = decode_line(raw)
-            except ValueError as e:
-                raise UsageError(f"{path}:{number}: {e}") from None
-            ids = tokenizer.encode(text) if text else []
-            if len(ids) > length:
-                skipped += 1
-            elif ids:
-                lines.append((ids, len(text) + 1))
-            if len(lines) == max_lines:
-                break
-    if not lines and skipped:
-        raise UsageError(f"--valid {path}: each of its {skipped:,} lines is longer than the training rows of {length} "
-                         "tokens")
-    if not lines:
-        raise UsageError(f"--valid {path}: no line with text in it")
-    return lines, skipped
-
-
-def batches(lines, batch_size, pad_id, device):
-    """(ids, cond_mask, segment_ids) batches of whole lines, bos held, padding in segment 0."""
-    for start in range(0, len(lines), batch_size):
-        layouts = [(ids, [True] + [False] * (len(ids) - 1)) for ids, _ in lines[start:start + batch_size]]
-        ids, cond_mask, segment_ids = sample_rows(layouts, pad_id)
-        yield ids.to(device), cond_mask.to(device), None if segment_ids is None else segment_ids.to(device)
 
 
 def progress_bar(total, desc, args):
@@ -83,12 +47,8 @@ def likelihood(model, objective, lines, args, device, generator):
     `nll_bound_nats_per_token` for a bound), bits per character, the standard error of the Monte Carlo estimate in nats
     per token (`nll_stderr`, 0 where exact; also `bound_stderr` for a bound), the terms of the sum per token
     (`nll_terms`; `bound_terms` for a bound) and the counts."""
-    totals = {}
     with progress_bar(len(lines), "bound" if objective.name != "ar" else "NLL", args) as bar:
-        for ids, cond_mask, segment_ids in batches(lines, args.batch_size, args.pad_id, device):
-            for key, value in objective.nll(model, ids, cond_mask, segment_ids, args.draws, generator).items():
-                totals[key] = totals.get(key, 0.0) + float(value.sum())
-            bar.update(len(ids))
+        totals = nll_totals(model, objective, lines, args.batch_size, args.pad_id, device, args.draws, generator, bar)
     tokens, variance, chars = totals.pop("tokens"), totals.pop("variance"), sum(c for _, c in lines)
     nats = sum(totals.values())
     result = {"nll_nats_per_token": nats / tokens, "bits_per_char": nats / chars / math.log(2),
@@ -107,7 +67,7 @@ def ce_by_sigma(model, lines, sigmas, args, device, generator):
     with progress_bar(len(lines) * len(sigmas), "loss by sigma", args) as bar:
         for sigma in sigmas:
             ce = correct = count = 0.0
-            for ids, cond_mask, segment_ids in batches(lines, args.batch_size, args.pad_id, device):
+            for ids, cond_mask, segment_ids in line_batches(lines, args.batch_size, args.pad_id, device):
                 free = ~cond_mask
                 level = torch.where(free, sigma, 0.0)  # (B, L)
                 noise = torch.randn(*ids.shape, model.cfg.embedding_dim, generator=generator).to(device)
@@ -130,18 +90,17 @@ def line_nll(model, objective, lines, args, device):
 
 
 def order_figures(model, objective, lines, tokenizer, args, device):
-    """Word-order sensitivity: the run's NLL (line_nll) of the first --shuffle_lines lines with their words shuffled
-    (shuffled_words) minus that of the same lines as they are, nats per token (`shuffle_gap`, with the standard
-    error of the two estimates), both NLLs, the lines scored and the seconds it took; {} with --shuffle_lines 0."""
+    """Word-order sensitivity of the first --shuffle_lines lines (scoring.shuffle_gap, --draws draws a line for a
+    bound, --seed): the shuffle gap in nats per token with its standard error, both NLLs, the lines scored and the
+    seconds it took; {} with --shuffle_lines 0."""
     started = time.perf_counter()
-    ordered, shuffled = shuffled_words(lines[:args.shuffle_lines], tokenizer, args.seed, args.length_limit)
-    if not ordered:
+    if not args.shuffle_lines:
         return {}
-    (real, real_error), (mixed, mixed_error) = (line_nll(model, objective, part, args, device)
-                                                for part in (ordered, shuffled))
-    return {"shuffle_gap": mixed - real, "shuffle_gap_stderr": math.hypot(real_error, mixed_error),
-            "ordered_nll": real, "shuffled_nll": mixed, "shuffle_lines": len(ordered),
-            "shuffle_seconds": round(time.perf_counter() - started, 1)}
+    part = lines[:args.shuffle_lines]
+    with progress_bar(2 * len(part), "shuffle gap", args) as bar:
+        result = shuffle_gap(model, objective, part, tokenizer, args.length_limit, args.draws, args.seed,
+                             args.batch_size, args.pad_id, device, bar)
+    return {**result, "shuffle_seconds": round(time.perf_counter() - started, 1)} if result else {}
 
 
 def judge_figures(judge, sequences, texts, args, device):

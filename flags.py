@@ -7,6 +7,7 @@ import os
 
 from corpus import ENCODING_ERRORS
 from objectives import OBJECTIVES
+from timewarp import WARP_SHAPES
 from utils import PRECISION_CHOICES, ArgumentParser
 
 FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (after a first, which starts workers)
@@ -35,7 +36,8 @@ DEFAULTS = {
     "mdlm": dict(multilevel_prob=0.0, self_cond=0.0, time_warp=False, output_prior=False, embedding_lr_scale=1.0),
     # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
     "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
-                   stratified_sigma=False, time_budget=None, mask_weight="elbo"),
+                   stratified_sigma=False, time_budget=None, mask_weight="elbo", anchor_prob=0.0,
+                   warp_shape="monotone", elbo_weight=0.0),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
@@ -44,7 +46,8 @@ DEFAULTS = {
                   expand_prob=0.1, seed=0, device="auto", log_interval=50, save_interval=1000, keep=0,
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False,
-                  mask_weight="elbo"),
+                  mask_weight="elbo", probe_interval=0, probe_lines=64, probe_draws=4, anchor_prob=0.0,
+                  warp_shape="monotone", elbo_weight=0.0),
 }
 
 
@@ -147,6 +150,14 @@ def build_parser(description=None):
     diff.add_argument("--mask_weight", choices=("elbo", "uniform"),
                       help=f"masked diffusion's loss: elbo, the masked tokens' cross-entropy weighted by 1/t (MDLM's "
                            f"bound), or uniform, unweighted ({d('mask_weight')})")
+    diff.add_argument("--anchor_prob", type=float, metavar="SHARE",
+                      help=f"clean anchors (after CANDI): in this share of the sequences, each token is held clean "
+                           f"with probability 1 - s, s in [0, 1] its level's place between -smin and -smax in log "
+                           f"sigma, and left out of the loss ({d('anchor_prob')})")
+    diff.add_argument("--elbo_weight", type=float, metavar="W",
+                      help=f"add W times the bound's diffusion term, sigma^-3 |x - D|^2 over the levels' training "
+                           f"density, to the cross-entropy (Plaid's ELBO in embedding space; its gradient also "
+                           f"reaches the clean embeddings) ({d('elbo_weight')})")
     diff.add_argument("--stratified_sigma", action=argparse.BooleanOptionalAction,
                       help=f"draw a batch's noise levels stratified (one from each of as many equal slices of the "
                            f"distribution as there are draws) rather than independently ({d('stratified_sigma')})")
@@ -168,6 +179,9 @@ def build_parser(description=None):
                       help=f"draw training noise levels through a warp fitted online to the loss by sigma (CDCD), "
                            f"kept in the checkpoint for plot.py and sample.py --grid warped; --no-time_warp draws "
                            f"them through the -rho spacing ({d('time_warp')})")
+    diff.add_argument("--warp_shape", choices=WARP_SHAPES,
+                      help=f"the time warp's fit of the loss by level: monotone (isotonic, CDCD) or gumbel (a Gumbel "
+                           f"CDF in log sigma, LangFlow's information-uniform density) ({d('warp_shape')})")
     diff.add_argument("--expand_prob", type=float, help=f"share of lines padded after eos to a random length, so that "
                                                         f"the model learns where text ends ({d('expand_prob')})")
     run = p.add_argument_group("run")
@@ -184,6 +198,13 @@ def build_parser(description=None):
                           f"the first tokens of valid lines), also printed at the end; 0: never, but --demo prints "
                           f"them at the end ({d('sample_interval')})")
     run.add_argument("--sample_steps", type=int, help=f"sampler steps of those samples ({d('sample_steps')})")
+    run.add_argument("--probe_interval", type=int, metavar="STEPS",
+                     help=f"every STEPS steps, write to metrics.jsonl the gradient each noise level contributes to a "
+                          f"step (a forward and backward pass per level bucket) and the shuffle gap of --probe_lines "
+                          f"held-out lines; their time is left out of --time_budget (0: never; {d('probe_interval')})")
+    run.add_argument("--probe_lines", type=int, help=f"lines of valid.txt beside the corpus (else of the corpus) whose "
+                                                     f"shuffle gap the probe measures (0: none; {d('probe_lines')})")
+    run.add_argument("--probe_draws", type=int, help=f"draws a line of the probe's bound ({d('probe_draws')})")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help=f"show the progress bar with loss and tokens/s ({d('progress')})")
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
@@ -230,6 +251,9 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
                                           ("-smax", args.sigma_max), ("-rho", args.rho),
                                           ("--stratified_sigma", args.stratified_sigma),
                                           ("--prior_ramp", args.prior_ramp),
+                                          ("--anchor_prob", args.anchor_prob),
+                                          ("--warp_shape", args.warp_shape),
+                                          ("--elbo_weight", args.elbo_weight),
                                           ("--multilevel_prob", objective == "ar" and args.multilevel_prob)) if value]
         if given:
             return f"{' and '.join(given)}: only for the diffusion objective, not --objective {objective}"
@@ -270,11 +294,11 @@ def check_args(args):
     at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
                 "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
                 "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1,
-                "prior_ramp": 0}
+                "prior_ramp": 0, "probe_interval": 0, "probe_lines": 0, "probe_draws": 1}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
-    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob"):
+    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob", "anchor_prob"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
     if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
@@ -287,6 +311,10 @@ def check_args(args):
         return f"--embedding_lr_scale {args.embedding_lr_scale}: must be positive and finite"
     if not 0 < args.beta2 < 1:
         return f"--beta2 {args.beta2}: must be in (0, 1)"
+    if not 0 <= args.elbo_weight < float("inf"):
+        return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
+    if args.warp_shape != "monotone" and not args.time_warp:
+        return f"--warp_shape {args.warp_shape}: shapes the time warp, which this run trains without (--time_warp)"
     if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
         return f"--time_budget {args.time_budget:g}: minutes, 0 (no budget) or more"
     for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):

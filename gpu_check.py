@@ -1,9 +1,9 @@
 """The checks that need a CUDA GPU, as one script of under 10 minutes: training throughput and MFU of the large
 preset (bf16, compiled), FlexAttention against SDPA on packed rows (their losses on one seed, eager and compiled), a
-resume on the GPU that draws what a straight run does, samples on the GPU and on the CPU from its checkpoint and,
-with two GPUs, a run under torchrun. Each step is a command of this repository, run in turn; its figures (the last
-JSON line it prints on stdout) and its warnings (stderr) go to OUT/gpu_check.json, then the comparisons between
-steps.
+resume on the GPU that draws what a straight run does, samples on the GPU and on the CPU from its checkpoint, masked
+diffusion trained (with the probe of diagnostics.py) and sampled on the GPU and, with two GPUs, a run under
+torchrun. Each step is a command of this repository, run in turn; its figures (the last JSON line it prints on
+stdout) and its warnings (stderr) go to OUT/gpu_check.json, then the comparisons between steps.
 
     python gpu_check.py [-d corpus.txt -spm bpe.model] [-o gpu_check_out]
 
@@ -41,6 +41,10 @@ STEPS = [
      "sample.py -mdir {out}/straight -n 8 --steps 50 --early_exit 3 --no-progress"),
     ("the GPU's checkpoint sampled on the CPU", 30, "sample.py -mdir {out}/straight --device cpu -n 4 --steps 50 "
                                                     "--no-progress"),
+    ("masked diffusion, 30 steps probed by noise level", 25,
+     "train.py -d {data} -spm {spm} --objective mdlm --preset tiny --max_steps 30 --probe_interval 15 "
+     "--log_interval 5 --precision bf16 --sample_interval 0 --no-progress -mdir {out}/mdlm"),
+    ("masked samples on the GPU", 20, "sample.py -mdir {out}/mdlm -n 8 --no-progress"),
 ]
 # with two GPUs or more, also: two processes under torchrun (NCCL), whose time budget is fitted at step 21 with an
 # all-reduce across the ranks

@@ -9,7 +9,11 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
                                               the training noise of one micro-batch, a dict of tensors (and flags)
     loss(model, ids, segment_ids, cond_mask, weight, noise)
                                               (loss, ce (B, L), argmax (B, L)): the training loss of that noise
-    observed(noise, ce, targets)              (sigma, ce, targets) for the time warp's fit, or None
+    observed(noise, ce, targets)              (level, ce, counted), each (B, L): each position's noise level,
+                                              its cross-entropy in nats and whether it counts, for the loss by level
+                                              (diagnostics.py) and the time warp's fit; None without levels
+    level_range                               (name, low, high, "log" or "linear"): the noise level's name
+                                              ("sigma", "t") and span, or None
     nll(model, ids, cond_mask, segment_ids, draws, generator)
                                               the NLL of the free positions of each row, or its upper bound: a dict
                                               of (B,) float64 CPU tensors, its terms in nats, "variance" of their
@@ -41,16 +45,19 @@ def text_positions(segment_ids, cond_mask):
 
 class Continuous:
     """Continuous diffusion in embedding space (diffusion.py): a noise level sigma per sequence, or per token in a
-    --multilevel_prob share of the batches, Gaussian noise, the score-interpolation cross-entropy, self-conditioning
-    in a share of the batches and the output prior's ramp. `sigma_min`, `sigma_max`, `rho`: the training levels;
-    their sampling counterparts come from the checkpoint."""
+    --multilevel_prob share of the batches, Gaussian noise, clean anchors in an `anchor_prob` share of the sequences
+    (diffusion.draw_anchors), the score-interpolation cross-entropy (plus `elbo_weight` times the bound's diffusion
+    term, diffusion.mixed_elbo_loss), self-conditioning in a share of the batches and the output prior's ramp.
+    `sigma_min`, `sigma_max`, `rho`: the training levels; their sampling counterparts come from the checkpoint."""
     name = "diffusion"
 
     def __init__(self, sigma_min=1.0, sigma_max=50.0, rho=1.0, multilevel_prob=0.0, self_cond=0.0, stratified=False,
-                 prior_ramp=0):
+                 prior_ramp=0, anchor_prob=0.0, elbo_weight=0.0):
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.multilevel_prob, self.self_cond, self.stratified, self.prior_ramp = (multilevel_prob, self_cond,
                                                                                   stratified, prior_ramp)
+        self.anchor_prob, self.elbo_weight = anchor_prob, elbo_weight
+        self.level_range = ("sigma", sigma_min, sigma_max, "log")
 
     def targets(self, segment_ids, cond_mask):
         return text_positions(segment_ids, cond_mask)
@@ -62,19 +69,35 @@ class Continuous:
                                               warp=warp, stratified=self.stratified)
         noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=ids.device)
         ramp = min(1.0, (step + 1) / self.prior_ramp) if self.prior_ramp else 1.0
-        return {"sigma": sigma, "noise": noise, "self_cond": self_cond,
-                "prior_scale": torch.full((), ramp, device=ids.device)}
+        drawn = {"sigma": sigma, "noise": noise, "self_cond": self_cond,
+                 "prior_scale": torch.full((), ramp, device=ids.device)}
+        if self.anchor_prob:  # drawn only then, so that a run without anchors draws what it always did
+            drawn["anchors"] = diffusion.draw_anchors(sigma, text_positions(segment_ids, cond_mask), segment_ids,
+                                                      self.anchor_prob, self.sigma_min, self.sigma_max)
+        if self.elbo_weight:  # the density the levels came from, for the ELBO term's importance weights
+            drawn["density"] = diffusion.training_density(sigma, self.sigma_min, self.sigma_max, self.rho, warp)
+        return drawn
 
     def loss(self, model, ids, segment_ids, cond_mask, weight, noise):
-        return diffusion.score_interpolation_loss(model, ids, noise["sigma"], noise["noise"], segment_ids, cond_mask,
-                                                  weight=weight, self_cond=noise["self_cond"],
-                                                  prior_scale=noise["prior_scale"])
+        anchors = noise.get("anchors")
+        if anchors is not None:
+            # held clean like a prompt and left out of the loss (and of the ce it reports); the step's mean still
+            # divides by every free position, so an anchored token lowers its batch's weight a little
+            cond_mask, weight = cond_mask | anchors, weight * ~anchors
+        common = dict(segment_ids=segment_ids, cond_mask=cond_mask, weight=weight, self_cond=noise["self_cond"],
+                      prior_scale=noise["prior_scale"])
+        if self.elbo_weight:
+            loss, ce, argmax = diffusion.mixed_elbo_loss(model, ids, noise["sigma"], noise["noise"], noise["density"],
+                                                         self.elbo_weight, **common)
+        else:
+            loss, ce, argmax = diffusion.score_interpolation_loss(model, ids, noise["sigma"], noise["noise"], **common)
+        return loss, ce if anchors is None else ce * ~anchors, argmax
 
     def observed(self, noise, ce, targets):
-        return noise["sigma"], ce, targets
+        return noise["sigma"], ce, self.scored(noise, targets)
 
     def scored(self, noise, targets):
-        return targets
+        return targets if noise.get("anchors") is None else targets & ~noise["anchors"]
 
     def nll(self, model, ids, cond_mask, segment_ids, draws, generator):
         return diffusion.nll_bound(model, ids, cond_mask, self.sigma_min, self.sigma_max, draws, segment_ids, generator)
@@ -90,6 +113,7 @@ class Autoregressive:
     """The autoregressive baseline (autoregressive.py): clean embeddings, causal attention, the next-token loss; its
     NLL is exact; it samples left to right."""
     name = "ar"
+    level_range = None
 
     def targets(self, segment_ids, cond_mask):
         return autoregressive.autoregressive_targets(segment_ids)
@@ -126,6 +150,8 @@ class Masked:
     cross-entropy on the masked positions, or with `uniform` the plain masked cross-entropy."""
     name = "mdlm"
 
+    level_range = ("t", 0.0, 1.0, "linear")  # the mask probability
+
     def __init__(self, multilevel_prob=0.0, uniform=False):
         self.multilevel_prob, self.uniform = multilevel_prob, uniform
 
@@ -141,7 +167,8 @@ class Masked:
         return masked.masked_loss(model, ids, noise["t"], noise["masked"], segment_ids, weight, self.uniform)
 
     def observed(self, noise, ce, targets):
-        return None
+        plain = ce if self.uniform else ce * noise["t"]  # the cross-entropy itself, not the ELBO's 1/t multiple
+        return noise["t"], plain, targets & noise["masked"]
 
     def scored(self, noise, targets):
         return targets & noise["masked"]  # the unmasked ones are carried over: right by construction
@@ -161,7 +188,7 @@ def training_objective(args):
     if args.objective == "mdlm":
         return Masked(args.multilevel_prob, args.mask_weight == "uniform")
     return Continuous(args.sigma_min, args.sigma_max, args.rho, args.multilevel_prob, args.self_cond,
-                      args.stratified_sigma, args.prior_ramp)
+                      args.stratified_sigma, args.prior_ramp, args.anchor_prob, args.elbo_weight)
 
 
 def run_objective(model, sampling=None):

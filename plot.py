@@ -1,6 +1,7 @@
-"""Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG, and, for a run
-trained with --time_warp, its fitted warp from the checkpoint to MODEL_DIR/time_warp.png (with -o FILE.EXT:
-FILE_time_warp.EXT).
+"""Draw a run's training curves (loss and accuracy against step) from its metrics.jsonl to a PNG; for a run with
+noise levels, its learning by level to MODEL_DIR/levels.png (the loss of each level bucket against step and, with
+--probe_interval, each bucket's share of the gradient and the shuffle gap); for a run trained with --time_warp, its
+fitted warp from the checkpoint to MODEL_DIR/time_warp.png (with -o FILE.EXT: FILE_levels.EXT, FILE_time_warp.EXT).
 
     python plot.py -mdir out [-o out/metrics.png]
 
@@ -63,6 +64,50 @@ def plot(lines, out_path, title):
     plt.close(fig)
 
 
+def bucket_labels(edges, name):
+    """Legend labels of the level buckets: "sigma 1-1.6", ... (edges to 2 significant figures)."""
+    return [f"{name} {low:.2g}-{high:.2g}" for low, high in zip(edges, edges[1:])]
+
+
+def plot_levels(lines, out_path, title):
+    """The learning by noise level, written to out_path: the training loss of each level bucket against step (the
+    log lines' loss_by_level), and, where the run was probed, each bucket's share of the gradient
+    (grad_share_by_level) and the shuffle gap with its standard error, against step. Returns False (nothing written)
+    when no line has levels."""
+    logged = [line for line in lines if "loss_by_level" in line]
+    if not logged:
+        return False
+    probes = [line for line in lines if "grad_share_by_level" in line or "shuffle_gap" in line]
+    labels = bucket_labels(logged[-1]["level_edges"], logged[-1]["level_name"])
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3 if probes else 1, figsize=(15 if probes else 6, 3.8), squeeze=False)
+    axes = axes[0]
+    series = (("loss_by_level", logged, axes[0], "cross-entropy (nats)"),) + \
+        ((("grad_share_by_level", probes, axes[1], "share of the step's gradient"),) if probes else ())
+    for key, rows, ax, ylabel in series:
+        for k, label in enumerate(labels):
+            points = [(row["step"], row[key][k]) for row in rows if key in row and row[key][k] is not None]
+            if points:
+                ax.plot(*zip(*points), label=label, color=plt.cm.viridis(k / max(len(labels) - 1, 1)))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if probes:
+        gaps = [(row["step"], row["shuffle_gap"], row["shuffle_gap_stderr"]) for row in probes if "shuffle_gap" in row]
+        if gaps:
+            steps, gap, error = zip(*gaps)
+            axes[2].errorbar(steps, gap, yerr=error, marker="o", capsize=3)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("shuffle gap (nats/token)")
+        axes[2].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_warp(warp, out_path, title):
     """A TimeWarp's fit: the mean training cross-entropy by sigma with its non-decreasing fit, and the warped
     sigma(u) that training draws against the unwarped rho spacing, written to out_path."""
@@ -111,9 +156,12 @@ def main(argv=None):
     warp = load_checkpoint(checkpoint).get("time_warp") if os.path.isfile(checkpoint) else None
     stem, extension = os.path.splitext(out_path)
     warp_path = f"{stem}_time_warp{extension}" if args.output else os.path.join(args.model_dir, "time_warp.png")
+    levels_path = f"{stem}_levels{extension}" if args.output else os.path.join(args.model_dir, "levels.png")
     try:
         plot(lines, out_path, args.model_dir)
         print(out_path)
+        if plot_levels(lines, levels_path, f"{args.model_dir}: learning by noise level"):
+            print(levels_path)
         if warp:
             plot_warp(TimeWarp.from_state_dict(warp), warp_path, f"{args.model_dir}: time warp")
             print(warp_path)

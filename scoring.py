@@ -26,6 +26,53 @@ def sequence_nll(model, sequences, batch_size, pad_id, device):
     return nats, tokens
 
 
+def line_batches(lines, batch_size, pad_id, device):
+    """(ids, cond_mask, segment_ids) batches of whole lines ((ids, characters) pairs), bos held, padding in
+    segment 0 (segment_ids None where no row is padded)."""
+    for start in range(0, len(lines), batch_size):
+        layouts = [(ids, [True] + [False] * (len(ids) - 1)) for ids, _ in lines[start:start + batch_size]]
+        ids, cond_mask, segment_ids = sample_rows(layouts, pad_id)
+        yield ids.to(device), cond_mask.to(device), None if segment_ids is None else segment_ids.to(device)
+
+
+def nll_totals(model, objective, lines, batch_size, pad_id, device, draws, generator, bar=None):
+    """The objective's NLL (objectives.py `nll`: exact for the baseline, a bound with `draws` draws from `generator`
+    otherwise) of whole lines, summed over them: a dict of its terms in nats, "variance" (of the estimate of their
+    sum) and "tokens"; `bar` (tqdm) is advanced by the lines done."""
+    totals = {}
+    for ids, cond_mask, segment_ids in line_batches(lines, batch_size, pad_id, device):
+        for key, value in objective.nll(model, ids, cond_mask, segment_ids, draws, generator).items():
+            totals[key] = totals.get(key, 0.0) + float(value.sum())
+        if bar is not None:
+            bar.update(len(ids))
+    return totals
+
+
+def per_token(totals):
+    """(NLL in nats per token, its Monte Carlo standard error) of nll_totals' dict."""
+    tokens = max(totals["tokens"], 1.0)
+    nats = sum(v for k, v in totals.items() if k not in ("tokens", "variance"))
+    return nats / tokens, math.sqrt(totals["variance"]) / tokens
+
+
+def shuffle_gap(model, objective, lines, tokenizer, length, draws, seed, batch_size, pad_id, device, bar=None):
+    """Word-order sensitivity: the NLL (nll_totals, nats per token) of the lines with their words shuffled
+    (shuffled_words, from `seed`) minus that of the same lines as they are, as a dict: `shuffle_gap`, its standard
+    error (`shuffle_gap_stderr`, the two Monte Carlo errors combined as if independent: both parts draw the same noise
+    from generators seeded by `seed`, which makes the true error of the difference smaller), `ordered_nll`,
+    `shuffled_nll` and `shuffle_lines` (the lines whose shuffled words still fit `length` tokens); {} when no line
+    is left. `bar` (tqdm) is advanced by the lines done, twice each."""
+    ordered, shuffled = shuffled_words(lines, tokenizer, seed, length)
+    if not ordered:
+        return {}
+    (real, real_error), (mixed, mixed_error) = (
+        per_token(nll_totals(model, objective, part, batch_size, pad_id, device, draws,
+                             torch.Generator().manual_seed(seed), bar))
+        for part in (ordered, shuffled))
+    return {"shuffle_gap": mixed - real, "shuffle_gap_stderr": math.hypot(real_error, mixed_error),
+            "ordered_nll": real, "shuffled_nll": mixed, "shuffle_lines": len(ordered)}
+
+
 def shuffled_words(lines, tokenizer, seed, length):
     """The lines with their words (split at white space) in a random order, from one generator seeded by `seed`, and
     encoded again: (kept, shuffled), both lists of read_lines' (ids, characters) pairs, where a line whose shuffled

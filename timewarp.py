@@ -5,6 +5,8 @@ import math
 
 import torch
 
+WARP_SHAPES = ("monotone", "gumbel")  # the fit of the loss by level: isotonic, or a Gumbel CDF in log sigma
+
 
 def pool_adjacent_violators(values, weights):
     """The non-decreasing sequence closest to `values` in weighted least squares (isotonic regression by pooling
@@ -17,6 +19,30 @@ def pool_adjacent_violators(values, weights):
             (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks.pop()
             blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2) if w1 + w2 else m1, w1 + w2, n1 + n2]
     return [mean for mean, _, length in blocks for _ in range(length)]
+
+
+def gumbel_levels(gamma, means, counts):
+    """The Gumbel CDF curve H exp(-exp(-(gamma - mu) / beta)) closest to the bins' mean cross-entropies `means` at
+    log noise-to-signal ratios `gamma` (weighted least squares, weights `counts`), evaluated at `gamma`: the shape of
+    LangFlow's information-uniform density (arXiv 2604.11748, a Gumbel density over log-SNR fitted to the loss), a
+    smooth parametric alternative to the isotonic fit. mu and beta come from a grid search (mu across the observed
+    range and 2 beyond, beta from 0.05 to 20 in log steps) refined once on a finer grid around the best pair, H in
+    closed form for each pair. 1-D float64 tensors in; a list of floats out, non-decreasing in gamma."""
+    seen = counts > 0
+    g, m, w = gamma[seen], means[seen], counts[seen]
+
+    def best(mu, beta):  # the (mu, beta, H) of least weighted squared error on the grid mu x beta
+        curve = torch.exp(-torch.exp(-(g[None, None] - mu[:, None, None]) / beta[None, :, None]))  # (mu, beta, bins)
+        height = ((w * m * curve).sum(-1) / (w * curve.square()).sum(-1).clamp_min(1e-300)).clamp_min(0.0)
+        i, j = divmod(int((w * (height[..., None] * curve - m).square()).sum(-1).argmin()), len(beta))
+        return float(mu[i]), float(beta[j]), float(height[i, j])
+
+    mu_step, beta_ratio = (float(g.max() - g.min()) + 4) / 160, 400 ** (1 / 80)
+    mu, beta, _ = best(torch.linspace(float(g.min()) - 2, float(g.max()) + 2, 161, dtype=torch.float64),
+                       torch.logspace(math.log10(0.05), math.log10(20), 81, dtype=torch.float64))
+    mu, beta, height = best(torch.linspace(mu - mu_step, mu + mu_step, 41, dtype=torch.float64),
+                            beta * torch.logspace(-1, 1, 41, base=beta_ratio, dtype=torch.float64))
+    return (height * torch.exp(-torch.exp(-(gamma - mu) / beta))).tolist()
 
 
 class TimeWarp:
@@ -35,13 +61,19 @@ class TimeWarp:
     linear between the edges, and mixes in a `floor` share of the uniform CDF in s (an equal share for every bin),
     so that every level keeps being drawn and its estimate stays current. __call__(u) = sigma(F^-1(u)): a monotone
     map of [0, 1] onto [sigma_min, sigma_max]. Before any fit, and while the fitted loss is flat, F is the unwarped
-    CDF, rho_schedule's spacing with the run's rho (to piecewise-linear accuracy). state_dict() holds every
-    tensor, so a resumed run draws what a straight one would. Raises ValueError for fewer than 2 bins.
+    CDF, rho_schedule's spacing with the run's rho (to piecewise-linear accuracy). With shape "gumbel" the
+    non-decreasing fit is a Gumbel CDF in gamma = 2 ln sigma, the log noise-to-signal ratio of an embedding dimension
+    (gumbel_levels), instead of the isotonic one. state_dict() holds every tensor, so a resumed run draws what a
+    straight one would. Raises ValueError for fewer than 2 bins or an unknown shape.
     """
 
-    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, rate=0.2, device="cpu"):
+    def __init__(self, sigma_min, sigma_max, rho, bins=64, decay=0.95, floor=0.05, rate=0.2, device="cpu",
+                 shape="monotone"):
         if bins < 2:
             raise ValueError(f"a time warp needs at least 2 bins, got {bins}")
+        if shape not in WARP_SHAPES:
+            raise ValueError(f"a time warp's shape is one of {', '.join(WARP_SHAPES)}, not {shape!r}")
+        self.shape = shape
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.bins, self.decay, self.floor, self.rate = bins, decay, floor, rate
         self.means, self.counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
@@ -71,6 +103,16 @@ class TimeWarp:
             self._on_device = (self.cdf_knots, self.cdf_knots.to(device), self.s_knots.to(device))
         return self._on_device[1:]
 
+    def density(self, sigma):
+        """The density (per unit of sigma) of the levels this warp draws, at sigma (any shape, in [sigma_min,
+        sigma_max]): F'(s) ds/dsigma, F piecewise linear in s = coordinate(sigma), so F' is the slope of the segment
+        that holds s and ds/dsigma = 1 / (sigma ln(sigma_max / sigma_min)). float64, same shape."""
+        cdf, s_knots = self.knots_on(sigma.device)
+        s = self.coordinate(sigma.double())
+        hi = torch.searchsorted(s_knots, s.contiguous(), right=True).clamp(1, len(s_knots) - 1)
+        slope = (cdf[hi] - cdf[hi - 1]) / (s_knots[hi] - s_knots[hi - 1])
+        return slope / (sigma.double().clamp(self.sigma_min, self.sigma_max) * math.log(self.sigma_max / self.sigma_min))
+
     def __call__(self, u):
         """Levels sigma = sigma(F^-1(u)) for u in [0, 1], same shape and dtype as u (float)."""
         cdf, s_knots = self.knots_on(u.device)
@@ -89,7 +131,11 @@ class TimeWarp:
         self.window[1].index_add_(0, index, weight)
 
     def fitted_levels(self):
-        """The non-decreasing fit of the bins' mean cross-entropies (nats), a list of `bins` floats."""
+        """The non-decreasing fit of the bins' mean cross-entropies (nats), a list of `bins` floats: isotonic, or with
+        shape "gumbel" a Gumbel CDF in 2 ln sigma."""
+        if self.shape == "gumbel" and bool((self.counts > 0).any()):
+            centres = self.level((self.s_knots[1:] + self.s_knots[:-1]) / 2)
+            return gumbel_levels(2 * centres.log(), self.means, self.counts)
         return pool_adjacent_violators(self.means.tolist(), self.counts.tolist())
 
     def fit(self):
@@ -123,7 +169,8 @@ class TimeWarp:
     def state_dict(self):
         """Everything that defines the warp and its fit, as plain floats and CPU tensors (checkpoint-safe)."""
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "bins": self.bins,
-                "decay": self.decay, "floor": self.floor, "rate": self.rate, "means": self.means.clone(),
+                "decay": self.decay, "floor": self.floor, "rate": self.rate, "shape": self.shape,
+                "means": self.means.clone(),
                 "counts": self.counts.clone(), "window": self.window.cpu().clone(), "cdf_knots": self.cdf_knots.clone()}
 
     def load_state_dict(self, state):
@@ -136,6 +183,6 @@ class TimeWarp:
     def from_state_dict(cls, state, device="cpu"):
         """The TimeWarp that state_dict() described."""
         warp = cls(state["sigma_min"], state["sigma_max"], state["rho"], state["bins"], state["decay"],
-                   state["floor"], state["rate"], device)
+                   state["floor"], state["rate"], device, state.get("shape", "monotone"))  # older: monotone
         warp.load_state_dict(state)
         return warp

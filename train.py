@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from corpus import Tokenizer, build_demo, decode_line
+from corpus import Tokenizer, build_demo, decode_line, read_lines
 from data import sample_layout
+from diagnostics import Probe
 from diffusion import Grid
 from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
-from training import Diverged, IntervalMetrics, build_state, optimizer_step, training_runner
+from training import Diverged, IntervalMetrics, batch_to, build_state, optimizer_step, training_runner
 from utils import (CommandError, MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
                    resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
 
@@ -103,9 +104,10 @@ def run(args, rank, world_size, device):
                 checkpoint.keep_recent(path, at_step, args.keep)
 
     prompts = sample_prompts(args, tokenizer) if rank == 0 else []
+    probe = build_probe(state, tokenizer, args) if rank == 0 and args.probe_interval else None
     try:
         with StopOnSignal() as stop:
-            step = train(state, tokenizer, args, device, step, save, stop, prompts)
+            step = train(state, tokenizer, args, device, step, save, stop, prompts, probe)
             save(step)
     finally:
         state.loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
@@ -157,9 +159,10 @@ def start(args, rank, world_size, device):
     return state, tokenizer, step
 
 
-def train(state, tokenizer, args, device, step, save, stop, prompts=()):
+def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=None):
     """The training loop from `step` to the schedule's end (--max_steps, or where --time_budget fitted it); logs,
-    saves and samples at their intervals (logs and samples on rank 0 only). Returns the step reached (earlier if
+    saves, samples and probes (diagnostics.Probe, rank 0's) at their intervals (logs, samples and probes on rank 0
+    only; the time of a probe is left out of the time budget on every rank). Returns the step reached (earlier if
     `stop` was requested on any rank, or the time budget ran out). Raises Diverged after args.max_bad_steps steps in
     a row with a non-finite loss or gradient (nothing is saved)."""
     loader, main_rank = state.loader, state.loader.rank == 0
@@ -168,7 +171,9 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
     unfitted = state.budget is not None and state.budget.end_step is None  # no total to show until the fit
     bar = tqdm(total=None if unfitted else state.schedule_end(args), initial=step,
                disable=not (args.progress and main_rank), dynamic_ncols=True)
-    interval, bad_in_a_row, lr = IntervalMetrics(device), 0, None
+    edges = None if state.level_edges is None else state.level_edges.tolist()
+    interval = IntervalMetrics(device, edges, state.objective.level_range and state.objective.level_range[0])
+    bad_in_a_row, lr = 0, None
 
     def log(step):
         """Write the interval's metrics up to `step` (rank 0) and show its loss on the bar."""
@@ -198,6 +203,8 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
         bar.update(1)
         if step % args.log_interval == 0 or step == state.schedule_end(args):
             log(step)
+        if args.probe_interval and step % args.probe_interval == 0:
+            run_probe(probe, state, stats["batch"], step, device, interval, metrics_file)
         if step % args.save_interval == 0:
             save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
@@ -208,6 +215,33 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=()):
     if metrics_file:
         metrics_file.close()
     return step
+
+
+def run_probe(probe, state, batch, step, device, interval, metrics_file):
+    """Rank 0 probes the model after `step` on the step's first micro-batch and writes the figures to metrics.jsonl;
+    every rank then waits for it and restarts the time budget's clock, so that the probe's time counts nowhere."""
+    if probe is not None:
+        line = probe(state.model, batch_to(batch, device), step, state.warp)
+        interval.pause(line["probe_seconds"])
+        metrics_file.write(**line)
+    barrier(state.loader.world_size)
+    if state.budget is not None:
+        state.budget.start()
+
+
+def held_out_path(args):
+    """valid.txt beside the corpus (where prepare.py writes it) if there is one, else the corpus itself."""
+    valid = os.path.join(os.path.dirname(os.path.abspath(args.data_path)), "valid.txt")
+    return valid if os.path.isfile(valid) else args.data_path
+
+
+def build_probe(state, tokenizer, args):
+    """The run's diagnostics.Probe: its objective's levels, and the first --probe_lines lines of held_out_path that fit
+    a row (none with --probe_lines 0)."""
+    lines = read_lines(held_out_path(args), tokenizer, args.sequence_length, args.probe_lines,
+                       "--probe_lines")[0] if args.probe_lines else []
+    return Probe(state.objective, state.level_edges, lines, tokenizer, args.sequence_length, args.probe_draws,
+                 args.seed, args.batch_size, args.precision)
 
 
 def check_bad_steps(status, bad_in_a_row, step, args, main_rank):
@@ -224,9 +258,8 @@ def check_bad_steps(status, bad_in_a_row, step, args, main_rank):
 
 def sample_prompts(args, tokenizer, count=2, length=3):
     """The first `length` tokens of `count` lines, for the samples printed during training to continue: lines of
-    valid.txt beside the corpus (where prepare.py writes it), else of the corpus itself."""
-    valid = os.path.join(os.path.dirname(os.path.abspath(args.data_path)), "valid.txt")
-    for path in ([valid] if os.path.isfile(valid) else []) + [args.data_path]:
+    held_out_path (valid.txt beside the corpus, else the corpus), else of the corpus itself."""
+    for path in dict.fromkeys([held_out_path(args), args.data_path]):
         prompts = []
         with open(path, "rb") as f:
             for raw in f:

@@ -9,6 +9,7 @@ import torch
 
 from corpus import load_corpus
 from data import PackedBatches, PackedRows
+from diagnostics import level_edges, level_figures, level_sums
 from flags import FIT_STEPS, ema_rates, warmup_steps
 from model import ModelConfig, ScoreLM
 from objectives import training_objective
@@ -31,6 +32,7 @@ class TrainingState:
     warp: TimeWarp = None
     runner: torch.nn.Module = None
     budget: "TimeBudget" = None
+    level_edges: torch.Tensor = None  # (K + 1,) the noise-level buckets of the loss by level (diagnostics.py)
 
     def schedule_end(self, args):
         """The step where the learning-rate schedule ends and the run stops: --max_steps, or earlier the end that
@@ -139,11 +141,14 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
     loader = build_loader(args, tokenizer, rank, world_size)
     model = build_model(args, tokenizer.vocab_size, device)
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
-    warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device) if args.time_warp else None
+    warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device, shape=args.warp_shape) \
+        if args.time_warp else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget, device)
-    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, training_objective(args), warp,
-                         budget=budget)
+    objective = training_objective(args)
+    edges = level_edges(objective)
+    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, objective, warp, budget=budget,
+                         level_edges=None if edges is None else torch.tensor(edges, device=device))
 
 
 class TrainingForward(torch.nn.Module):
@@ -200,7 +205,7 @@ def train_step(state, batch, args, device, weight, step=0):
     objective's target positions, multiplied by `weight` (so that micro-batches and ranks add up to the mean over
     every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions
     and the positions they are counted over (objective.scored: for masked diffusion the masked ones), and what the
-    time warp observes (objective.observed: (sigma, ce, targets), or None)."""
+    loss by level and the time warp observe (objective.observed: (level, ce, counted), or None)."""
     ids, segment_ids, cond_mask = batch_to(batch, device)
     objective = state.objective
     noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp)
@@ -231,14 +236,17 @@ def optimizer_step(state, args, device, step):
     weights, EMA, optimizer state nor (the caller's) schedule; the time warp draws the noise levels, observes the
     losses of applied steps only, and is refitted every WARP_FIT_INTERVAL steps. Returns (status, stats): status
     "applied", "overflow" (fp16: finite loss, infinite gradient; the scaler backs off) or "bad"; stats a dict of
-    device tensors (loss, correct, targets: the positions correct counts over, grad_norm) and host numbers (lr; tokens, text and slots of the rows)."""
+    device tensors (loss, correct, targets: the positions correct counts over, grad_norm; levels, the (2, K)
+    cross-entropy sums and counts by noise level, diagnostics.level_sums, for an objective with levels), host numbers
+    (lr; tokens, text and slots of the rows) and `batch`, the step's first micro-batch as the loader gave it (for
+    train.py's probe)."""
     model, loader, optimizer, scaler = state.model, state.loader, state.optimizer, state.scaler
     end = state.schedule_end(args)
     lr = lr_at(step, args.learning_rate, warmup_steps(args, end), end)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     batches = [next(loader) for _ in range(args.accumulation_steps)]
-    stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id)}
+    stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id), "batch": batches[0]}
     # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
     local = sum(int(state.objective.targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # host
     targets = all_reduce_sum(torch.full((), float(local), device=device))  # a fill, not a copy from the host
@@ -252,6 +260,8 @@ def optimizer_step(state, args, device, step):
         observed.append(losses)
     all_reduce_sum(sums)
     stats.update(loss=sums[0] / targets.clamp_min(1.0), correct=sums[1], targets=sums[2])  # accuracy: over scored
+    if state.level_edges is not None:  # this rank's micro-batches only: the rank-0 log line shows its own
+        stats["levels"] = sum(level_sums(*seen, state.level_edges) for seen in observed)
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))
@@ -268,7 +278,7 @@ def optimizer_step(state, args, device, step):
 
 def apply_step(state, params, step, observed):
     """The update of a finite step: AdamW (through the scaler), every EMA, and the time warp's observations of the
-    step's losses (observed: (sigma, ce, targets) per micro-batch), refitted every WARP_FIT_INTERVAL steps."""
+    step's losses (observed: (sigma, ce, counted) per micro-batch), refitted every WARP_FIT_INTERVAL steps."""
     state.scaler.step(state.optimizer)
     names = [n for n, p in state.model.named_parameters() if p.requires_grad]
     for rate, ema in state.emas.items():
@@ -282,32 +292,43 @@ def apply_step(state, params, step, observed):
 
 
 class IntervalMetrics:
-    """Sums over the steps of one log interval, kept on the device until written (one host sync per line)."""
+    """Sums over the steps of one log interval, kept on the device until written (one host sync per line). With
+    `edges` (the objective's noise-level buckets, (K + 1,)) and their `level_name`, also the loss by level."""
 
-    def __init__(self, device):
+    def __init__(self, device, edges=None, level_name=None):
         self.device, self.started, self.run_started = device, time.perf_counter(), time.perf_counter()
+        self.edges, self.level_name = edges, level_name
         self.reset()
 
     def reset(self):
         """Start a new interval: zero sums, the clock from now."""
-        self.sums = torch.zeros(4, device=self.device)  # loss, correct, targets, grad_norm
+        levels = 0 if self.edges is None else 2 * (len(self.edges) - 1)
+        self.sums = torch.zeros(4 + levels, device=self.device)  # loss, correct, targets, grad_norm; levels
         self.steps = self.tokens = self.text = self.slots = self.skipped = 0
         self.started = time.perf_counter()
 
     def add(self, stats):
-        """Add one applied step's stats (optimizer_step's dict: device tensors loss, correct, targets, grad_norm;
-        ints tokens, text, slots) without a host sync."""
-        self.sums += torch.stack([stats["loss"], stats["correct"], stats["targets"], stats["grad_norm"].float()])
+        """Add one applied step's stats (optimizer_step's dict: device tensors loss, correct, targets, grad_norm and
+        levels; ints tokens, text, slots) without a host sync."""
+        step = [stats["loss"], stats["correct"], stats["targets"], stats["grad_norm"].float()]
+        self.sums += torch.cat([torch.stack(step)] + ([stats["levels"].flatten()] if self.edges is not None else []))
         self.steps, self.tokens = self.steps + 1, self.tokens + stats["tokens"]
         self.text, self.slots = self.text + stats["text"], self.slots + stats["slots"]
 
+    def pause(self, seconds):
+        """Leave `seconds` (a probe's) out of the interval's tokens per second."""
+        self.started += seconds
+
     def line(self, step, lr, epoch):
         """The metrics of the interval as a dict, and a fresh interval."""
-        loss, correct, targets, grad_norm = self.sums.tolist()  # the one host sync per log interval
+        sums = self.sums.tolist()  # the one host sync per log interval
+        loss, correct, targets, grad_norm = sums[:4]
         elapsed = time.perf_counter() - self.started
         line = {"step": step, "epoch": epoch, "loss": loss / self.steps, "accuracy": correct / max(targets, 1),
                 "lr": lr, "grad_norm": grad_norm / self.steps, "tokens_per_s": self.tokens / elapsed,
                 "packing_efficiency": self.text / max(self.slots, 1), "skipped_steps": self.skipped,
                 "seconds": time.perf_counter() - self.run_started, "time": time.time()}
+        if self.edges is not None:
+            line.update(level_figures(torch.tensor(sums[4:]).view(2, -1), self.edges, self.level_name))
         self.reset()
         return line

@@ -323,13 +323,17 @@ class MetricsWriter:
             self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
 
     def write(self, **metrics):
-        """Append one JSON object of `metrics` (numbers and strings; "step" an int) and flush it."""
+        """Append one JSON object of `metrics` (numbers, strings and lists of them; "step" an int) and flush it."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.board is not None:
             for key, value in metrics.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.board.add_scalar(key, value, metrics["step"])
+                elif isinstance(value, list):  # per-level figures: one scalar each, key/0, key/1, ...
+                    for i, item in enumerate(value):
+                        if isinstance(item, (int, float)):
+                            self.board.add_scalar(f"{key}/{i}", item, metrics["step"])
             self.board.flush()
 
     def close(self):

@@ -35,7 +35,7 @@ def test_every_step_is_a_command_its_parser_accepts(tmp_path):
             flags.parse_args(args.train_flags, required=("data_path", "spm_model"))  # what bench passes on
         elif script == "train.py":
             assert flags.parse_args(flags_given).model_dir in [f"{tmp_path}/{run}" for run in ("straight", "resumed",
-                                                                                              "two_gpus")]
+                                                                                              "two_gpus", "mdlm")]
         else:
             assert script == "sample.py" and sample.parse_args(flags_given).device in ("cpu", "auto")
 
