@@ -444,7 +444,8 @@ def weak_judge_warning(result, judge):
         return None
     warning = (f"warning: --judge {judge} scores the valid lines at {judged:.4f} bits/char, worse than this run's own "
                f"{own:.4f}: its gen-PPL of the samples says little; train a judge at least as long as the runs it "
-               "judges (the small preset's baseline: 1,000 steps, about 10 minutes on two cores with bf16, RESULTS.md)")
+               "judges (the small preset's baseline: 1,000 steps, about 10 minutes on two cores with bf16, RESULTS.md), "
+               "but on a small corpus not so long that it overfits (many passes: try --dropout_prob 0.1)")
     print(warning, file=sys.stderr)
     return warning
 
