@@ -58,8 +58,9 @@ def per_token(totals):
 def shuffle_gap(model, objective, lines, tokenizer, length, draws, seed, batch_size, pad_id, device, bar=None):
     """Word-order sensitivity: the NLL (nll_totals, nats per token) of the lines with their words shuffled
     (shuffled_words, from `seed`) minus that of the same lines as they are, as a dict: `shuffle_gap`, its standard
-    error (`shuffle_gap_stderr`, the two Monte Carlo errors combined as if independent: both parts draw the same noise
-    from generators seeded by `seed`, which makes the true error of the difference smaller), `ordered_nll`,
+    error (`shuffle_gap_stderr`, the two Monte Carlo errors combined as if independent: both parts start from
+    generators seeded by `seed`, but their draws coincide only while their batches have the same shapes, and a
+    shuffled line's tokens differ in number), `ordered_nll`,
     `shuffled_nll` and `shuffle_lines` (the lines whose shuffled words still fit `length` tokens); {} when no line
     is left. `bar` (tqdm) is advanced by the lines done, twice each."""
     ordered, shuffled = shuffled_words(lines, tokenizer, seed, length)
