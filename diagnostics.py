@@ -84,7 +84,7 @@ def gradient_by_level(model, objective, ids, segment_ids, cond_mask, edges, step
         parts = torch.autograd.grad(loss, params, allow_unused=True)
         grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
                                 for g, p in zip(parts, params)]))  # (P,)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     total = sum(g for g in grads if g is not None)
     total_sq = float(total.square().sum()) if torch.is_tensor(total) else 0.0
     loss_total = sum(v for v in losses if v is not None)
