@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chunked import tied_cross_entropy
-from utils import autocast
+from utils import autocast, row_generators
 
 
 def autoregressive_loss(model, ids, segment_ids=None, weight=None):
@@ -63,7 +63,7 @@ def generate_autoregressive(model, ids, cond_mask, seeds, eos_id, pad_id, segmen
         raise ValueError("an autoregressive model samples after its held tokens (bos first), not before them (an "
                          "infill or suffix)")
     tokens = ids.clone()
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    generators = row_generators(seeds)
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     evaluations = torch.zeros(len(ids), dtype=torch.long)
     positions = free.any(dim=0).nonzero().flatten().tolist()

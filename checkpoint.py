@@ -27,7 +27,8 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
                "causal": ("--objective", lambda v: "ar" if v else "diffusion"),
                "self_cond": ("--self_cond", lambda v: "> 0" if v else "0"),
                "output_prior": ("--output_prior", lambda v: "on" if v else "off"),
-               "masked": ("--objective", lambda v: "mdlm" if v else "not mdlm")}
+               "masked": ("--objective", lambda v: "mdlm" if v else "not mdlm"),
+               "conditioning": ("--conditioning", str)}
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",

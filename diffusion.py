@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from chunked import chunk_rows, tied_cross_entropy, tied_expectation
-from utils import append_dims, autocast
+from utils import append_dims, autocast, row_draws, row_generators, row_lengths
 
 SIGMA_DATA = 1.0  # normalised embeddings of norm sqrt(E) have unit variance per coordinate
 SIGMA_FLOOR = 1e-3  # sigma = 0 has ln(sigma) = -inf; the network sees conditioned positions at this level
@@ -295,7 +295,7 @@ def mixed_elbo_loss(model, ids, sigma, noise, density, elbo_weight, segment_ids=
 
 
 @torch.no_grad()
-def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=None, generator=None,
+def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=None, seeds=None,
               sigma_data=SIGMA_DATA):
     """Monte Carlo estimate of an upper bound on -log p(free tokens | held tokens), per row, in nats.
 
@@ -319,10 +319,15 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
     marginal's Gaussian fit N(0, (sigma_max^2 + sigma_data^2) I); samplers start from N(0, sigma_max^2 I), a
     KL divergence of about E sigma_data^4 / (4 sigma_max^4) nats a token between the two. The variance
     returned treats the draws as independent, which overstates it under stratification (a conservative error).
+    Each row draws from its own generator, seeded by its seed: first its `draws` levels, then the noise of each
+    draw for its own length only (utils.row_draws), so that a row's estimate does not depend on its batch, and two
+    rows of one seed (a line and its words shuffled) share their levels whatever their lengths.
 
     ids (B, L) int64; cond_mask (B, L) bool, held positions (bos, row padding); segment_ids (B, L) or None;
-    draws >= 2 per row. Returns a dict of (B,) float64 CPU tensors: "reconstruction", "diffusion", "prior" (nats
-    per row), "variance" (of the row's Monte Carlo estimate of their sum) and "tokens" (free positions).
+    draws >= 2 per row; seeds: B ints (default 0, 1, ...). Returns a dict of float64 CPU tensors: "reconstruction",
+    "diffusion", "prior" (nats per row, (B,)), "variance" (of the row's Monte Carlo estimate of their sum, (B,)),
+    "tokens" (free positions, (B,)) and "per_draw" (B, draws), each draw's estimate of the row's reconstruction
+    plus diffusion terms, for errors of differences between rows of common draws.
     Raises ValueError if draws < 2 or sigma_min >= sigma_max.
     """
     if draws < 2 or not 0 < sigma_min < sigma_max:
@@ -332,13 +337,17 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
     E, log_ratio = x.shape[-1], math.log(sigma_max / sigma_min)
     s2 = sigma_max ** 2 + sigma_data ** 2
     prior = 0.5 * ((E * sigma_max ** 2 + (x ** 2).sum(-1)) / s2 - E + E * math.log(s2 / sigma_max ** 2))  # (B, L)
+    generators = row_generators(range(len(ids)) if seeds is None else seeds)
+    lengths = row_lengths(ids, segment_ids)
+    # stratified: draw j of every row from the j-th of `draws` equal slices of [0, 1)
+    u = (torch.arange(draws) + torch.stack([torch.rand(draws, generator=g, dtype=torch.float64) for g in generators])
+         ) / draws  # (B, draws)
     per_draw = []
-    for j in range(draws):  # stratified: draw j of every row from the j-th of `draws` equal slices of [0, 1)
-        u = ((j + torch.rand(ids.shape[0], generator=generator, dtype=torch.float64)) / draws).to(ids.device)
-        sigma = sigma_min * torch.exp(u * log_ratio)  # (B,) log-uniform
+    for j in range(draws):
+        sigma = (sigma_min * torch.exp(u[:, j] * log_ratio)).to(ids.device)  # (B,) log-uniform
         for level, diffusion_term in ((sigma, True), (torch.full_like(sigma, sigma_min), False)):
             sigma_tok = torch.where(free, level[:, None], 0.0)  # (B, L)
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(ids.device)
+            eps = row_draws(generators, lengths, ids.shape[1], E, dtype=torch.float64).to(ids.device)
             z = x + append_dims(sigma_tok, 3) * eps
             logits = denoiser_logits(model, z, sigma_tok, segment_ids, sigma_data).double()  # (B, L, V)
             if diffusion_term:
@@ -353,7 +362,7 @@ def nll_bound(model, ids, cond_mask, sigma_min, sigma_max, draws, segment_ids=No
     total = per_draw.sum(1)  # (draws, B)
     return {"reconstruction": per_draw[:, 0].mean(0), "diffusion": per_draw[:, 1].mean(0),
             "prior": (prior * free).sum(-1).cpu(), "variance": total.var(0) / draws,
-            "tokens": free.sum(-1).double().cpu()}
+            "tokens": free.sum(-1).double().cpu(), "per_draw": total.T.contiguous()}
 
 
 def ode_derivative(x, denoised, sigma):
@@ -572,9 +581,9 @@ class SamplingRows:
     def __init__(self, model, ids, cond_mask, seeds, segment_ids, precision, dtype, denoising=None):
         self.model, self.precision, self.dtype, self.device = model, precision, dtype, ids.device
         self.denoising = denoising or Denoising()
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.generators = row_generators(seeds)
         # a row draws noise for its own length only, so that its stream does not depend on the longest row beside it
-        self.lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids != 0).sum(dim=1).tolist()
+        self.lengths = row_lengths(ids, segment_ids)
         self.table = model.embedding_table().to(dtype)  # (V, E)
         self.rows = torch.arange(len(ids))  # the rows still sampling, as indices into the batch
         self.segment_ids, self.tokens = segment_ids, ids.clone()
@@ -584,10 +593,9 @@ class SamplingRows:
 
     def noise(self):
         """Fresh standard normal noise (b, L, E) in `dtype`, each row from its own generator, zero past its length."""
-        L, E = self.tokens.shape[1], self.model.cfg.embedding_dim
-        drawn = [torch.randn(self.lengths[r], E, generator=self.generators[r], dtype=self.dtype)
-                 for r in self.rows.tolist()]
-        return torch.stack([F.pad(n, (0, 0, 0, L - len(n))) for n in drawn]).to(self.device)  # any device alike
+        rows = self.rows.tolist()
+        return row_draws([self.generators[r] for r in rows], [self.lengths[r] for r in rows], self.tokens.shape[1],
+                         self.model.cfg.embedding_dim, dtype=self.dtype).to(self.device)  # any device alike
 
     def denoiser(self, x, sigma):
         """D(x; sigma) (b, L, E) by score interpolation, the network under `precision`'s autocast, then `denoising`;

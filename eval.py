@@ -41,14 +41,14 @@ def progress_bar(total, desc, args):
     return tqdm(total=total, desc=desc, unit="line", file=sys.stderr, disable=not args.progress, dynamic_ncols=True)
 
 
-def likelihood(model, objective, lines, args, device, generator):
+def likelihood(model, objective, lines, args, device):
     """The run's NLL of the lines (objectives.py's `nll`: the baseline's exact NLL, a diffusion run's bound with
-    args.draws draws from `generator`), totalled: nats per token (`nll_nats_per_token`; also under
+    args.draws draws a line, seeded by args.seed and the line's place: scoring.line_seeds), totalled: nats per token (`nll_nats_per_token`; also under
     `nll_bound_nats_per_token` for a bound), bits per character, the standard error of the Monte Carlo estimate in nats
     per token (`nll_stderr`, 0 where exact; also `bound_stderr` for a bound), the terms of the sum per token
     (`nll_terms`; `bound_terms` for a bound) and the counts."""
     with progress_bar(len(lines), "bound" if objective.name != "ar" else "NLL", args) as bar:
-        totals = nll_totals(model, objective, lines, args.batch_size, args.pad_id, device, args.draws, generator, bar)
+        totals = nll_totals(model, objective, lines, args.batch_size, args.pad_id, device, args.draws, args.seed, bar)
     tokens, variance, chars = totals.pop("tokens"), totals.pop("variance"), sum(c for _, c in lines)
     nats = sum(totals.values())
     result = {"nll_nats_per_token": nats / tokens, "bits_per_char": nats / chars / math.log(2),
@@ -83,9 +83,9 @@ def ce_by_sigma(model, lines, sigmas, args, device, generator):
 
 def line_nll(model, objective, lines, args, device):
     """The run's negative log-likelihood of `lines` ((ids, characters) pairs), nats per token, and its standard
-    error (likelihood: exact for the baseline, error 0; else the bound with args.draws draws from a generator seeded
-    by args.seed, and its Monte Carlo error)."""
-    result = likelihood(model, objective, lines, args, device, torch.Generator().manual_seed(args.seed))
+    error (likelihood: exact for the baseline, error 0; else the bound with args.draws draws a line seeded by
+    args.seed, and its Monte Carlo error)."""
+    result = likelihood(model, objective, lines, args, device)
     return result["nll_nats_per_token"], result["nll_stderr"]
 
 
@@ -407,15 +407,14 @@ def evaluate(args, device):
     result = {"model_dir": args.model_dir, "objective": objective.name, "valid_path": args.valid, "ema": args.ema,
               "lines": len(lines), "skipped_lines": skipped, "skipped_share": share}
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    result.update(likelihood(model, objective, lines, args, device, generator))
+    result.update(likelihood(model, objective, lines, args, device))
     if objective.name == "ar":  # exact; a bound's perplexity is only bounded (print_table)
         result["perplexity"] = math.exp(result["nll_nats_per_token"])
     else:
         result["draws"] = args.draws
     result["nll_seconds"] = round(time.perf_counter() - started, 1)
     if objective.name == "diffusion":
-        result.update(ce_figures(model, lines, sampling, args, device, generator))
+        result.update(ce_figures(model, lines, sampling, args, device, torch.Generator().manual_seed(args.seed)))
     result.update(order_figures(model, objective, lines, tokenizer, args, device))
     texts = [tokenizer.decode(ids) for ids, _ in lines]
     result["valid"] = {**sample_metrics([ids[1:-1] for ids, _ in lines]), **word_metrics(texts)}

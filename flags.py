@@ -6,6 +6,7 @@ import json
 import os
 
 from corpus import ENCODING_ERRORS
+from model import CONDITIONINGS
 from objectives import OBJECTIVES
 from timewarp import WARP_SHAPES
 from utils import PRECISION_CHOICES, ArgumentParser
@@ -37,7 +38,7 @@ DEFAULTS = {
     # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
     "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
                    stratified_sigma=False, time_budget=None, mask_weight="elbo", anchor_prob=0.0,
-                   warp_shape="monotone", elbo_weight=0.0),
+                   warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
@@ -47,7 +48,7 @@ DEFAULTS = {
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False,
                   mask_weight="elbo", probe_interval=0, probe_lines=64, probe_draws=4, anchor_prob=0.0,
-                  warp_shape="monotone", elbo_weight=0.0),
+                  warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8),
 }
 
 
@@ -95,6 +96,10 @@ def build_parser(description=None):
                                                                 f"runs in ({d('embedding_dim')})")
     arch.add_argument("-nl", "--num_layers", type=int, help=f"transformer blocks ({d('num_layers')})")
     arch.add_argument("-nh", "--num_heads", type=int, help=f"attention heads ({d('num_heads')})")
+    arch.add_argument("--conditioning", choices=CONDITIONINGS,
+                      help=f"how each token's noise level reaches the blocks: film, a FiLM layer per block (Perez et al. "
+                           f"2018); shared, one layer for all blocks and a learned offset per block (adaLN-single, "
+                           f"Chen et al. 2023), a block's layer fewer ({d('conditioning')})")
     arch.add_argument("--objective", choices=OBJECTIVES,
                       help=f"diffusion (this project's model, continuous diffusion of embeddings); ar: the "
                            f"autoregressive baseline, the same backbone with causal attention, clean embeddings and a "
@@ -114,8 +119,11 @@ def build_parser(description=None):
                                                                f"({d('weight_decay')})")
     opt.add_argument("--embedding_lr_scale", type=float,
                      help=f"the token embeddings' learning rate as a multiple of -lr, without weight decay (Plaid "
-                          f"trains them faster); 1 keeps them in the matrices' group ({d('embedding_lr_scale')})")
+                          f"trains them faster); 1 keeps them in the matrices' group; 0 leaves them at their random "
+                          f"start ({d('embedding_lr_scale')})")
     opt.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay ({d('beta2')})")
+    opt.add_argument("--adam_eps", type=float, help=f"AdamW's epsilon, added to the root of the second moment "
+                                                    f"({d('adam_eps')})")
     opt.add_argument("-gc", "--gradient_clipping", type=float, help=f"largest global gradient norm, 0: no clipping "
                                                                     f"({d('gradient_clipping')})")
     opt.add_argument("-ema", "--ema_rate", help=f"comma-separated EMA decay rates, '' for none; each warms up as "
@@ -307,10 +315,12 @@ def check_args(args):
         return f"-rho {args.rho}: must be in [0.1, 100] (1 is uniform in sigma, 7 is EDM's)"
     if not args.learning_rate > 0:
         return f"-lr {args.learning_rate}: must be positive"
-    if not 0 < args.embedding_lr_scale < float("inf"):
-        return f"--embedding_lr_scale {args.embedding_lr_scale}: must be positive and finite"
+    if not 0 <= args.embedding_lr_scale < float("inf"):
+        return f"--embedding_lr_scale {args.embedding_lr_scale}: must be 0 or more and finite"
     if not 0 < args.beta2 < 1:
         return f"--beta2 {args.beta2}: must be in (0, 1)"
+    if not 0 < args.adam_eps < 1:
+        return f"--adam_eps {args.adam_eps}: must be in (0, 1)"
     if not 0 <= args.elbo_weight < float("inf"):
         return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
     if args.warp_shape != "monotone" and not args.time_warp:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from autoregressive import top_p_filter
 from chunked import tied_cross_entropy
 from diffusion import draw_uniform
-from utils import autocast
+from utils import autocast, row_draws, row_generators, row_lengths
 
 T_MIN = 1e-3  # the lowest training t: the 1/t weight of a lower one would make the loss's variance unbounded
 
@@ -56,7 +56,7 @@ def masked_loss(model, ids, t, masked, segment_ids=None, weight=None, uniform=Fa
 
 
 @torch.no_grad()
-def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
+def nll_bound(model, ids, cond_mask, draws, segment_ids=None, seeds=None):
     """Monte Carlo estimate of MDLM's ELBO, an upper bound on -log p(free tokens | held tokens), per row, in nats.
 
     With n free positions and t ~ U(0, 1), the continuous-time bound E_t[(1/t) sum_{masked l} -log p(x_l | z_t)]
@@ -66,20 +66,26 @@ def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
     2406.03736, Theorem 1). That form is estimated here: k uniform on 1..n (weight n), stratified over the draws
     (draw j of a row takes k from the j-th of `draws` equal slices), so that the estimate is exact in expectation
     without the 1/t weight's unbounded variance near t = 0. The variance returned treats the draws as independent,
-    which overstates it under stratification (a conservative error).
+    which overstates it under stratification (a conservative error). Each row draws from its own generator, seeded by
+    its seed: first its `draws` values of k, then each draw's order for its own length only (utils.row_draws), so
+    that a row's estimate does not depend on its batch, and two rows of one seed share their k slices.
 
     ids (B, L) int64; cond_mask (B, L) bool, held positions (bos, prompts, row padding); segment_ids (B, L) or
-    None; draws >= 2. Returns a dict of (B,) float64 CPU tensors: "masked" (the estimate, nats per row), "variance"
-    (of that estimate) and "tokens" (free positions). Raises ValueError if draws < 2."""
+    None; draws >= 2; seeds: B ints (default 0, 1, ...). Returns a dict of float64 CPU tensors: "masked" (the
+    estimate, nats per row, (B,)), "variance" (of that estimate, (B,)), "tokens" (free positions, (B,)) and
+    "per_draw" (B, draws), each draw's estimate. Raises ValueError if draws < 2."""
     if draws < 2:
         raise ValueError(f"need draws >= 2, got {draws}")
     free = ~cond_mask & (segment_ids > 0 if segment_ids is not None else True)
     n = free.sum(-1).cpu()  # (B,), on the host once: k is drawn there
+    generators = row_generators(range(len(ids)) if seeds is None else seeds)
+    lengths = row_lengths(ids, segment_ids)
+    v = (torch.arange(draws) + torch.stack([torch.rand(draws, generator=g, dtype=torch.float64) for g in generators])
+         ) / draws  # (B, draws), stratified
     estimates = []
     for j in range(draws):
-        v = (j + torch.rand(len(ids), generator=generator, dtype=torch.float64)) / draws
-        k = (v * n).floor().long().clamp_max(n - 1) + 1  # uniform on 1..n, stratified
-        keys = torch.rand(ids.shape, generator=generator).to(ids.device).masked_fill(~free, 2.0)
+        k = (v[:, j] * n).floor().long().clamp_max(n - 1) + 1  # uniform on 1..n
+        keys = row_draws(generators, lengths, ids.shape[1], uniform=True).to(ids.device).masked_fill(~free, 2.0)
         rank = keys.argsort(-1).argsort(-1)  # each free position's place in a random order
         masked = rank < k.to(ids.device)[:, None]
         x = model.embed(torch.where(masked, mask_id(model), ids))
@@ -88,7 +94,8 @@ def nll_bound(model, ids, cond_mask, draws, segment_ids=None, generator=None):
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
         estimates.append((ce * masked).sum(-1).cpu() * (n / k))
     estimates = torch.where(n > 0, torch.stack(estimates), 0.0)  # (draws, B); a row with nothing free scores 0
-    return {"masked": estimates.mean(0), "variance": estimates.var(0) / draws, "tokens": n.double()}
+    return {"masked": estimates.mean(0), "variance": estimates.var(0) / draws, "tokens": n.double(),
+            "per_draw": estimates.T.contiguous()}
 
 
 @torch.no_grad()
@@ -107,13 +114,10 @@ def generate_masked(model, ids, cond_mask, seeds, steps, segment_ids=None, tempe
     after a shorter row); callback(i, tokens) after each step run. Returns (tokens (B, L) int64, network evaluations
     per row (B,) int64, the steps until the row's last unmasking (B,) int64), as diffusion.generate."""
     free = (~cond_mask & (segment_ids > 0 if segment_ids is not None else True)).cpu()
-    lengths = [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids > 0).sum(-1).tolist()
     tokens = torch.where(free.to(ids.device), mask_id(model), ids)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    unmask_at = torch.full(ids.shape, steps, dtype=torch.long)  # steps: never (held)
-    for b, g in enumerate(generators):  # a row's own length of draws: its stream does not see its batch
-        unmask_at[b, :lengths[b]] = (torch.rand(lengths[b], generator=g) * steps).long().clamp_max(steps - 1)
-    unmask_at = torch.where(free, unmask_at, steps)
+    generators = row_generators(seeds)
+    draws = row_draws(generators, row_lengths(ids, segment_ids), ids.shape[1], uniform=True)
+    unmask_at = torch.where(free, (draws * steps).long().clamp_max(steps - 1), steps)  # steps: never (held)
     evaluations = torch.zeros(len(ids), dtype=torch.long)
     stale = torch.ones(len(ids), dtype=torch.bool)  # rows whose tokens changed since the network last read them
     c_noise = torch.zeros(ids.shape, device=ids.device)

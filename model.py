@@ -15,6 +15,9 @@ from rotary_embedding_torch import RotaryEmbedding
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
+CONDITIONINGS = ("film", "shared")  # how the noise level reaches the blocks (ModelConfig.conditioning)
+
+
 @dataclass
 class ModelConfig:
     """Architecture of ScoreLM; stored as a plain dict in every checkpoint. Raises ValueError if model_dim does
@@ -31,10 +34,13 @@ class ModelConfig:
     self_cond: bool = False   # also read a previous estimate of the clean embeddings (self-conditioning)
     output_prior: bool = False  # logits add each token's own posterior (diffusion.py); the head starts at zero
     masked: bool = False      # masked diffusion (masked.py): one embedding more, [MASK] at id vocab_size, never predicted
+    conditioning: str = "film"  # "film": a FiLM layer per block; "shared": one for all blocks, an offset per block
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             raise ValueError(f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning {self.conditioning!r} is none of {CONDITIONINGS}")
 
 
 def segment_positions(segment_ids):
@@ -199,7 +205,10 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block whose two norms are modulated per token by FiLM (Perez et al. 2018) from
-    that token's noise-level embedding: h = (1 + scale) * RMSNorm(x) + shift."""
+    that token's noise-level embedding: h = (1 + scale) * RMSNorm(x) + shift. With cfg.conditioning "film" the block
+    maps the embedding (B, L, time_dim) to its (scale, shift) pairs by a layer of its own; with "shared" it reads the
+    pairs ScoreLM's one shared layer made (B, L, 4 D) and adds a learned offset of its own (adaLN-single of
+    PixArt-alpha, Chen et al. 2023, sec. 2.3), a 4 D-vector in place of a time_dim x 4 D layer a block."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -207,11 +216,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.model_dim, elementwise_affine=False)
         self.ffn = SwiGLU(cfg.model_dim)
-        self.film = nn.Linear(cfg.time_dim, 4 * cfg.model_dim)
+        if cfg.conditioning == "film":
+            self.film = nn.Linear(cfg.time_dim, 4 * cfg.model_dim)
+        else:
+            self.film_offset = nn.Parameter(torch.zeros(4 * cfg.model_dim))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, time, rotary, mask):
-        scale1, shift1, scale2, shift2 = self.film(time).chunk(4, dim=-1)  # each (B, L, D)
+        modulation = self.film(time) if hasattr(self, "film") else time + self.film_offset
+        scale1, shift1, scale2, shift2 = modulation.chunk(4, dim=-1)  # each (B, L, D)
         x = x + self.dropout(self.attn((1 + scale1) * self.attn_norm(x) + shift1, rotary, mask))
         return x + self.dropout(self.ffn((1 + scale2) * self.ffn_norm(x) + shift2))
 
@@ -244,6 +257,8 @@ class ScoreLM(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.fourier_dim, cfg.time_dim), nn.SiLU(),
             nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU())
+        # with "shared" conditioning, the (scale, shift) pairs of every block from one layer (Block)
+        self.film = nn.Linear(cfg.time_dim, 4 * cfg.model_dim) if cfg.conditioning == "shared" else None
         self.input_proj = nn.Linear(cfg.embedding_dim, cfg.model_dim)
         # the estimate is concatenated to the input, i.e. its own projection added (no bias: zeros add nothing)
         self.self_cond_proj = nn.Linear(cfg.embedding_dim, cfg.model_dim, bias=False) if cfg.self_cond else None
@@ -255,9 +270,11 @@ class ScoreLM(nn.Module):
         self.apply(self._init_weights)
         if cfg.output_prior:  # the network starts as the single-token posterior and learns what context adds (Plaid)
             nn.init.zeros_(self.head.weight)
+        for film in [self.film] + [getattr(block, "film", None) for block in self.blocks]:
+            if film is not None:  # every block starts unmodulated
+                nn.init.zeros_(film.weight)
+                nn.init.zeros_(film.bias)
         for block in self.blocks:
-            nn.init.zeros_(block.film.weight)  # every block starts unmodulated
-            nn.init.zeros_(block.film.bias)
             for proj in (block.attn.out, block.ffn.down):  # GPT-2's scaled residual init
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.num_layers))
 
@@ -338,6 +355,8 @@ class ScoreLM(nn.Module):
         B, L, _ = x.shape
         packing = segment_ids if isinstance(segment_ids, Packing) else self.packing(segment_ids, (B, L), x.device)
         time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
+        if self.film is not None:
+            time = self.film(time)  # (B, L, 4 D): every block's modulation but its offset
         h = self.input_proj(x)  # (B, L, D)
         if self.self_cond_proj is not None:  # zeros when there is no estimate: every parameter takes part in
             # every forward, as DistributedDataParallel requires

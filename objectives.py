@@ -14,10 +14,11 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
                                               (diagnostics.py) and the time warp's fit; None without levels
     level_range                               (name, low, high, "log" or "linear"): the noise level's name
                                               ("sigma", "t") and span, or None
-    nll(model, ids, cond_mask, segment_ids, draws, generator)
-                                              the NLL of the free positions of each row, or its upper bound: a dict
-                                              of (B,) float64 CPU tensors, its terms in nats, "variance" of their
-                                              sum's estimate (0 where exact) and "tokens"
+    nll(model, ids, cond_mask, segment_ids, draws, seeds)
+                                              the NLL of the free positions of each row, or its upper bound (each
+                                              row's draws from a generator of its seed): a dict of (B,) float64 CPU
+                                              tensors, its terms in nats, "variance" of their sum's estimate (0 where
+                                              exact) and "tokens", and for a bound "per_draw" (B, draws)
     sample(model, ids, cond_mask, seeds, settings, segment_ids, context, callback)
                                               (tokens, evaluations, steps) of one batch of layouts
 
@@ -99,8 +100,8 @@ class Continuous:
     def scored(self, noise, targets):
         return targets if noise.get("anchors") is None else targets & ~noise["anchors"]
 
-    def nll(self, model, ids, cond_mask, segment_ids, draws, generator):
-        return diffusion.nll_bound(model, ids, cond_mask, self.sigma_min, self.sigma_max, draws, segment_ids, generator)
+    def nll(self, model, ids, cond_mask, segment_ids, draws, seeds):
+        return diffusion.nll_bound(model, ids, cond_mask, self.sigma_min, self.sigma_max, draws, segment_ids, seeds)
 
     def sample(self, model, ids, cond_mask, seeds, settings, segment_ids, context, callback=None):
         dtype = torch.float64 if settings.fp64 else torch.float32
@@ -131,7 +132,7 @@ class Autoregressive:
         return targets
 
     @torch.no_grad()
-    def nll(self, model, ids, cond_mask, segment_ids, draws=None, generator=None):
+    def nll(self, model, ids, cond_mask, segment_ids, draws=None, seeds=None):
         segment_ids = torch.ones_like(ids) if segment_ids is None else segment_ids
         targets = autoregressive.autoregressive_targets(segment_ids) & ~cond_mask
         _, ce, _ = autoregressive.autoregressive_loss(model, ids, segment_ids, targets.float())
@@ -173,8 +174,8 @@ class Masked:
     def scored(self, noise, targets):
         return targets & noise["masked"]  # the unmasked ones are carried over: right by construction
 
-    def nll(self, model, ids, cond_mask, segment_ids, draws, generator):
-        return masked.nll_bound(model, ids, cond_mask, draws, segment_ids, generator)
+    def nll(self, model, ids, cond_mask, segment_ids, draws, seeds):
+        return masked.nll_bound(model, ids, cond_mask, draws, segment_ids, seeds)
 
     def sample(self, model, ids, cond_mask, seeds, settings, segment_ids, context, callback=None):
         return masked.generate_masked(model, ids, cond_mask, seeds, settings.steps, segment_ids, settings.temperature,

@@ -10,6 +10,7 @@ import torch
 
 from data import sample_rows
 from objectives import Autoregressive
+from sampling import sample_seed
 
 
 def sequence_nll(model, sequences, batch_size, pad_id, device):
@@ -35,17 +36,38 @@ def line_batches(lines, batch_size, pad_id, device):
         yield ids.to(device), cond_mask.to(device), None if segment_ids is None else segment_ids.to(device)
 
 
-def nll_totals(model, objective, lines, batch_size, pad_id, device, draws, generator, bar=None):
-    """The objective's NLL (objectives.py `nll`: exact for the baseline, a bound with `draws` draws from `generator`
-    otherwise) of whole lines, summed over them: a dict of its terms in nats, "variance" (of the estimate of their
-    sum) and "tokens"; `bar` (tqdm) is advanced by the lines done."""
-    totals = {}
-    for ids, cond_mask, segment_ids in line_batches(lines, batch_size, pad_id, device):
-        for key, value in objective.nll(model, ids, cond_mask, segment_ids, draws, generator).items():
-            totals[key] = totals.get(key, 0.0) + float(value.sum())
+def line_seeds(seed, indices):
+    """The noise seeds of the lines at `indices` (ints) of a run's --seed `seed`: sampling.sample_seed's, so that a
+    line's draws depend on its place in the file and the seed only, not on its batch."""
+    return [sample_seed(seed, i) for i in indices]
+
+
+def line_estimates(model, objective, lines, batch_size, pad_id, device, draws, seeds, bar=None):
+    """The objective's NLL (objectives.py `nll`: exact for the baseline, a bound with `draws` draws otherwise) of
+    each of the whole lines, line i's draws from a generator seeded by seeds[i]: a dict of float64 CPU tensors, the
+    NLL's terms in nats, "variance" and "tokens" (N,) and for a bound "per_draw" (N, draws); `bar` (tqdm) is
+    advanced by the lines done."""
+    parts = {}
+    batches = line_batches(lines, batch_size, pad_id, device)
+    for start, (ids, cond_mask, segment_ids) in zip(range(0, len(lines), batch_size), batches):
+        scored = objective.nll(model, ids, cond_mask, segment_ids, draws, seeds[start:start + len(ids)])
+        for key, value in scored.items():
+            parts.setdefault(key, []).append(value)
         if bar is not None:
             bar.update(len(ids))
-    return totals
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def totals(estimates):
+    """line_estimates' dict summed over the lines: floats, "per_draw" left out."""
+    return {key: float(value.sum()) for key, value in estimates.items() if key != "per_draw"}
+
+
+def nll_totals(model, objective, lines, batch_size, pad_id, device, draws, seed, bar=None):
+    """The objective's NLL of whole lines summed over them (totals of line_estimates, line i's draws seeded by
+    line_seeds(seed, [i])): a dict of its terms in nats, "variance" (of the estimate of their sum) and "tokens"."""
+    return totals(line_estimates(model, objective, lines, batch_size, pad_id, device, draws,
+                                 line_seeds(seed, range(len(lines))), bar))
 
 
 def per_token(totals):
@@ -56,37 +78,44 @@ def per_token(totals):
 
 
 def shuffle_gap(model, objective, lines, tokenizer, length, draws, seed, batch_size, pad_id, device, bar=None):
-    """Word-order sensitivity: the NLL (nll_totals, nats per token) of the lines with their words shuffled
-    (shuffled_words, from `seed`) minus that of the same lines as they are, as a dict: `shuffle_gap`, its standard
-    error (`shuffle_gap_stderr`, the two Monte Carlo errors combined as if independent: both parts start from
-    generators seeded by `seed`, but their draws coincide only while their batches have the same shapes, and a
-    shuffled line's tokens differ in number), `ordered_nll`,
-    `shuffled_nll` and `shuffle_lines` (the lines whose shuffled words still fit `length` tokens); {} when no line
-    is left. `bar` (tqdm) is advanced by the lines done, twice each."""
-    ordered, shuffled = shuffled_words(lines, tokenizer, seed, length)
+    """Word-order sensitivity: the NLL (nats per token) of the lines with their words shuffled (shuffled_words, from
+    `seed`) minus that of the same lines as they are, as a dict: `shuffle_gap`, its Monte Carlo standard error
+    (`shuffle_gap_stderr`), `ordered_nll`, `shuffled_nll` and `shuffle_lines` (the lines whose shuffled words still
+    fit `length` tokens); {} when no line is left. A line and its shuffled words draw from generators of one seed
+    (line_seeds of the line's index in `lines`), so a bound's draws share their noise levels, and the error is that of
+    the paired differences: with m_ij and r_ij draw j's estimates of line i shuffled and as it is, and M and R the
+    parts' tokens, the variance of sum_i (m_i / M - r_i / R) over the draws. `bar` (tqdm) is advanced by the lines
+    done, twice each."""
+    ordered, shuffled, indices = shuffled_words(lines, tokenizer, seed, length)
     if not ordered:
         return {}
-    (real, real_error), (mixed, mixed_error) = (
-        per_token(nll_totals(model, objective, part, batch_size, pad_id, device, draws,
-                             torch.Generator().manual_seed(seed), bar))
-        for part in (ordered, shuffled))
-    return {"shuffle_gap": mixed - real, "shuffle_gap_stderr": math.hypot(real_error, mixed_error),
-            "ordered_nll": real, "shuffled_nll": mixed, "shuffle_lines": len(ordered)}
+    seeds = line_seeds(seed, indices)
+    real, mixed = (line_estimates(model, objective, part, batch_size, pad_id, device, draws, seeds, bar)
+                   for part in (ordered, shuffled))
+    (real_nll, _), (mixed_nll, _) = per_token(totals(real)), per_token(totals(mixed))
+    variance = 0.0  # exact (the baseline)
+    if "per_draw" in real:
+        paired = mixed["per_draw"] / mixed["tokens"].sum() - real["per_draw"] / real["tokens"].sum()  # (N, draws)
+        variance = float((paired.var(1) / paired.shape[1]).sum())
+    return {"shuffle_gap": mixed_nll - real_nll, "shuffle_gap_stderr": math.sqrt(variance),
+            "ordered_nll": real_nll, "shuffled_nll": mixed_nll, "shuffle_lines": len(ordered)}
 
 
 def shuffled_words(lines, tokenizer, seed, length):
     """The lines with their words (split at white space) in a random order, from one generator seeded by `seed`, and
-    encoded again: (kept, shuffled), both lists of read_lines' (ids, characters) pairs, where a line whose shuffled
-    words take more than `length` tokens is left out of both (a line of one word stays as it is)."""
-    rng, kept, shuffled = random.Random(seed), [], []
-    for ids, chars in lines:
+    encoded again: (kept, shuffled, indices), kept and shuffled lists of read_lines' (ids, characters) pairs, where a
+    line whose shuffled words take more than `length` tokens is left out of both (a line of one word stays as it
+    is), and indices the kept lines' places in `lines`."""
+    rng, kept, shuffled, indices = random.Random(seed), [], [], []
+    for index, (ids, chars) in enumerate(lines):
         words = tokenizer.decode(ids).split()
         rng.shuffle(words)
         mixed = tokenizer.encode(" ".join(words))
         if len(mixed) <= length:
             kept.append((ids, chars))
             shuffled.append((mixed, chars))
-    return kept, shuffled
+            indices.append(index)
+    return kept, shuffled, indices
 
 
 def sample_metrics(samples):

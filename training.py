@@ -116,14 +116,15 @@ def build_model(args, vocab_size, device):
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
                       causal=args.objective == "ar", masked=args.objective == "mdlm", self_cond=args.self_cond > 0,
-                      output_prior=args.output_prior)
+                      output_prior=args.output_prior, conditioning=args.conditioning)
     return ScoreLM(cfg).to(device)
 
 
 def build_optimizer(model, args):
-    """AdamW with weight decay on matrices only (biases, norms and frozen buffers excluded); with an
-    --embedding_lr_scale other than 1, the token embeddings in a group of their own at that multiple of the
-    learning rate ("lr_scale"), without weight decay."""
+    """AdamW (--beta2, --adam_eps) with weight decay on matrices only (biases, norms and frozen buffers excluded);
+    with an --embedding_lr_scale other than 1, the token embeddings in a group of their own at that multiple of the
+    learning rate ("lr_scale"), without weight decay (at 0 they stay as they started: AdamW's step is lr times its
+    update, and its decay 1 - lr * 0)."""
     params = [p for p in model.parameters() if p.requires_grad]
     own = [model.embedding.weight] if args.embedding_lr_scale != 1 else []
     groups = [{"params": [p for p in params if p.ndim >= 2 and all(p is not q for q in own)],
@@ -131,7 +132,7 @@ def build_optimizer(model, args):
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     if own:
         groups.append({"params": own, "weight_decay": 0.0, "lr_scale": args.embedding_lr_scale})
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.beta2))
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.beta2), eps=args.adam_eps)
 
 
 def build_state(args, tokenizer, device, rank=0, world_size=1):

@@ -223,6 +223,29 @@ def append_dims(x, ndim):
     return x[(...,) + (None,) * missing]
 
 
+def row_lengths(ids, segment_ids):
+    """Each row's length without its trailing padding (segment 0): a list of B ints; every row is L long where
+    segment_ids is None. ids (B, L); segment_ids (B, L) or None."""
+    return [ids.shape[1]] * len(ids) if segment_ids is None else (segment_ids != 0).sum(-1).tolist()
+
+
+def row_generators(seeds):
+    """One CPU torch.Generator per row, seeded by its seed (ints)."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def row_draws(generators, lengths, length, *tail, dtype=torch.float32, uniform=False):
+    """Random values of a batch, each row from its own generator and for its own length only (EDM's
+    StackedRandomGenerator), so that a row's stream does not depend on the rows beside it or their lengths: (B,
+    length, *tail) standard normal (uniform on [0, 1) with `uniform`) in `dtype` on the CPU, zero past each row's
+    length. generators: B torch.Generators; lengths: B ints <= length."""
+    draw = torch.rand if uniform else torch.randn
+    drawn = torch.zeros(len(generators), length, *tail, dtype=dtype)
+    for row, g, n in zip(drawn, generators, lengths):
+        row[:n] = draw(n, *tail, generator=g, dtype=dtype)
+    return drawn
+
+
 @torch.no_grad()
 def ema_update(ema_params, params, rate, step):
     """One EMA step, ema <- d * ema + (1 - d) * param, with d = min(rate, (1 + step) / (10 + step)).

@@ -1,6 +1,7 @@
 """A run folder written by an earlier version of this project (tests/fixtures/main_run, see its README.md) still
-resumes, samples and evaluates, and gives what that version gave."""
+resumes, samples and evaluates, and gives what that version gave (its Monte Carlo bound within the error)."""
 import json
+import math
 import platform
 import shutil
 
@@ -70,8 +71,17 @@ def test_an_old_run_samples_and_evaluates_as_the_old_version_did(old_run, capsys
                    "--plot_dir", str(run), "--json"])
     result = json.loads(capsys.readouterr().out)
     expected_curve = expected["eval"].pop("ce_by_sigma")
+    # the bound's draws are seeded per line now (scoring.line_seeds): another Monte Carlo estimate of the same bound,
+    # equal within its error; the prior term and the counts draw nothing
+    bound, error = expected["eval"].pop("nll_bound_nats_per_token"), expected["eval"].pop("bound_stderr")
+    assert abs(result["nll_bound_nats_per_token"] - bound) < 4 * math.hypot(error, result["bound_stderr"])
+    assert result["bound_stderr"] == pytest.approx(error, rel=0.5)
+    prior = expected["eval"].pop("bound_terms")["prior"]
+    assert result["bound_terms"]["prior"] == pytest.approx(prior, rel=tolerance(expected))
     for key, value in expected["eval"].items():
         assert result[key] == pytest.approx(value, rel=tolerance(expected)), key
     assert [point.keys() for point in result["ce_by_sigma"]] == [point.keys() for point in expected_curve]
-    for point, expected_point in zip(result["ce_by_sigma"], expected_curve):
-        assert point == pytest.approx(expected_point, rel=tolerance(expected))
+    for point, expected_point in zip(result["ce_by_sigma"], expected_curve):  # its noise no longer follows the bound's
+        assert point["sigma"] == expected_point["sigma"]
+        assert point["ce"] == pytest.approx(expected_point["ce"], rel=0.02)
+        assert point["accuracy"] == pytest.approx(expected_point["accuracy"], abs=0.02)

@@ -11,7 +11,7 @@ from conftest import run_train, small_model
 from diagnostics import gradient_by_level, level_buckets, level_edges, level_figures, level_sums
 from masked import masked_loss
 from objectives import Autoregressive, Continuous, Masked
-from scoring import shuffle_gap
+from scoring import line_estimates, line_seeds, shuffle_gap
 
 
 def test_level_edges_span_each_objectives_levels():
@@ -84,14 +84,23 @@ def test_masked_observed_cross_entropy_is_the_plain_one():
     assert torch.allclose(plain[masked], direct[masked], atol=1e-4)
 
 
-def test_shuffle_gap_draws_the_same_noise_for_both_orders(tokenizer):
-    """Lines whose words are all alike read the same shuffled: the gap is exactly 0 because both parts draw the same
-    noise, although each part's estimate has a Monte Carlo error."""
-    model = small_model(vocab_size=tokenizer.vocab_size).eval()
-    lines = [(tokenizer.encode(text), len(text) + 1) for text in ("the the the the", "tree tree tree")]
-    gap = shuffle_gap(model, Continuous(1.0, 20.0), lines, tokenizer, 32, 4, 0, 8, tokenizer.pad_id,
-                      torch.device("cpu"))
-    assert gap["shuffle_lines"] == 2 and gap["shuffle_gap"] == 0.0 and gap["shuffle_gap_stderr"] > 0
+@pytest.mark.parametrize("objective", [Continuous(1.0, 20.0), Masked()], ids=["diffusion", "mdlm"])
+def test_shuffle_gap_pairs_each_line_with_its_shuffled_words(tokenizer, objective):
+    """Lines whose words are all alike read the same shuffled: the gap and its error are exactly 0 because a line and
+    its shuffled words draw from one generator (each part alone has a Monte Carlo error); another line beside them,
+    shuffled into more tokens, moves neither the draws nor the estimates of the others."""
+    masked = isinstance(objective, Masked)
+    model = small_model(vocab_size=tokenizer.vocab_size, masked=masked).eval()
+    alike = [(tokenizer.encode(text), len(text) + 1) for text in ("the the the the", "tree tree tree")]
+    gap = shuffle_gap(model, objective, alike, tokenizer, 32, 4, 0, 8, tokenizer.pad_id, torch.device("cpu"))
+    assert gap["shuffle_lines"] == 2 and gap["shuffle_gap"] == 0.0 and gap["shuffle_gap_stderr"] == 0.0
+    lines = alike + [(tokenizer.encode("a tree of the sea"), 18)]
+    estimates = line_estimates(model, objective, lines, 8, tokenizer.pad_id, "cpu", 4, line_seeds(0, range(3)))
+    alone = line_estimates(model, objective, alike[1:], 1, tokenizer.pad_id, "cpu", 4, line_seeds(0, [1]))
+    assert estimates["per_draw"].shape == (3, 4) and estimates["variance"].min() > 0
+    torch.testing.assert_close(estimates["per_draw"][1:2], alone["per_draw"], rtol=1e-5, atol=1e-5)
+    mixed = shuffle_gap(model, objective, lines, tokenizer, 32, 4, 0, 8, tokenizer.pad_id, torch.device("cpu"))
+    assert mixed["shuffle_lines"] == 3 and mixed["shuffle_gap_stderr"] > 0
 
 
 def test_a_probed_run_trains_as_an_unprobed_one_and_logs_its_levels(tmp_path, corpus_file, spm_path):

@@ -1,6 +1,6 @@
 """The continuous model's optional levers: clean anchors (diffusion.draw_anchors, --anchor_prob), the Gumbel shape of
-the time warp (timewarp.gumbel_levels, --warp_shape gumbel) and the ELBO term in the loss (diffusion.mixed_elbo_loss,
---elbo_weight)."""
+the time warp (timewarp.gumbel_levels, --warp_shape gumbel), the ELBO term in the loss (diffusion.mixed_elbo_loss,
+--elbo_weight), the shared noise conditioning (--conditioning shared), AdamW's epsilon and frozen embeddings."""
 import math
 
 import pytest
@@ -10,6 +10,7 @@ from conftest import small_model
 from diffusion import (denoising_error, draw_anchors, draw_training_sigma, elbo_integrand, training_density,
                        training_features)
 from flags import parse_args
+from training import build_optimizer
 from objectives import Continuous
 from timewarp import TimeWarp, gumbel_levels
 
@@ -123,7 +124,10 @@ def test_the_lever_flags_are_checked(capsys):
     for extra, message in ((["--anchor_prob", "1.5"], "--anchor_prob 1.5: must be in [0, 1]"),
                            (["--warp_shape", "gumbel", "--no-time_warp"], "--warp_shape gumbel: shapes the time warp"),
                            (["--objective", "mdlm", "--anchor_prob", "0.5"], "--anchor_prob: only for the diffusion"),
-                           (["--objective", "ar", "--warp_shape", "gumbel"], "--warp_shape: only for the diffusion")):
+                           (["--objective", "ar", "--warp_shape", "gumbel"], "--warp_shape: only for the diffusion"),
+                           (["--adam_eps", "0"], "--adam_eps 0.0: must be in (0, 1)"),
+                           (["--embedding_lr_scale", "-1"], "--embedding_lr_scale -1.0: must be 0 or more"),
+                           (["--conditioning", "none"], "invalid choice: 'none'")):
         with pytest.raises(SystemExit):
             parse_args(base + extra)
         assert message in capsys.readouterr().err, extra
@@ -189,3 +193,39 @@ def test_the_elbo_term_estimates_the_bounds_diffusion_term():
     for row in range(2):
         assert float(estimate[row]) == pytest.approx(float(exact[row]), abs=4 * float(error[row]) + 0.02 * float(exact[row]))
         assert 4 * float(error[row]) < 0.15 * float(exact[row])  # a test that could fail
+
+
+def test_shared_conditioning_is_film_with_one_layer_and_an_offset_per_block():
+    """A shared-conditioning model equals a FiLM model whose every block's layer is the shared layer with the block's
+    offset added to its bias; it starts unmodulated and has a block's layer fewer per block but one."""
+    shared = small_model(vocab_size=40, conditioning="shared", num_layers=3)
+    film = small_model(vocab_size=40, num_layers=3)
+    assert all(not p.detach().any() for n, p in shared.named_parameters() if "film" in n)  # unmodulated
+    torch.manual_seed(1)
+    for p in shared.parameters():  # every weight nonzero, so that each takes part in the comparison
+        p.data.normal_(0, 0.1)
+    state = {k: v for k, v in shared.state_dict().items() if "film" not in k}
+    for i, block in enumerate(shared.blocks):
+        state[f"blocks.{i}.film.weight"] = shared.film.weight.detach()
+        state[f"blocks.{i}.film.bias"] = shared.film.bias.detach() + block.film_offset.detach()
+    film.load_state_dict(state)
+    x, c_noise = torch.randn(2, 7, 16), torch.rand(2, 7)  # a noise level per token
+    torch.testing.assert_close(shared(x, c_noise), film(x, c_noise))
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    layer, offset = film.blocks[0].film.weight.numel() + film.blocks[0].film.bias.numel(), 4 * 32
+    assert count(film) - count(shared) == 2 * layer - 3 * offset
+
+
+def test_adam_eps_and_frozen_embeddings_reach_the_optimizer():
+    args = parse_args(["-d", "c.txt", "-spm", "m.model", "-mdir", "out", "--adam_eps", "1e-6",
+                       "--embedding_lr_scale", "0"])
+    model = small_model(vocab_size=40)
+    optimizer = build_optimizer(model, args)
+    assert {group["eps"] for group in optimizer.param_groups} == {1e-6}
+    start = model.embedding.weight.detach().clone()
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr_scale"] * 1e-2  # as training.py sets it each step
+    model(model.embed(torch.randint(4, 40, (2, 6))), torch.rand(2, 6)).square().mean().backward()
+    optimizer.step()
+    assert torch.equal(model.embedding.weight, start) and model.embedding.weight.grad.abs().sum() > 0
+    assert not torch.equal(model.input_proj.weight, small_model(vocab_size=40).input_proj.weight)
