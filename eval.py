@@ -30,8 +30,8 @@ from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, rho_schedule
 from objectives import objective_name, run_objective
 from sampling import (GRIDS, beyond_training, check_objective_flags, draw, length_flag, parse_length, sample_lengths,
                       sampler_settings, unconditional_layouts)
-from scoring import (Judge, at_entropy, line_batches, nll_totals, perplexities, pooled_entropy, sample_metrics,
-                     shuffle_gap, word_metrics)
+from scoring import (Judge, at_entropy, line_batches, line_estimates, line_seeds, paired_difference, perplexities,
+                     pooled_entropy, sample_metrics, shuffle_gap, totals, word_metrics)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
                    seed_all, warn_if_emulated)
 
@@ -41,18 +41,26 @@ def progress_bar(total, desc, args):
     return tqdm(total=total, desc=desc, unit="line", file=sys.stderr, disable=not args.progress, dynamic_ncols=True)
 
 
-def likelihood(model, objective, lines, args, device):
-    """The run's NLL of the lines (objectives.py's `nll`: the baseline's exact NLL, a diffusion run's bound with
-    args.draws draws a line, seeded by args.seed and the line's place: scoring.line_seeds), totalled: nats per token (`nll_nats_per_token`; also under
-    `nll_bound_nats_per_token` for a bound), bits per character, the standard error of the Monte Carlo estimate in nats
-    per token (`nll_stderr`, 0 where exact; also `bound_stderr` for a bound), the terms of the sum per token
-    (`nll_terms`; `bound_terms` for a bound) and the counts."""
-    with progress_bar(len(lines), "bound" if objective.name != "ar" else "NLL", args) as bar:
-        totals = nll_totals(model, objective, lines, args.batch_size, args.pad_id, device, args.draws, args.seed, bar)
-    tokens, variance, chars = totals.pop("tokens"), totals.pop("variance"), sum(c for _, c in lines)
-    nats = sum(totals.values())
+def line_estimates_of(model, objective, lines, args, device, desc=None):
+    """The run's NLL of each line (scoring.line_estimates: the baseline's exact NLL, a diffusion run's bound with
+    args.draws draws a line, seeded by args.seed and the line's place, scoring.line_seeds), with a progress bar."""
+    with progress_bar(len(lines), desc or ("bound" if objective.name != "ar" else "NLL"), args) as bar:
+        return line_estimates(model, objective, lines, args.batch_size, args.pad_id, device, args.draws,
+                              line_seeds(args.seed, range(len(lines))), bar)
+
+
+def likelihood(model, objective, lines, args, device, estimates=None):
+    """The run's NLL of the lines (line_estimates_of, or its `estimates` where given), totalled: nats per token
+    (`nll_nats_per_token`; also under `nll_bound_nats_per_token` for a bound), bits per character, the standard error
+    of the Monte Carlo estimate in nats per token (`nll_stderr`, 0 where exact; also `bound_stderr` for a bound), the
+    terms of the sum per token (`nll_terms`; `bound_terms` for a bound) and the counts."""
+    if estimates is None:
+        estimates = line_estimates_of(model, objective, lines, args, device)
+    summed = totals(estimates)
+    tokens, variance, chars = summed.pop("tokens"), summed.pop("variance"), sum(c for _, c in lines)
+    nats = sum(summed.values())
     result = {"nll_nats_per_token": nats / tokens, "bits_per_char": nats / chars / math.log(2),
-              "nll_stderr": math.sqrt(variance) / tokens, "nll_terms": {k: v / tokens for k, v in totals.items()},
+              "nll_stderr": math.sqrt(variance) / tokens, "nll_terms": {k: v / tokens for k, v in summed.items()},
               "tokens": int(tokens), "characters": chars}
     if objective.name != "ar":  # the names a bound's figures have always had
         result.update(nll_bound_nats_per_token=result["nll_nats_per_token"], bound_stderr=result["nll_stderr"],
@@ -290,6 +298,10 @@ def build_parser():
                         "block is then drawn only where --samples is given)")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL_DIR",
                    help="other runs (any objective, the same --ema) drawn and judged alike on the --frontier")
+    p.add_argument("--against", nargs="+", default=[], metavar="MODEL_DIR",
+                   help="other runs of the same tokenizer (any objective, the same --ema) scored on the same lines with "
+                        "the same draws: each one's NLL and this run's minus it, with the error of the paired "
+                        "differences, far below the two errors combined (for comparing two runs of one objective)")
     p.add_argument("--plot_dir", help="folder for ce_by_sigma.png, sweep.png and frontier.png (default: MODEL_DIR)")
     p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws and of the samples")
@@ -394,6 +406,7 @@ def evaluate(args, device):
     check_request(args, objective, sampling)
     judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     compared = load_compared(args, tokenizer, device) if args.frontier else []
+    against = [(model_dir, load_other(model_dir, "--against", args, tokenizer, device)) for model_dir in args.against]
     judged = {os.path.realpath(d) for d in [args.model_dir] + args.compare}
     if args.judge is not None and os.path.realpath(args.judge) in judged:
         print(f"warning: --judge {args.judge} is also a judged run: it scores its own beliefs, which favours it; judge "
@@ -407,12 +420,15 @@ def evaluate(args, device):
     result = {"model_dir": args.model_dir, "objective": objective.name, "valid_path": args.valid, "ema": args.ema,
               "lines": len(lines), "skipped_lines": skipped, "skipped_share": share}
     started = time.perf_counter()
-    result.update(likelihood(model, objective, lines, args, device))
+    estimates = line_estimates_of(model, objective, lines, args, device)
+    result.update(likelihood(model, objective, lines, args, device, estimates))
     if objective.name == "ar":  # exact; a bound's perplexity is only bounded (print_table)
         result["perplexity"] = math.exp(result["nll_nats_per_token"])
     else:
         result["draws"] = args.draws
     result["nll_seconds"] = round(time.perf_counter() - started, 1)
+    if against:
+        result["against"] = [against_figures(estimates, other, lines, args, device) for other in against]
     if objective.name == "diffusion":
         result.update(ce_figures(model, lines, sampling, args, device, torch.Generator().manual_seed(args.seed)))
     result.update(order_figures(model, objective, lines, tokenizer, args, device))
@@ -512,6 +528,31 @@ def self_nll_figures(model, objective, tokenizer, sequences, lines, args, device
             "self_nll_seconds": round(time.perf_counter() - started, 1)}
 
 
+def load_other(model_dir, flag, args, tokenizer, device, why="runs scored on the same lines share one tokenizer"):
+    """Another run named by `flag` (--against, --compare), loaded with --ema: (model, its tokenizer, sampling);
+    UsageError naming the folder for one that cannot be loaded or has another tokenizer than the evaluated run (`why`
+    says why that matters)."""
+    try:
+        model, run_tokenizer, sampling = load_model(model_dir, args.ema, device)
+    except UsageError as e:
+        raise UsageError(f"{flag} {model_dir}: {e}") from None
+    if run_tokenizer.model_proto != tokenizer.model_proto:
+        raise UsageError(f"{flag} {model_dir}: another tokenizer than {args.model_dir}'s; {why}")
+    return model, run_tokenizer, sampling
+
+
+def against_figures(estimates, other, lines, args, device):
+    """--against: the other run's NLL of the same lines with the same draws (line_estimates_of), and this run's
+    (its `estimates`) minus it with the error of the paired differences (scoring.paired_difference)."""
+    model_dir, (model, _, sampling) = other
+    objective, started = run_objective(model, sampling), time.perf_counter()
+    theirs = line_estimates_of(model, objective, lines, args, device, f"against {os.path.basename(model_dir)}")
+    difference, error = paired_difference(estimates, theirs)
+    return {"model_dir": model_dir, "objective": objective.name,
+            "nll_nats_per_token": likelihood(model, objective, lines, args, device, theirs)["nll_nats_per_token"],
+            "difference": difference, "difference_stderr": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
 def load_compared(args, tokenizer, device):
     """The --compare runs, loaded and checked before any work: (model_dir, model, tokenizer, sampling) each. Raises
     UsageError naming the folder for one that cannot be loaded (or lacks --ema), has another tokenizer than the
@@ -519,13 +560,8 @@ def load_compared(args, tokenizer, device):
     cannot draw samples of --length or on --grid warped."""
     compared = []
     for model_dir in args.compare:
-        try:
-            model, run_tokenizer, sampling = load_model(model_dir, args.ema, device)
-        except UsageError as e:
-            raise UsageError(f"--compare {model_dir}: {e}") from None
-        if run_tokenizer.model_proto != tokenizer.model_proto:
-            raise UsageError(f"--compare {model_dir}: another tokenizer than {args.model_dir}'s; a frontier's entropies "
-                             "count tokens, so its runs share one tokenizer")
+        model, run_tokenizer, sampling = load_other(model_dir, "--compare", args, tokenizer, device,
+                                                    "a frontier's entropies count tokens, so its runs share one tokenizer")
         objective = run_objective(model, sampling)
         check_objective_flags(objective.name, [f"--{args.frontier[0]} (in --frontier)"], model_dir)
         if isinstance(args.length, tuple) and args.length[1] > sampling["sequence_length"]:
@@ -633,6 +669,10 @@ def print_table(result):
               f"{result['bits_per_char']:.4f} bits/char")
         for point in result["ce_by_sigma"]:
             print(f"  sigma {point['sigma']:>8.3f}  CE {point['ce']:.3f} nats  accuracy {point['accuracy']:.3f}")
+    for other in result.get("against", []):
+        print(f"against {other['model_dir']} ({other['objective']}): its NLL {other['nll_nats_per_token']:.4f} "
+              f"nats/token; this run's minus its {other['difference']:+.4f} +- {other['difference_stderr']:.4f} (the "
+              f"same lines and draws)")
     if "judge" in result:
         judge = result["judge"]
         print(f"judge {judge['model_dir']}: NLL {judge['nll_nats_per_token']:.4f} nats/token, perplexity "

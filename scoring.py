@@ -63,18 +63,25 @@ def totals(estimates):
     return {key: float(value.sum()) for key, value in estimates.items() if key != "per_draw"}
 
 
-def nll_totals(model, objective, lines, batch_size, pad_id, device, draws, seed, bar=None):
-    """The objective's NLL of whole lines summed over them (totals of line_estimates, line i's draws seeded by
-    line_seeds(seed, [i])): a dict of its terms in nats, "variance" (of the estimate of their sum) and "tokens"."""
-    return totals(line_estimates(model, objective, lines, batch_size, pad_id, device, draws,
-                                 line_seeds(seed, range(len(lines))), bar))
-
-
 def per_token(totals):
-    """(NLL in nats per token, its Monte Carlo standard error) of nll_totals' dict."""
+    """(NLL in nats per token, its Monte Carlo standard error) of a totals() dict."""
     tokens = max(totals["tokens"], 1.0)
     nats = sum(v for k, v in totals.items() if k not in ("tokens", "variance"))
     return nats / tokens, math.sqrt(totals["variance"]) / tokens
+
+
+def paired_difference(first, second):
+    """(per-token NLL of `first` minus that of `second`, its Monte Carlo standard error) of two line_estimates dicts of
+    the same lines (or of each line and its counterpart) whose bounds drew with the same seeds and as many draws: per
+    line i and draw j, first's estimate over first's tokens minus second's over second's, d_ij; the difference's
+    variance is sum_i var_j(d_ij) / draws. Common draws make it far smaller than the two errors combined as if
+    independent. An exact NLL (no "per_draw") adds no error."""
+    (first_nll, _), (second_nll, _) = per_token(totals(first)), per_token(totals(second))
+    parts = [e["per_draw"] / max(float(e["tokens"].sum()), 1.0) if "per_draw" in e
+             else torch.zeros(len(e["tokens"]), 1, dtype=torch.float64) for e in (first, second)]
+    paired = parts[0] - parts[1]  # (N, draws), or (N, 1) where both are exact
+    variance = float((paired.var(1) / paired.shape[1]).sum()) if paired.shape[1] > 1 else 0.0
+    return first_nll - second_nll, math.sqrt(variance)
 
 
 def shuffle_gap(model, objective, lines, tokenizer, length, draws, seed, batch_size, pad_id, device, bar=None):
@@ -83,22 +90,16 @@ def shuffle_gap(model, objective, lines, tokenizer, length, draws, seed, batch_s
     (`shuffle_gap_stderr`), `ordered_nll`, `shuffled_nll` and `shuffle_lines` (the lines whose shuffled words still
     fit `length` tokens); {} when no line is left. A line and its shuffled words draw from generators of one seed
     (line_seeds of the line's index in `lines`), so a bound's draws share their noise levels, and the error is that of
-    the paired differences: with m_ij and r_ij draw j's estimates of line i shuffled and as it is, and M and R the
-    parts' tokens, the variance of sum_i (m_i / M - r_i / R) over the draws. `bar` (tqdm) is advanced by the lines
-    done, twice each."""
+    the paired differences (paired_difference). `bar` (tqdm) is advanced by the lines done, twice each."""
     ordered, shuffled, indices = shuffled_words(lines, tokenizer, seed, length)
     if not ordered:
         return {}
     seeds = line_seeds(seed, indices)
     real, mixed = (line_estimates(model, objective, part, batch_size, pad_id, device, draws, seeds, bar)
                    for part in (ordered, shuffled))
-    (real_nll, _), (mixed_nll, _) = per_token(totals(real)), per_token(totals(mixed))
-    variance = 0.0  # exact (the baseline)
-    if "per_draw" in real:
-        paired = mixed["per_draw"] / mixed["tokens"].sum() - real["per_draw"] / real["tokens"].sum()  # (N, draws)
-        variance = float((paired.var(1) / paired.shape[1]).sum())
-    return {"shuffle_gap": mixed_nll - real_nll, "shuffle_gap_stderr": math.sqrt(variance),
-            "ordered_nll": real_nll, "shuffled_nll": mixed_nll, "shuffle_lines": len(ordered)}
+    gap, error = paired_difference(mixed, real)
+    return {"shuffle_gap": gap, "shuffle_gap_stderr": error, "ordered_nll": per_token(totals(real))[0],
+            "shuffled_nll": per_token(totals(mixed))[0], "shuffle_lines": len(ordered)}
 
 
 def shuffled_words(lines, tokenizer, seed, length):

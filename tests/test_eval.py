@@ -1,6 +1,7 @@
 """The likelihood bound against an exact case, and eval.py on a trained tiny model."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -362,3 +363,36 @@ def test_the_baseline_sweeps_temperature_and_top_p_and_refuses_the_diffusion_sam
                        (["--steps", "16"], "--steps 16"), (["--steps", "200"], "--steps 200")):
         with pytest.raises(UsageError, match=f"{flag}.*not for .*an autoregressive run"):
             evaluate.main(command + argv)
+
+
+def test_against_scores_other_runs_with_the_same_draws(memorised_run, memorised_ar_run, tmp_path, capsys):
+    """--against: a run against itself differs by exactly 0 with error 0 (the same lines, the same draws), where two
+    independent estimates would differ by about their errors combined; against the baseline's exact NLL the error is
+    the bound's own."""
+    (model_dir, lines), (ar_dir, _) = memorised_run, memorised_ar_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "4", "--sigmas", "2", "--shuffle_lines",
+                   "0", "--json", "--against", str(model_dir), str(ar_dir)])
+    result = json.loads(capsys.readouterr().out)
+    itself, baseline = result["against"]
+    assert result["nll_stderr"] > 0.01
+    assert itself["difference"] == 0.0 and itself["difference_stderr"] == 0.0
+    assert itself["nll_nats_per_token"] == result["nll_nats_per_token"]
+    assert baseline["objective"] == "ar"
+    assert baseline["difference"] == pytest.approx(result["nll_nats_per_token"] - baseline["nll_nats_per_token"])
+    assert baseline["difference_stderr"] == pytest.approx(result["nll_stderr"])
+    evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--shuffle_lines",
+                   "0", "--against", str(ar_dir)])
+    assert f"against {ar_dir} (ar): its NLL" in capsys.readouterr().out
+
+
+def test_a_run_of_another_tokenizer_is_refused_by_against_and_compare(memorised_ar_run, tmp_path):
+    from corpus import Tokenizer, demo_sentences, prepare_corpus
+    prepare_corpus(demo_sentences()[:2000], str(tmp_path / "other"), 0.0, 300)
+    other, run = Tokenizer(str(tmp_path / "other" / "bpe.model")), str(memorised_ar_run[0])
+    args = SimpleNamespace(ema=None, model_dir="out", compare=[run], frontier=("temperature", [0.5, 1.0]))
+    with pytest.raises(UsageError, match="--against .*another tokenizer than out's; runs scored on the same lines"):
+        evaluate.load_other(run, "--against", args, other, "cpu")
+    with pytest.raises(UsageError, match="--compare .*another tokenizer than out's; a frontier's entropies"):
+        evaluate.load_compared(args, other, "cpu")
