@@ -17,15 +17,12 @@ import sys
 
 from tqdm import tqdm
 
-from checkpoint import load_model
+import api
 from corpus import decode_line
-from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout
 from diffusion import SAMPLERS, SCHEDULES
-from objectives import run_objective
-from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, beyond_training, check_objective_flags, draw,
-                      length_flag, parse_length, sample_length, sample_lengths, sampler_settings)
-from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
-                   warn_if_emulated)
+from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, check_objective_flags, checked_text,
+                      parse_length, prompt_pieces, sampler_settings)
+from utils import PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, run_command, warn_if_emulated
 
 
 def build_parser():
@@ -135,15 +132,6 @@ def parse_args(argv=None):
     return args
 
 
-def checked_text(text, where):
-    """`text` from the command line, refused (UsageError naming `where`) if it is not valid UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{where}: not valid UTF-8 text") from None
-    return text
-
-
 def open_prompt_file(path):
     """The prompt file opened for reading bytes ("-" is standard input); UsageError if it cannot be."""
     if path == "-":
@@ -158,73 +146,20 @@ def open_prompt_file(path):
 
 def read_prompts(args):
     """The prompts to sample from, as (text as given, pieces for data.sample_layout, where it came from)."""
-    if args.infill:
-        return [(t, parse_template(checked_text(t, "--infill"), "--infill"), "--infill") for t in args.infill]
-    if args.prompt_file is not None:
-        prompts, path = [], args.prompt_file
-        with open_prompt_file(path) as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    text = decode_line(raw)
-                except ValueError as e:
-                    raise UsageError(f"{path}:{number}: {e}") from None
-                if text:
-                    prompts.append((text, [text, None], f"{path}:{number}"))
-        if not prompts:
-            raise UsageError(f"--prompt_file {path}: no prompt in it (one a line; blank lines are skipped)")
-        return prompts
-    return [(checked_text(t, "--prompt"), [t, None], f"--prompt {shortened(t)!r}") if t
-            else ("", [None], "an unprompted sample") for t in args.prompt or [""]]
-
-
-def shortened(text, width=40):
-    """`text` for an error message: whole up to `width` characters, else its start and an ellipsis."""
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def warn_unknown(tokenizer, texts, where):
-    """Warn on stderr if the tokenizer has no pieces for some of the held `texts` (they become unk)."""
-    if any(tokenizer.unk_id in tokenizer.encode(text, bos=False, eos=False) for text in texts):
-        print(f"warning: {where}: the tokenizer has no piece for some of this text; it is held as unk (shown as "
-              "\u2047) in the samples", file=sys.stderr)
-
-
-def held_tokens(tokenizer, pieces, suffix):
-    """How many tokens the layout of `pieces` (data.sample_layout's) and `suffix` holds, bos included."""
-    _, held = sample_layout(tokenizer, [piece for piece in pieces if piece is not None] + [1], None, suffix)
-    return sum(held)
-
-
-def build_layouts(args, tokenizer, sampling, causal=False):
-    """Every sample's (ids, held) layout and the prompt or template it came from, -n per prompt, in order.
-    Raises UsageError if a prompt or template does not fit (the shortest length of a range), or if a sample would
-    be longer than the rows the model was trained on."""
-    training_length = sampling["sequence_length"]
-    lengths = sample_lengths(args.length, sampling, args.model_dir, causal)
-    if args.suffix is not None:
-        warn_unknown(tokenizer, [args.suffix], "--suffix")
-    if not isinstance(lengths, list) and lengths[1] > training_length:
-        raise beyond_training(length_flag(lengths), lengths[1], training_length, args.model_dir)
-    layouts, sources = [], []
-    for prompt, pieces, where in read_prompts(args):
-        drawn = isinstance(lengths, list)  # from the training lines' lengths, at most the training rows
-        fewest = held_tokens(tokenizer, pieces, args.suffix) + 1 if drawn else lengths[0]
-        try:
-            shortest, held = sample_layout(tokenizer, pieces, training_length if drawn else fewest, args.suffix, where)
-        except UsageError as e:
-            ranged = not drawn and lengths[0] < lengths[1]
-            raise UsageError(f"{e} (the shortest of --length {lengths[0]}:{lengths[1]})" if ranged else
-                             f"{e} (the training rows)" if drawn else str(e)) from None
-        if len(shortest) > MAX_SAMPLE_LENGTH:
-            raise UsageError(f"{where}: {len(shortest):,} tokens; samples hold at most {MAX_SAMPLE_LENGTH:,}")
-        warn_unknown(tokenizer, [piece for piece in pieces if isinstance(piece, str)], where)
-        for _ in range(args.num_samples):
-            length = sample_length(lengths, args.seed, len(layouts), fewest)
-            layouts.append(sample_layout(tokenizer, pieces, length, args.suffix, where))
-            sources.append(prompt)
-            if len(layouts[-1][0]) > training_length:
-                raise beyond_training(where, len(layouts[-1][0]), training_length, args.model_dir)
-    return layouts, sources
+    if args.prompt_file is None:
+        return prompt_pieces(args.prompt, args.infill)
+    prompts, path = [], args.prompt_file
+    with open_prompt_file(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = decode_line(raw)
+            except ValueError as e:
+                raise UsageError(f"{path}:{number}: {e}") from None
+            if text:
+                prompts.append((text, [text, None], f"{path}:{number}"))
+    if not prompts:
+        raise UsageError(f"--prompt_file {path}: no prompt in it (one a line; blank lines are skipped)")
+    return prompts
 
 
 def check_objective(args, objective):
@@ -249,31 +184,31 @@ def main(argv=None):
     keep_freed_memory()
     if args.suffix is not None:
         checked_text(args.suffix, "--suffix")
-    device = resolve_device(args.device)
-    model, tokenizer, sampling = load_model(args.model_dir, args.ema, device)
-    objective = run_objective(model, sampling)
-    check_objective(args, objective)
-    layouts, sources = build_layouts(args, tokenizer, sampling, objective.name == "ar")
-    settings = args.settings
-    grid = settings.sigma_grid(sampling, args.model_dir) if objective.name == "diffusion" else None
-    warn_if_emulated(args.precision, device)  # once the request is known to be good
-    print(f"{len(layouts)} samples, " + {
+    run = api.load(args.model_dir, args.ema, args.device, args.precision)
+    check_objective(args, run.objective)
+    prompts, settings = read_prompts(args), args.settings
+    samples = run.draw_prompts(prompts, args.num_samples, settings, args.suffix, args.length, args.seed,
+                               args.batch_size, args.progress)
+    warn_if_emulated(args.precision, run.device)  # once the request is known to be good
+    print(f"{len(prompts) * args.num_samples} samples, " + {
         "ar": f"autoregressive, temperature {settings.temperature:g}, top-p {settings.top_p:g}",
         "mdlm": f"masked diffusion, {settings.steps} unmasking steps, temperature {settings.temperature:g}, top-p "
                 f"{settings.top_p:g}",
         "diffusion": f"{settings.sampler} sampler, {settings.schedule} schedule, {settings.steps} steps, sigma "
-                     f"{sampling['sigma_max']} -> {sampling['sigma_min']}"}[objective.name], file=sys.stderr)
+                     f"{run.sampling['sigma_max']} -> {run.sampling['sigma_min']}"}[run.objective.name],
+          file=sys.stderr)
     evaluations = 0
-    for i, row, steps, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
-                                     device, args.progress, tokenizer.eos_id):
-        text = tokenizer.decode_sample(row, layouts[i][1])
+    for sample in samples:
+        text = sample.text
         if args.jsonl:
-            text = json.dumps({"sample": i, "seed": args.seed, "prompt": sources[i], "text": text, "ids": row,
-                               "steps": steps, "evaluations": evals}, ensure_ascii=False)
+            text = json.dumps({"sample": sample.index, "seed": args.seed, "prompt": sample.prompt, "text": text,
+                               "ids": sample.ids, "steps": sample.steps, "evaluations": sample.evaluations},
+                              ensure_ascii=False)
         tqdm.write(text, file=sys.stdout)  # above the progress bar; stdout holds the samples alone
         sys.stdout.flush()
-        evaluations += evals
-    print(f"mean network evaluations per sample: {evaluations / len(layouts):.1f}", file=sys.stderr)
+        evaluations += sample.evaluations
+    print(f"mean network evaluations per sample: {evaluations / (len(prompts) * args.num_samples):.1f}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from data import MAX_SAMPLE_LENGTH, sample_layout, sample_rows
+from data import MAX_SAMPLE_LENGTH, parse_template, sample_layout, sample_rows
 from diffusion import SAMPLERS, SAMPLING_RHO, SCHEDULES, Denoising, EarlyExit, Grid
 from objectives import run_objective
 from utils import UsageError
@@ -225,6 +224,77 @@ def unconditional_layouts(tokenizer, lengths, n, seed):
     """n unprompted sample layouts (data.sample_layout: bos held, the rest free), sample i of length
     sample_length(lengths, seed, i)."""
     return [sample_layout(tokenizer, [None], sample_length(lengths, seed, i)) for i in range(n)]
+
+
+def warn_unknown(tokenizer, texts, where):
+    """Warn on stderr if the tokenizer has no pieces for some of the held `texts` (they become unk)."""
+    if any(tokenizer.unk_id in tokenizer.encode(text, bos=False, eos=False) for text in texts):
+        print(f"warning: {where}: the tokenizer has no piece for some of this text; it is held as unk (shown as "
+              "\u2047) in the samples", file=sys.stderr)
+
+
+def held_tokens(tokenizer, pieces, suffix):
+    """How many tokens the layout of `pieces` (data.sample_layout's) and `suffix` holds, bos included."""
+    _, held = sample_layout(tokenizer, [piece for piece in pieces if piece is not None] + [1], None, suffix)
+    return sum(held)
+
+
+def prompt_layouts(tokenizer, sampling, prompts, n, length, suffix, seed, model_dir, causal=False):
+    """Every sample's (ids, held) layout and the prompt or template it came from, `n` per prompt, in order, for
+    `prompts` as (text as given, pieces for data.sample_layout, where it came from: a flag or file:line), as
+    prompt_pieces makes them; `length` parse_length's value or None (sample_lengths), `suffix` held text or None,
+    sample i's length drawn from (seed, i). Raises UsageError if a prompt or template does not fit (the shortest
+    length of a range), or if a sample would be longer than the rows the model in `model_dir` was trained on."""
+    training_length = sampling["sequence_length"]
+    lengths = sample_lengths(length, sampling, model_dir, causal)
+    if suffix is not None:
+        warn_unknown(tokenizer, [suffix], "--suffix")
+    if not isinstance(lengths, list) and lengths[1] > training_length:
+        raise beyond_training(length_flag(lengths), lengths[1], training_length, model_dir)
+    layouts, sources = [], []
+    for prompt, pieces, where in prompts:
+        drawn = isinstance(lengths, list)  # from the training lines' lengths, at most the training rows
+        fewest = held_tokens(tokenizer, pieces, suffix) + 1 if drawn else lengths[0]
+        try:
+            shortest, held = sample_layout(tokenizer, pieces, training_length if drawn else fewest, suffix, where)
+        except UsageError as e:
+            ranged = not drawn and lengths[0] < lengths[1]
+            raise UsageError(f"{e} (the shortest of --length {lengths[0]}:{lengths[1]})" if ranged else
+                             f"{e} (the training rows)" if drawn else str(e)) from None
+        if len(shortest) > MAX_SAMPLE_LENGTH:
+            raise UsageError(f"{where}: {len(shortest):,} tokens; samples hold at most {MAX_SAMPLE_LENGTH:,}")
+        warn_unknown(tokenizer, [piece for piece in pieces if isinstance(piece, str)], where)
+        for _ in range(n):
+            drawn_length = sample_length(lengths, seed, len(layouts), fewest)
+            layouts.append(sample_layout(tokenizer, pieces, drawn_length, suffix, where))
+            sources.append(prompt)
+            if len(layouts[-1][0]) > training_length:
+                raise beyond_training(where, len(layouts[-1][0]), training_length, model_dir)
+    return layouts, sources
+
+
+def prompt_pieces(prompts=None, templates=None):
+    """What to sample from, as prompt_layouts reads it, (text, pieces, where) each: infill `templates` (data's
+    "the [5] of the [3]"), else `prompts` (texts to continue; '' is an unprompted sample), else one unprompted sample.
+    Raises UsageError for text that is not valid UTF-8 or a template without a blank."""
+    if templates:
+        return [(t, parse_template(checked_text(t, "--infill"), "--infill"), "--infill") for t in templates]
+    return [(checked_text(t, "--prompt"), [t, None], f"--prompt {shortened(t)!r}") if t
+            else ("", [None], "an unprompted sample") for t in prompts or [""]]
+
+
+def checked_text(text, where):
+    """`text` as given, refused (UsageError naming `where`) if it is not valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where}: not valid UTF-8 text") from None
+    return text
+
+
+def shortened(text, width=40):
+    """`text` for an error message: whole up to `width` characters, else its start and an ellipsis."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def draw(model, layouts, settings, grid, seed, batch_size, pad_id, device, progress=False, eos_id=None):
