@@ -85,6 +85,10 @@ def build_parser(description=None):
                          f"file:line, replace uses U+FFFD ({d('encoding_errors')})")
     io.add_argument("--num_workers", type=int, help=f"DataLoader processes that crop, mask and pack rows (0: in "
                                                     f"this process; batches do not depend on it; {d('num_workers')})")
+    io.add_argument("--config", metavar="FILE",
+                    help="read flags from a YAML (needs PyYAML) or JSON file of long flag names and values, e.g. "
+                         "learning_rate: 0.001; a run folder's args.json is one, so a run is repeated with -d, -spm "
+                         "and -mdir given anew; flags on the command line win over the file's")
     io.add_argument("--demo", action="store_true",
                     help=f"train on the demo corpus (built under {DEMO_DIR}/data/ if missing: English sentences "
                          "from the standard library's docstrings, no download) with the demo's defaults")
@@ -225,10 +229,67 @@ def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), desc
     """train.py's arguments, every default resolved (resolve); exits with a one-line error on a bad value."""
     p = build_parser(description)
     args = p.parse_args(argv)
-    problem = resolve(args, required)
+    problem = apply_config(args, p) if args.config else None
+    problem = problem or resolve(args, required)
     if problem:
         p.error(problem)
     return args
+
+
+def read_config(path):
+    """The mapping of a --config file (YAML where its name ends in .yaml or .yml, else JSON), or a one-line problem
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"--config {path}: {getattr(e, 'strerror', None) or e}"
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            return f"--config {path}: a YAML file needs PyYAML (pip install -r requirements-extra.txt); or give JSON"
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            return f"--config {path}: not valid YAML ({' '.join(str(e).split())})"
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            return f"--config {path}: not valid JSON ({e})"
+    return data if isinstance(data, dict) else f"--config {path}: expected a mapping of flag names to values"
+
+
+def apply_config(args, parser):
+    """Set every flag of the --config file that the command line did not give (a value of null is not given; the
+    file's own "config" key is skipped, so args.json of a run started with --config reads as a config); values are
+    checked as the command line checks them. Returns a one-line problem naming the key and the file, or None."""
+    path, data = args.config, read_config(args.config)
+    if isinstance(data, str):
+        return data
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    for key, value in data.items():
+        if key == "config":
+            continue
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            return (f"--config {path}: unknown key {key!r}: the keys are train.py's long flag names (learning_rate, "
+                    "not lr)")
+        if value is None or getattr(args, action.dest) not in (None, action.default):
+            continue  # not given, or the command line gave it
+        boolean = action.nargs == 0  # store_true and --flag/--no-flag
+        if boolean != isinstance(value, bool) or isinstance(value, (list, dict)):
+            return f"--config {path}: {key}: {value!r} is not {'true or false' if boolean else 'a single value'}"
+        if not boolean:  # read as the command line reads its text
+            try:
+                value = (action.type or str)(str(value))
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return f"--config {path}: {key}: {value!r} is not a valid value of {action.option_strings[-1]}"
+        if action.choices is not None and value not in action.choices:
+            return f"--config {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+        setattr(args, action.dest, value)
+    return None
 
 
 def resolve(args, required=("data_path", "spm_model", "model_dir")):
