@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -18,6 +19,7 @@ from timewarp import TimeWarp
 from utils import UsageError, check_state_dict, load_checkpoint, load_state_dict_strict, seed_all
 
 CHECKPOINT = "ckpt.pt"
+EXPORTED = "model.safetensors"  # an exported folder's weights (export_weights)
 KEPT = re.compile(r"ckpt-\d{8}\.pt")  # the checkpoints --keep leaves beside ckpt.pt
 RESUME_KEYS = ("model", "config", "sampling", "step", "optimizer", "ema", "args", "data_state", "rng")
 # The flag that sets each ModelConfig field, and how its value reads on the command line, for resume errors
@@ -36,33 +38,115 @@ RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps",
 
 
 def load_model(model_dir, ema=None, device="cpu"):
-    """Rebuild the model of `model_dir` from its checkpoint alone, with the raw weights or those of EMA rate
-    `ema`. Returns (model in eval mode, tokenizer, the checkpoint's sampling settings: a dict of sigma_min,
-    sigma_max, rho, sequence_length, length_counts (None for a run saved before it was kept) and warp, its TimeWarp
-    or None). Raises UsageError if the folder, checkpoint, tokenizer or EMA rate is missing or does not match."""
+    """Rebuild the model of `model_dir` from its checkpoint alone (or from the weights of a folder export_weights
+    wrote, read_exported), with the raw weights or those of EMA rate `ema`. Returns (model in eval mode, tokenizer,
+    the checkpoint's sampling settings: a dict of sigma_min, sigma_max, rho, sequence_length, length_counts (None for
+    a run saved before it was kept) and warp, its TimeWarp or None). Raises UsageError if the folder, checkpoint,
+    tokenizer or EMA rate is missing or does not match."""
     path = os.path.join(model_dir, CHECKPOINT)
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    model = ScoreLM(ModelConfig(**checkpoint["config"]))
-    if ema is None:
-        state, what = checkpoint["model"], f"{path} [model]"
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(model_dir, EXPORTED)):
+        config, state, what, sampling = read_exported(model_dir, ema)
     else:
-        rates = {float(r): r for r in checkpoint["ema"]}
-        try:
-            ema = float(ema)
-        except ValueError:
-            raise UsageError(f"--ema {ema!r}: expected a rate such as 0.999") from None
-        if ema not in rates:
-            raise UsageError(f"--ema {ema}: {path} has EMA rates {sorted(rates) or 'none'}")
-        state, what = checkpoint["ema"][rates[ema]], f"{path} [ema {ema}]"
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        config, sampling = checkpoint["config"], {**checkpoint["sampling"], "warp": checkpoint.get("time_warp")}
+        state, what = chosen_weights(checkpoint, ema, path)
+    model = ScoreLM(ModelConfig(**config))
     load_state_dict_strict(model, state, what)
     tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
                          f"{model.cfg.vocab_size}")
-    warp = checkpoint.get("time_warp")
+    warp = sampling.pop("warp")
     model = model.to(device).eval().settle_attention(training=False)  # its attention kernel, chosen once here
-    return model, tokenizer, {"length_counts": None, **checkpoint["sampling"],
-                              "warp": warp and TimeWarp.from_state_dict(warp)}
+    return model, tokenizer, {"length_counts": None, **sampling, "warp": warp and TimeWarp.from_state_dict(warp)}
+
+
+def chosen_weights(checkpoint, ema, path):
+    """(state dict, its name for errors) of a checkpoint's raw weights (`ema` None) or those of EMA rate `ema`;
+    UsageError for a rate the checkpoint does not keep."""
+    if ema is None:
+        return checkpoint["model"], f"{path} [model]"
+    rates = {float(r): r for r in checkpoint["ema"]}
+    ema = ema_rate(ema)
+    if ema not in rates:
+        raise UsageError(f"--ema {ema}: {path} has EMA rates {sorted(rates) or 'none'}")
+    return checkpoint["ema"][rates[ema]], f"{path} [ema {ema}]"
+
+
+def ema_rate(ema):
+    """--ema's value as a float; UsageError for a non-number."""
+    try:
+        return float(ema)
+    except ValueError:
+        raise UsageError(f"--ema {ema!r}: expected a rate such as 0.999") from None
+
+
+def export_weights(model_dir, out, ema=None):
+    """Write the folder `out` that load_model reads like a run folder, for sharing: EXPORTED (safetensors, no pickle:
+    the chosen weights, raw or of EMA rate `ema`, and the time warp's tensors under "time_warp."), config.json (the
+    model's config, the sampling settings, the warp's numbers, which weights, the step) and the tokenizer; no
+    optimizer state. Written in a temporary folder beside `out` and renamed to it, so an interruption leaves no
+    partial folder. Returns config.json's dict. Raises UsageError if the run cannot be read, `out` exists, or
+    safetensors is not installed."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UsageError("export needs safetensors: pip install -r requirements-extra.txt") from None
+    if os.path.exists(out):
+        raise UsageError(f"-o {out}: exists already; give a new folder (an export is never written over)")
+    path = os.path.join(model_dir, CHECKPOINT)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    state, _ = chosen_weights(checkpoint, ema, path)
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    warp = checkpoint.get("time_warp")
+    numbers = None
+    if warp is not None:
+        numbers = {k: v for k, v in warp.items() if not torch.is_tensor(v)}
+        tensors.update({f"time_warp.{k}": v.contiguous() for k, v in warp.items() if torch.is_tensor(v)})
+    config = {"model": checkpoint["config"], "sampling": checkpoint["sampling"], "time_warp": numbers,
+              "weights": "raw" if ema is None else f"ema {ema_rate(ema)}", "step": checkpoint["step"]}
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, EXPORTED))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        shutil.copyfile(os.path.join(model_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+def read_exported(model_dir, ema=None):
+    """(model config, state dict, its name for errors, sampling settings with the warp's state or None) of a folder
+    export_weights wrote; `ema` must name the weights it holds, if given. Raises UsageError naming the file for one
+    that is not safetensors, a config.json that is missing or not the export's, or a missing safetensors package."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UsageError(f"{model_dir}: an exported folder; reading it needs safetensors: pip install -r "
+                         "requirements-extra.txt") from None
+    path, config_path = os.path.join(model_dir, EXPORTED), os.path.join(model_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        model, sampling, weights, numbers = config["model"], config["sampling"], config["weights"], config["time_warp"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config_path}: not the config.json of an exported folder ({e})") from None
+    if ema is not None and weights != f"ema {ema_rate(ema)}":
+        raise UsageError(f"--ema {ema}: {model_dir} holds one set of weights, the {weights} ones; drop --ema")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}: not readable as safetensors ({e})") from None
+    warp = None if numbers is None else {**numbers, **{k[len("time_warp."):]: v for k, v in tensors.items()
+                                                      if k.startswith("time_warp.")}}
+    state = {k: v for k, v in tensors.items() if not k.startswith("time_warp.")}
+    return model, state, f"{path} [{weights}]", {**sampling, "warp": warp}
 
 
 def sampling_config(args, length_counts=None):

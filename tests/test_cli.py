@@ -407,11 +407,12 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
     import bench
     import eval as evaluate
+    import export
     import gpu_check
     import plot
     import sample
     parsers = [flags.build_parser(), sample.build_parser(), evaluate.build_parser(), prepare.build_parser(),
-               plot.build_parser(), bench.build_parser(), gpu_check.build_parser()]
+               plot.build_parser(), bench.build_parser(), gpu_check.build_parser(), export.build_parser()]
     while parsers:
         parser = parsers.pop()
         for action in parser._actions:
@@ -422,7 +423,7 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
 
 def test_no_command_imports_another():
     import ast
-    commands = {"train", "sample", "eval", "bench", "plot", "prepare", "gpu_check"}
+    commands = {"train", "sample", "eval", "bench", "plot", "prepare", "gpu_check", "export"}
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             tree = ast.parse(open(os.path.join(ROOT, name)).read())
