@@ -34,7 +34,7 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
-             "max_bad_steps", "probe_interval", "probe_lines", "probe_draws", "config"}
+             "max_bad_steps", "probe_interval", "probe_lines", "probe_draws", "config", "wandb", "wandb_name"}
 
 
 def load_model(model_dir, ema=None, device="cpu"):

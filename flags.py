@@ -219,6 +219,11 @@ def build_parser(description=None):
     run.add_argument("--probe_draws", type=int, help=f"draws a line of the probe's bound ({d('probe_draws')})")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help=f"show the progress bar with loss and tokens/s ({d('progress')})")
+    run.add_argument("--wandb", metavar="PROJECT",
+                     help="also log the metrics and the printed samples to this Weights & Biases project (needs the "
+                          "wandb package; WANDB_MODE=offline keeps them in MODEL_DIR/wandb); a resumed run continues "
+                          "the same W&B run")
+    run.add_argument("--wandb_name", metavar="NAME", help="the W&B run's name (default: the run folder's name)")
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
                      help=f"also write the metrics to MODEL_DIR/tensorboard (needs the tensorboard package) "
                           f"({d('tensorboard')})")

@@ -105,21 +105,32 @@ def run(args, rank, world_size, device):
 
     prompts = sample_prompts(args, tokenizer) if rank == 0 else []
     probe = build_probe(state, tokenizer, args) if rank == 0 and args.probe_interval else None
+    metrics = metrics_writer(args) if rank == 0 else None
     try:
         with StopOnSignal() as stop:
-            step = train(state, tokenizer, args, device, step, save, stop, prompts, probe)
+            step = train(state, tokenizer, args, device, step, save, stop, prompts, probe, metrics)
             save(step)
+        if rank > 0:
+            return
+        if stop.requested:
+            print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
+        elif stop.out_of_time:
+            print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
+        if not stop.requested and (args.demo or args.sample_interval):
+            metrics.write_samples(step, print_samples(state, tokenizer, args, device, step, prompts))
+        print(f"checkpoint: {path}", file=sys.stderr)
     finally:
         state.loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
-    if rank > 0:
-        return
-    if stop.requested:
-        print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
-    elif stop.out_of_time:
-        print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
-    if not stop.requested and (args.demo or args.sample_interval):
-        print_samples(state, tokenizer, args, device, step, prompts)
-    print(f"checkpoint: {path}", file=sys.stderr)
+        if metrics is not None:
+            metrics.close()
+
+
+def metrics_writer(args):
+    """The run's MetricsWriter: metrics.jsonl in the run folder, with --tensorboard and --wandb (the W&B run named
+    --wandb_name, else after the run folder, its config the run's flags)."""
+    wandb = None if args.wandb is None else {"project": args.wandb, "config": vars(args),
+                                             "name": args.wandb_name or os.path.basename(os.path.abspath(args.model_dir))}
+    return MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), args.tensorboard, wandb)
 
 
 def steps(n):
@@ -159,15 +170,13 @@ def start(args, rank, world_size, device):
     return state, tokenizer, step
 
 
-def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=None):
+def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=None, metrics_file=None):
     """The training loop from `step` to the schedule's end (--max_steps, or where --time_budget fitted it); logs,
-    saves, samples and probes (diagnostics.Probe, rank 0's) at their intervals (logs, samples and probes on rank 0
-    only; the time of a probe is left out of the time budget on every rank). Returns the step reached (earlier if
+    saves, samples and probes (diagnostics.Probe, rank 0's) at their intervals (logs to `metrics_file`, rank 0's
+    MetricsWriter; logs, samples and probes on rank 0 only; the time of a probe is left out of the time budget on every rank). Returns the step reached (earlier if
     `stop` was requested on any rank, or the time budget ran out). Raises Diverged after args.max_bad_steps steps in
     a row with a non-finite loss or gradient (nothing is saved)."""
     loader, main_rank = state.loader, state.loader.rank == 0
-    metrics_file = MetricsWriter(os.path.join(args.model_dir, "metrics.jsonl"), tensorboard=args.tensorboard) \
-        if main_rank else None
     unfitted = state.budget is not None and state.budget.end_step is None  # no total to show until the fit
     bar = tqdm(total=None if unfitted else state.schedule_end(args), initial=step,
                disable=not (args.progress and main_rank), dynamic_ncols=True)
@@ -208,12 +217,10 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=No
         if step % args.save_interval == 0:
             save(step)
         if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
-            print_samples(state, tokenizer, args, device, step, prompts)
+            metrics_file.write_samples(step, print_samples(state, tokenizer, args, device, step, prompts))
     if interval.steps:  # the steps since the last line, when the time budget or a stop ended the run between lines
         log(step)
     bar.close()
-    if metrics_file:
-        metrics_file.close()
     return step
 
 
@@ -274,7 +281,7 @@ def sample_prompts(args, tokenizer, count=2, length=3):
 def print_samples(state, tokenizer, args, device, step, prompts):
     """Write four samples under the progress bar, two unprompted and one continuing each of `prompts` (token ids),
     with the weights of the first EMA rate (the raw ones without EMA), the default sampler, --sample_steps steps and
-    lengths drawn from the training lines' (longer than the prompt)."""
+    lengths drawn from the training lines' (longer than the prompt); returns their texts."""
     model = state.model
     if state.emas:
         model = copy.deepcopy(state.model)
@@ -286,10 +293,13 @@ def print_samples(state, tokenizer, args, device, step, prompts):
                for i, p in enumerate(pieces)]
     settings = sampler_settings(steps=args.sample_steps, precision=args.precision)
     grid = Grid(args.sigma_min, args.sigma_max, settings.rho)
+    texts = []
     for i, row, _, _ in draw(model, layouts, settings, grid, args.seed, len(layouts), tokenizer.pad_id, device,
                              eos_id=tokenizer.eos_id):
-        tqdm.write(f"[step {step}] {tokenizer.decode_sample(row, layouts[i][1])}")
+        texts.append(tokenizer.decode_sample(row, layouts[i][1]))
+        tqdm.write(f"[step {step}] {texts[-1]}")
     state.model.train()
+    return texts
 
 
 class StopOnSignal:

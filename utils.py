@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import random
+import secrets
 import sys
 import warnings
 
@@ -331,35 +332,71 @@ def check_state_dict(expected, state_dict, what):
 
 class MetricsWriter:
     """Append-only JSON-lines log: one object per call to `write`, flushed at once; with `tensorboard`, the
-    numbers also go to a TensorBoard folder beside the file, keyed by "step".
+    numbers also go to a TensorBoard folder beside the file, keyed by "step"; with `wandb` (a dict of project, name
+    and config), also to a Weights & Biases run whose id is kept beside the file (wandb_id), so that a resumed run
+    continues it. wandb is imported only then.
 
-    Raises UsageError if tensorboard is asked for and the package is not installed.
+    Raises UsageError if tensorboard or wandb is asked for and its package is not installed.
     """
 
-    def __init__(self, path, tensorboard=False):
-        self.path, self.board = path, None
+    def __init__(self, path, tensorboard=False, wandb=None):
+        self.path, self.board, self.wandb = path, None, None
+        folder = os.path.dirname(path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
+            self.board = SummaryWriter(os.path.join(folder, "tensorboard"))
+        if wandb is not None:
+            try:
+                import wandb as wandb_package
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package: pip install -r requirements-extra.txt") from None
+            self.wandb = wandb_package.init(project=wandb["project"], name=wandb["name"], config=wandb["config"],
+                                            id=run_id(os.path.join(folder, "wandb_id")),
+                                            resume="allow", dir=folder)
 
     def write(self, **metrics):
         """Append one JSON object of `metrics` (numbers, strings and lists of them; "step" an int) and flush it."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
+        numbers = {}  # per-level figures: one scalar each, key/0, key/1, ...
+        for key, value in metrics.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                numbers[key] = value
+            elif isinstance(value, list):
+                numbers.update({f"{key}/{i}": item for i, item in enumerate(value) if isinstance(item, (int, float))})
         if self.board is not None:
-            for key, value in metrics.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, metrics["step"])
-                elif isinstance(value, list):  # per-level figures: one scalar each, key/0, key/1, ...
-                    for i, item in enumerate(value):
-                        if isinstance(item, (int, float)):
-                            self.board.add_scalar(f"{key}/{i}", item, metrics["step"])
+            for key, value in numbers.items():
+                self.board.add_scalar(key, value, metrics["step"])
             self.board.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=metrics["step"])
+
+    def write_samples(self, step, texts):
+        """The samples printed at `step` (strings), to the W&B run as a table (the JSON-lines file keeps numbers)."""
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=[[step, t] for t in texts])},
+                           step=step)
 
     def close(self):
-        """Close the TensorBoard writer, if any (the JSON-lines file is closed after every write)."""
+        """Close the TensorBoard writer and finish the W&B run, if any (the JSON-lines file is closed after every
+        write)."""
         if self.board is not None:
             self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def run_id(path):
+    """The id kept in the file `path`, or a new one (8 random hex digits, as W&B's ids go) written there first."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip()
+    run = secrets.token_hex(4)
+    with open(path + ".tmp", "w") as f:
+        f.write(run)
+    os.replace(path + ".tmp", path)
+    return run
