@@ -32,7 +32,7 @@ def bench_data(args):
     """Cache build time (s, from a cold cache unless --cache_dir is given) and the largest resident memory of
     this process or a tokenising one by then (MB), loader throughput (examples/s and real tokens/s after the first
     batch) and packing efficiency (real tokens / row slots) over --batches."""
-    tokenizer = Tokenizer(args.spm_model)
+    tokenizer = Tokenizer.open(args.spm_model)
     with tempfile.TemporaryDirectory() as cold:
         started = time.perf_counter()
         cache = load_corpus(args.data_path, tokenizer, args.cache_dir or cold, args.encoding_errors, progress=False)
@@ -118,7 +118,7 @@ def bench_train(args):
     if args.reference and device.type != "cpu":
         raise UsageError(f"--reference: the original's step runs on the CPU in fp32; time this one there too "
                          f"(--device cpu), not on {device}")
-    tokenizer = Tokenizer(targs.spm_model)
+    tokenizer = Tokenizer.open(targs.spm_model)
     state = training.build_state(targs, tokenizer, device)
     state.model.attention = args.attention
     state.runner = training.training_runner(state.model, state.objective, targs)

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from corpus import Tokenizer
+from corpus import HFTokenizer, Tokenizer
 from model import ModelConfig, ScoreLM
 from timewarp import TimeWarp
 from utils import UsageError, check_state_dict, load_checkpoint, load_state_dict_strict, seed_all
@@ -52,10 +52,9 @@ def load_model(model_dir, ema=None, device="cpu"):
         state, what = chosen_weights(checkpoint, ema, path)
     model = ScoreLM(ModelConfig(**config))
     load_state_dict_strict(model, state, what)
-    tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+    tokenizer = Tokenizer.open(folder_tokenizer(model_dir))
     if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise UsageError(f"{model_dir}/tokenizer.model: vocabulary {tokenizer.vocab_size} != the model's "
-                         f"{model.cfg.vocab_size}")
+        raise UsageError(f"{tokenizer.path}: vocabulary {tokenizer.vocab_size} != the model's {model.cfg.vocab_size}")
     warp = sampling.pop("warp")
     model = model.to(device).eval().settle_attention(training=False)  # its attention kernel, chosen once here
     return model, tokenizer, {"length_counts": None, **sampling, "warp": warp and TimeWarp.from_state_dict(warp)}
@@ -112,7 +111,8 @@ def export_weights(model_dir, out, ema=None):
         save_file(tensors, os.path.join(tmp, EXPORTED))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        shutil.copyfile(os.path.join(model_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        copy = folder_tokenizer(model_dir)
+        shutil.copyfile(copy, os.path.join(tmp, os.path.basename(copy)))
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,14 +346,21 @@ def restore_rng(checkpoint, args, rank, world_size, warn, device):
 
 # The folder itself
 
-def prepare_model_dir(args, tokenizer_path):
+def folder_tokenizer(model_dir):
+    """The path of a run folder's tokenizer copy: tokenizer.json (a Hugging Face tokenizer) where there is one, else
+    tokenizer.model (SentencePiece)."""
+    path = os.path.join(model_dir, HFTokenizer.file_name)
+    return path if os.path.isfile(path) else os.path.join(model_dir, Tokenizer.file_name)
+
+
+def prepare_model_dir(args, tokenizer):
     """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume, a folder that
     cannot take a checkpoint (read-only, or a directory where a file goes) before step 1, and kept checkpoints
     without ckpt.pt; move aside the metrics of an earlier run that never saved."""
     folder = args.model_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"-mdir {folder}: exists and is not a folder")
-    for name in (CHECKPOINT, "tokenizer.model", "args.json", "config.json", "metrics.jsonl"):
+    for name in (CHECKPOINT, tokenizer.file_name, "args.json", "config.json", "metrics.jsonl"):
         path = os.path.join(folder, name)
         if os.path.exists(path) and not os.path.isfile(path):
             raise UsageError(f"-mdir {folder}: {name} there is not a file")
@@ -362,7 +369,11 @@ def prepare_model_dir(args, tokenizer_path):
         with open(os.path.join(folder, CHECKPOINT + ".tmp"), "wb"):  # found now, not at the first save
             pass
         os.remove(os.path.join(folder, CHECKPOINT + ".tmp"))
-        copy_tokenizer(tokenizer_path, os.path.join(folder, "tokenizer.model"), folder)
+        other = {Tokenizer.file_name, HFTokenizer.file_name} - {tokenizer.file_name}
+        if any(os.path.exists(os.path.join(folder, name)) for name in other):
+            raise UsageError(f"-spm {tokenizer.path}: differs from the tokenizer this run in {folder} was started with "
+                             f"(its {other.pop()})")
+        copy_tokenizer(tokenizer.path, os.path.join(folder, tokenizer.file_name), folder)
         resumable = os.path.exists(os.path.join(folder, CHECKPOINT))
         kept = sorted(f for f in os.listdir(folder) if KEPT.fullmatch(f))
         if kept and not resumable:

@@ -19,11 +19,14 @@ from utils import UsageError
 
 
 class Tokenizer:
-    """A SentencePiece model with the special ids this project needs (bos, eos, pad, unk), checked on load.
+    """A SentencePiece model with the special ids this project needs (bos, eos, pad, unk), checked on load; with
+    Tokenizer.open, a Hugging Face tokenizer.json (HFTokenizer) behind the same interface.
 
     Raises UsageError naming `path` if the file is missing or unreadable, if any special id is missing
     (-1; SentencePiece trains without a pad id unless asked), or if two special ids clash.
     """
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"  # its copy in a run folder
 
     def __init__(self, path):
         if not os.path.isfile(path):
@@ -36,24 +39,45 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
+        self.check_special_ids("retrain it with bos_id=0 eos_id=1 pad_id=2 unk_id=3 (prepare.py does)")
+
+    @staticmethod
+    def open(path):
+        """The tokenizer of the file `path`: a Hugging Face tokenizer.json (a JSON file; HFTokenizer) or a
+        SentencePiece model (anything else); UsageError naming the file as each class raises it."""
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(1) == b"{":
+                    return HFTokenizer(path)
+        return Tokenizer(path)
+
+    def check_special_ids(self, advice):
+        """UsageError naming the file if a special id is missing (-1, or None) or two clash."""
         ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
-        missing = [name for name, i in ids.items() if i < 0]
+        missing = [name for name, i in ids.items() if i is None or i < 0]
         if missing:
-            raise UsageError(
-                f"{path}: the tokenizer has no {', '.join(missing)} id; retrain it with "
-                "bos_id=0 eos_id=1 pad_id=2 unk_id=3 (prepare.py does)")
+            raise UsageError(f"{self.path}: the tokenizer has no {', '.join(missing)} id; {advice}")
         if len(set(ids.values())) < len(ids):
-            raise UsageError(f"{path}: special ids clash ({ids}); bos, eos, pad and unk must be distinct")
+            raise UsageError(f"{self.path}: special ids clash ({ids}); bos, eos, pad and unk must be distinct")
 
     @property
     def model_proto(self):
-        """The serialised model (bytes): what worker processes load, and part of the corpus cache key."""
+        """The serialised tokenizer (bytes): what worker processes load (batch_encoder), and part of the corpus cache
+        key; equal for equal tokenizers."""
         return self.sp.serialized_model_proto()
+
+    def encode_batch(self, texts):
+        """Token ids of each text (lists of int), no bos or eos."""
+        return self.sp.encode(texts)
 
     def encode(self, text, bos=True, eos=True):
         """Token ids of `text` (a list of int), with bos and eos added as asked."""
-        ids = self.sp.encode(text)
+        ids = self.encode_batch([text])[0]
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode_ids(self, ids):
+        """Text of ids (no special ones left to drop)."""
+        return self.sp.decode(ids)
 
     def decode(self, ids):
         """Text of `ids`: cut at the first eos; bos and pad dropped; ids outside the vocabulary refused."""
@@ -63,7 +87,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids outside the vocabulary of {self.vocab_size}: {bad[:5]}")
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+        return self.decode_ids([i for i in ids if i not in (self.bos_id, self.pad_id)])
 
     def decode_sample(self, ids, held):
         """Text of a sample whose `held` positions (list of bool) were given: every held token is kept, each
@@ -74,6 +98,72 @@ class Tokenizer:
             if not ended:
                 kept.append(i)
         return self.decode([i for i in kept if int(i) != self.eos_id])
+
+
+# The special tokens an HFTokenizer looks for, in order, by their text; the first one the tokenizer has is taken, and
+# where it has none the last is added to it (as Hugging Face's add_special_tokens does, at the end of the vocabulary)
+SPECIAL_TOKENS = {"bos": ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|bos|>"),
+                  "eos": ("</s>", "<eos>", "[EOS]", "<|endoftext|>", "<|end_of_text|>", "<|eos|>"),
+                  "pad": ("<pad>", "[PAD]", "<|pad|>"),
+                  "unk": ("<unk>", "[UNK]", "<|unk|>")}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json behind Tokenizer's interface (needs the tokenizers package). Its
+    special tokens are found by SPECIAL_TOKENS' rule: for each of bos, eos, pad and unk, the first of its names that
+    the tokenizer knows, else the last name added as a new special token (so GPT-2's vocabulary, whose only special
+    token <|endoftext|> is its eos, gets <|bos|>, <|pad|> and <|unk|> at ids 50257-50259). The rule depends on the file
+    alone, so every load gives the same ids. The text it encodes gets no post-processing (no special tokens added
+    by the file's own template): bos and eos are the tool's to add. Raises UsageError naming the file if it is
+    unreadable or the package missing."""
+    kind = "huggingface"
+    file_name = "tokenizer.json"
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer as Loaded
+        except ImportError:
+            raise UsageError(f"{path}: a tokenizer.json needs the tokenizers package: pip install -r "
+                             "requirements-extra.txt") from None
+        try:
+            with open(path, "rb") as f:
+                self.data = f.read()
+            self.hf = Loaded.from_str(self.data.decode("utf-8"))
+        except Exception as e:
+            raise UsageError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
+        self.path = path
+        self.added = []
+        for name, candidates in SPECIAL_TOKENS.items():
+            found = next((self.hf.token_to_id(t) for t in candidates if self.hf.token_to_id(t) is not None), None)
+            if found is None:
+                self.hf.add_special_tokens([candidates[-1]])
+                self.added.append(candidates[-1])
+                found = self.hf.token_to_id(candidates[-1])
+            setattr(self, f"{name}_id", found)
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.check_special_ids("name them as one of " + "; ".join(f"{k}: {', '.join(v)}"
+                                                                   for k, v in SPECIAL_TOKENS.items()))
+
+    @property
+    def model_proto(self):
+        """The tokenizer.json's bytes: what worker processes load (batch_encoder) and part of the corpus cache key."""
+        return self.data
+
+    def encode_batch(self, texts):
+        return [encoding.ids for encoding in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_ids(self, ids):
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def batch_encoder(model_proto):
+    """texts -> lists of token ids (no bos or eos) of a serialised tokenizer (Tokenizer.model_proto's bytes: a
+    tokenizer.json's, or a SentencePiece model's), for the worker processes that tokenise a corpus."""
+    if model_proto[:1] == b"{":
+        from tokenizers import Tokenizer as Loaded
+        hf = Loaded.from_str(model_proto.decode("utf-8"))
+        return lambda texts: [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
+    return spm.SentencePieceProcessor(model_proto=model_proto).encode
 
 
 BOM = "\ufeff"
@@ -147,16 +237,16 @@ def lines_starting_in(f, start, end):
 def tokenize_span(task):
     """Tokenise the lines starting in one byte range of a corpus; runs in a worker process.
 
-    task: (path, serialised SentencePiece model, start, end, encoding errors, numpy dtype name).
+    task: (path, serialised tokenizer (Tokenizer.model_proto), start, end, encoding errors, numpy dtype name).
     Returns (lines in the range, lengths int64 (N,) of its N lines with tokens, their ids concatenated
     (sum of lengths,) in the dtype, the first problem as (line number within the range, reason) or None).
     """
     path, model_proto, start, end, errors, dtype = task
-    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    encode = batch_encoder(model_proto)
     lengths, ids, texts, problem, number = [], [], [], None, 0
 
     def encode_waiting():
-        for pieces in sp.encode(texts):
+        for pieces in encode(texts):
             if pieces:  # a line of characters the tokenizer drops (zero-width spaces, controls) has no text
                 lengths.append(len(pieces))
                 ids.append(np.asarray(pieces, dtype=dtype))
@@ -465,7 +555,7 @@ def line_lengths(paths, tokenizer):
     for path in paths:
         with open(path, encoding="utf-8") as f:
             while lines := [line.rstrip("\n") for _, line in zip(range(ENCODE_LINES), f)]:
-                lengths += [len(ids) + 2 for ids in tokenizer.sp.encode(lines)]
+                lengths += [len(ids) + 2 for ids in tokenizer.encode_batch(lines)]
     return sorted(lengths)
 
 

@@ -73,8 +73,10 @@ def build_parser(description=None):
     io = p.add_argument_group("data and output")
     io.add_argument("-d", "--data_path", help="training corpus: UTF-8 text, one example a line; blank lines are "
                                               "skipped, a line longer than -slen gives a random window of it")
-    io.add_argument("-spm", "--spm_model", help="SentencePiece model with bos, eos, pad and unk ids (prepare.py "
-                                                "makes one)")
+    io.add_argument("-spm", "--spm_model", "--tokenizer",
+                    help="SentencePiece model with bos, eos, pad and unk ids (prepare.py makes one), or a Hugging "
+                         "Face tokenizer.json (the tokenizers package), whose special tokens are found by name or "
+                         "added (docs/data.md)")
     io.add_argument("-mdir", "--model_dir", help="folder for the checkpoint, config, tokenizer copy and "
                                                  "metrics.jsonl; a run already there resumes, every flag not given "
                                                  "taking the value it was started with")

@@ -142,12 +142,12 @@ def start(args, rank, world_size, device):
     """The run's TrainingState, fresh or restored from its checkpoint, its tokenizer and the step it is at; rank 0
     prepares the folder (and the token cache) before the others read them."""
     seed_all(args.seed)  # the same initial weights on every rank
-    tokenizer = Tokenizer(args.spm_model)
+    tokenizer = Tokenizer.open(args.spm_model)
     if rank > 0:
         barrier(world_size)  # rank 0 builds the cache (and the model folder) first
     state = build_state(args, tokenizer, device, rank, world_size)
     if rank == 0:
-        checkpoint.prepare_model_dir(args, args.spm_model)
+        checkpoint.prepare_model_dir(args, tokenizer)
         barrier(world_size)
     if world_size > 1:
         torch.manual_seed(args.seed + 1_000_003 * rank)  # each rank draws its own noise levels and noise
