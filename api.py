@@ -12,6 +12,7 @@ sample.py samples through it, and its scores are eval.py's (scoring.line_estimat
 
 Errors are UsageError (utils.py), one line naming the setting as sample.py's flag, as on the command line.
 """
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -102,10 +103,12 @@ class Run:
         chosen = self.settings(**settings)
         if templates and length is not None:
             raise UsageError("--length does not apply to --infill: the template's text and blanks fix the length")
-        if isinstance(length, int):
-            length = str(length)
-        return self.draw_prompts(prompt_pieces(prompts, templates), n, chosen, suffix,
-                                 None if length is None else parse_length(length), seed, batch_size, progress)
+        try:
+            length = None if length is None else parse_length(str(length))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--length {e}") from None
+        return self.draw_prompts(prompt_pieces(prompts, templates), n, chosen, suffix, length, seed, batch_size,
+                                 progress)
 
     def sample(self, n=1, **request):
         """Run.samples as a list of Sample records."""

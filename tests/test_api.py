@@ -65,6 +65,8 @@ def test_requests_the_run_cannot_do_are_refused_in_one_line(memorised_run, memor
         baseline.sample(1, infill="the [3] of")
     with pytest.raises(UsageError, match="--sampler heun: not for .*an autoregressive run"):
         baseline.sample(1, sampler="heun")
+    with pytest.raises(UsageError, match="--length '1:3': lengths go from 2"):
+        diffusion.sample(1, length="1:3")
     with pytest.raises(UsageError, match="--temperature 0.0: must be in"):
         diffusion.sample(1, temperature=0.0)
     with pytest.raises(UsageError, match="score: text 0 is .* tokens, longer than the 32-token rows"):
