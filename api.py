@@ -23,7 +23,7 @@ from objectives import run_objective
 from sampling import (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, check_objective_flags, draw, parse_length,
                       prompt_layouts, prompt_pieces, sampler_settings)
 from scoring import line_estimates, line_seeds
-from utils import UsageError, resolve_device
+from utils import PRECISION_CHOICES, UsageError, resolve_device
 
 SAMPLE_DEFAULTS = {"sampler": "iterative", "schedule": "uniform", "grid": "rho", "temperature": 1.0, "clamp": 0.0,
                    "top_p": 1.0, "fp64": False}
@@ -65,17 +65,23 @@ class Run:
     sampling ("auto": bf16 where the device computes it natively; scores are computed in fp32)."""
 
     def __init__(self, model_dir, ema=None, device="auto", precision="auto"):
+        if precision not in PRECISION_CHOICES:
+            raise UsageError(f"precision {precision!r}: one of {', '.join(PRECISION_CHOICES)}")
         self.model_dir, self.precision, self.device = model_dir, precision, resolve_device(device)
         self.model, self.tokenizer, self.sampling = load_model(model_dir, ema, self.device)
         self.objective = run_objective(self.model, self.sampling)
 
     def encode(self, text, bos=False, eos=False):
         """The token ids of `text` (list of int), bos and eos added only where asked."""
-        return self.tokenizer.encode(text, bos=bos, eos=eos)
+        return self.tokenizer.encode(checked_str(text, "encode: text"), bos=bos, eos=eos)
 
     def decode(self, ids):
-        """The text of token ids, cut at the first eos, bos and pad dropped."""
-        return self.tokenizer.decode(ids)
+        """The text of token ids, cut at the first eos, bos and pad dropped; UsageError for ids that are not token
+        ids of the run's vocabulary."""
+        try:
+            return self.tokenizer.decode(ids)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"decode: {e}") from None
 
     def settings(self, steps=None, **given):
         """The SamplerSettings of sample.py's flags given as keywords (sampler, steps, schedule, grid, rho,
@@ -83,6 +89,14 @@ class Run:
         precision defaults to the run's). Raises UsageError for a value out of range, or one the run's objective does
         not read (top_p for a continuous run; the continuous samplers' settings for the others)."""
         given.setdefault("precision", self.precision)
+        if given["precision"] not in PRECISION_CHOICES:
+            raise UsageError(f"precision {given['precision']!r}: one of {', '.join(PRECISION_CHOICES)}")
+        known = set(SAMPLE_DEFAULTS) | {"rho", "early_exit", "exit_confidence", "precision"} | {
+            k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise UsageError(f"sample: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
+        checked_int(200 if steps is None else steps, "--steps", 1)
         settings = sampler_settings(steps=200 if steps is None else steps, **given)
         own = {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
         changed = [f"--{k} {v}" for k, v in given.items()
@@ -98,8 +112,18 @@ class Run:
         lines' lengths), an int or "A:B" (tokens, bos and held text included; default: the run's own); the sampler
         `settings` as Run.settings takes them. Returns a generator of Sample records, in order as they are drawn;
         sample i depends on (seed, i) only. Raises UsageError, before any drawing, for a request the run cannot do."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        templates = [infill] if isinstance(infill, str) else infill
+        prompts, templates = ([given] if isinstance(given, str) else given for given in (prompt, infill))
+        if not all(isinstance(given, (list, tuple, type(None))) for given in (prompts, templates)):
+            raise UsageError("sample: prompt and infill take a text or a list of texts")
+        prompts, templates = (None if given is None else list(given) for given in (prompts, templates))
+        if prompts and templates:
+            raise UsageError("sample: give prompt or infill, not both")
+        for text in (prompts or []) + (templates or []) + ([] if suffix is None else [suffix]):
+            checked_str(text, "sample: a prompt, template or suffix")
+        if templates or suffix is not None:  # named before any setting the objective does not read
+            check_objective_flags(self.objective.name, ["--infill"] * bool(templates) +
+                                  ["--suffix"] * (suffix is not None), self.model_dir)
+        checked_int(n, "-n", 1), checked_int(batch_size, "--batch_size", 1), checked_int(seed, "--seed", 0)
         chosen = self.settings(**settings)
         if templates and length is not None:
             raise UsageError("--length does not apply to --infill: the template's text and blanks fix the length")
@@ -136,22 +160,35 @@ class Run:
         eos free. Raises UsageError for a text longer than the training rows, or draws below 2."""
         if isinstance(texts, str):
             raise UsageError("score: give a list of texts, not one string")
-        if draws < 2 and self.objective.name != "ar":
-            raise UsageError(f"score: draws {draws}: a bound needs at least 2")
+        checked_int(draws, "--draws", 2), checked_int(batch_size, "--batch_size", 1), checked_int(seed, "--seed", 0)
         lines, limit = [], self.sampling["sequence_length"]
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(checked_str(text, f"score: text {i}"))
             if len(ids) > limit:
                 raise UsageError(f"score: text {i} is {len(ids)} tokens, longer than the {limit}-token rows "
                                  f"{self.model_dir} was trained on")
             lines.append((ids, len(text) + 1))
         with torch.no_grad():
             estimates = line_estimates(self.model, self.objective, lines, batch_size, self.tokenizer.pad_id,
-                                       self.device, max(draws, 2), line_seeds(seed, range(len(lines))))
+                                       self.device, draws, line_seeds(seed, range(len(lines))))
         terms = [value for key, value in estimates.items() if key not in ("tokens", "variance", "per_draw")]
         nats = sum(terms)
         return [Score(float(nats[i]), int(estimates["tokens"][i]), math.sqrt(float(estimates["variance"][i])))
                 for i in range(len(lines))]
+
+
+def checked_int(value, name, low):
+    """`value` if it is an int of at least `low`; else UsageError naming it as sample.py's flag `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name} {value!r}: must be a whole number of at least {low}")
+    return value
+
+
+def checked_str(value, what):
+    """`value` if it is a str; else UsageError naming `what`."""
+    if not isinstance(value, str):
+        raise UsageError(f"{what}: {value!r} is not text (a str)")
+    return value
 
 
 def load(model_dir, ema=None, device="auto", precision="auto"):

@@ -94,6 +94,8 @@ def export_weights(model_dir, out, ema=None):
     if os.path.exists(out):
         raise UsageError(f"-o {out}: exists already; give a new folder (an export is never written over)")
     path = os.path.join(model_dir, CHECKPOINT)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(model_dir, EXPORTED)):
+        raise UsageError(f"-mdir {model_dir}: an exported folder already; copy it as it is")
     checkpoint = load_checkpoint(path, map_location="cpu")
     state, _ = chosen_weights(checkpoint, ema, path)
     tensors = {name: tensor.contiguous() for name, tensor in state.items()}
@@ -113,6 +115,11 @@ def export_weights(model_dir, out, ema=None):
             json.dump(config, f, indent=2)
         copy = folder_tokenizer(model_dir)
         shutil.copyfile(copy, os.path.join(tmp, os.path.basename(copy)))
+        umask = os.umask(0)
+        os.umask(umask)  # the folder readable as any new folder (mkdtemp makes it private), to share
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

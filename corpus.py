@@ -128,9 +128,12 @@ class HFTokenizer(Tokenizer):
         try:
             with open(path, "rb") as f:
                 self.data = f.read()
+            if b'"model"' not in self.data:
+                raise ValueError("no \"model\" in it")
             self.hf = Loaded.from_str(self.data.decode("utf-8"))
         except Exception as e:
             raise UsageError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
+        self.hf.encode_special_tokens = True  # a special token's text inside a line is text, as SentencePiece reads it
         self.path = path
         self.added = []
         for name, candidates in SPECIAL_TOKENS.items():
@@ -162,6 +165,7 @@ def batch_encoder(model_proto):
     if model_proto[:1] == b"{":
         from tokenizers import Tokenizer as Loaded
         hf = Loaded.from_str(model_proto.decode("utf-8"))
+        hf.encode_special_tokens = True  # as HFTokenizer encodes
         return lambda texts: [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
     return spm.SentencePieceProcessor(model_proto=model_proto).encode
 

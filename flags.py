@@ -237,7 +237,10 @@ def parse_args(argv=None, required=("data_path", "spm_model", "model_dir"), desc
     p = build_parser(description)
     args = p.parse_args(argv)
     problem = apply_config(args, p) if args.config else None
-    problem = problem or resolve(args, required)
+    if not problem:
+        problem = resolve(args, required)
+        if problem and args.config:
+            problem += f" (flags from --config {args.config} count as given)"
     if problem:
         p.error(problem)
     return args
@@ -251,13 +254,13 @@ def read_config(path):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         return f"--config {path}: {getattr(e, 'strerror', None) or e}"
-    if path.endswith((".yaml", ".yml")):
+    if path.lower().endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError:
             return f"--config {path}: a YAML file needs PyYAML (pip install -r requirements-extra.txt); or give JSON"
         try:
-            data = yaml.safe_load(text)
+            data = yaml.safe_load(text) or {}  # an empty file: no flags
         except yaml.YAMLError as e:
             return f"--config {path}: not valid YAML ({' '.join(str(e).split())})"
     else:
@@ -268,29 +271,51 @@ def read_config(path):
     return data if isinstance(data, dict) else f"--config {path}: expected a mapping of flag names to values"
 
 
+# The flags each objective does not read (resolve refuses them when given with other than a falsy value)
+DIFFUSION_ONLY = ("self_cond", "time_warp", "output_prior", "sigma_min", "sigma_max", "rho", "stratified_sigma",
+                  "prior_ramp", "anchor_prob", "warp_shape", "elbo_weight")
+NOT_READ = {"ar": DIFFUSION_ONLY + ("multilevel_prob", "mask_weight"), "mdlm": DIFFUSION_ONLY,
+            "diffusion": ("mask_weight",)}
+
+
 def apply_config(args, parser):
     """Set every flag of the --config file that the command line did not give (a value of null is not given; the
-    file's own "config" key is skipped, so args.json of a run started with --config reads as a config); values are
-    checked as the command line checks them. Returns a one-line problem naming the key and the file, or None."""
+    file's own "config" key is skipped, so args.json of a run started with --config reads as a config); keys are long
+    flag names (any of a flag's, e.g. tokenizer for -spm); values are checked as the command line checks them. A run's
+    args.json records every flag, also those its objective does not read, at the value every such run records
+    (DEFAULTS): those are skipped, and so is its "demo" where -d or -spm is given, so that args.json repeats the run
+    on other data. Returns a one-line problem naming the key and the file, or None."""
     path, data = args.config, read_config(args.config)
     if isinstance(data, str):
         return data
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions = {name.lstrip("-").replace("-", "_"): action for action in parser._actions
+               for name in action.option_strings + [action.dest] if name.startswith("--") or name == action.dest}
+    objective = args.objective or data.get("objective") or DEFAULTS["every"]["objective"]
     for key, value in data.items():
-        if key == "config":
-            continue
         action = actions.get(str(key).replace("-", "_"))
-        if action is None:
+        if key == "config" or (action is not None and action.dest == "demo" and (args.data_path or args.spm_model)):
+            continue
+        if action is None or action.dest in ("help", "config"):
             return (f"--config {path}: unknown key {key!r}: the keys are train.py's long flag names (learning_rate, "
                     "not lr)")
+        recorded = DEFAULTS.get(objective, {}).get(action.dest, DEFAULTS["every"].get(action.dest))
+        if action.dest in NOT_READ.get(objective, ()) and value == recorded:
+            continue  # what every run of the objective records for a flag it does not read
         if value is None or getattr(args, action.dest) not in (None, action.default):
             continue  # not given, or the command line gave it
         boolean = action.nargs == 0  # store_true and --flag/--no-flag
         if boolean != isinstance(value, bool) or isinstance(value, (list, dict)):
-            return f"--config {path}: {key}: {value!r} is not {'true or false' if boolean else 'a single value'}"
-        if not boolean:  # read as the command line reads its text
+            return (f"--config {path}: {key}: {value!r} is not " +
+                    ("true or false" if boolean else f"a value of {action.option_strings[-1]}"))
+        if not boolean:  # read as the command line reads its text; a whole number may be written 1000.0 or 1e3
+            text = str(value)
+            if action.type is int:
+                try:
+                    text = str(int(float(text))) if float(text).is_integer() else text
+                except (ValueError, OverflowError):
+                    pass
             try:
-                value = (action.type or str)(str(value))
+                value = (action.type or str)(text)
             except (TypeError, ValueError, argparse.ArgumentTypeError):
                 return f"--config {path}: {key}: {value!r} is not a valid value of {action.option_strings[-1]}"
         if action.choices is not None and value not in action.choices:

@@ -73,5 +73,21 @@ def test_requests_the_run_cannot_do_are_refused_in_one_line(memorised_run, memor
         diffusion.score(["word " * 40])
     with pytest.raises(UsageError, match="a list of texts"):
         diffusion.score("one string")
+    for call, message in ((lambda: diffusion.sample(1, prompt="the", infill="a [3] b"), "prompt or infill, not both"),
+                          (lambda: diffusion.sample(-1), "-n -1: must be a whole number of at least 1"),
+                          (lambda: diffusion.sample(1, batch_size=0), "--batch_size 0: must be"),
+                          (lambda: diffusion.sample(1, seed=-1), "--seed -1: must be"),
+                          (lambda: diffusion.sample(1, steps=2.5), "--steps 2.5: must be"),
+                          (lambda: diffusion.sample(1, temprature=0.5), "unknown setting 'temprature'"),
+                          (lambda: diffusion.sample(1, prompt=5), "a text or a list of texts"),
+                          (lambda: diffusion.sample(1, length=2.5), "--length '2.5'"),
+                          (lambda: diffusion.score([None]), "score: text 0: None is not text"),
+                          (lambda: diffusion.score(["a"], draws=1), "--draws 1: must be"),
+                          (lambda: diffusion.decode([99999]), "decode: token ids outside the vocabulary"),
+                          (lambda: diffusion.encode(5), "encode: text: 5 is not text"),
+                          (lambda: baseline.sample(1, infill="the [3] of", steps=50), "--infill: not for"),
+                          (lambda: api.load(str(memorised_run[0]), precision="bogus"), "precision 'bogus': one of")):
+        with pytest.raises(UsageError, match=message):
+            call()
     with pytest.raises(UsageError, match="run-nowhere.ckpt.pt: no checkpoint there"):
         api.load(str(memorised_run[0]) + "-nowhere")

@@ -56,3 +56,32 @@ def test_a_missing_config_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(PATHS + ["--config", str(tmp_path / "none.yaml")])
     assert f"--config {tmp_path / 'none.yaml'}: no such file or directory" in capsys.readouterr().err.lower()
+
+
+def test_args_json_of_a_demo_or_baseline_run_repeats_it_on_other_data(tmp_path):
+    """A run's args.json records every flag, also those its objective does not read and --demo: with -d and -spm
+    given, neither stands in the way; a value the objective would refuse still is refused."""
+    saved = {"demo": True, "preset": "tiny", "objective": "ar", "sigma_min": 1.0, "sigma_max": 50.0, "rho": 1.0,
+             "warp_shape": "monotone", "multilevel_prob": 0.5, "mask_weight": "elbo", "self_cond": 0.0,
+             "time_warp": False, "max_steps": 1000.0, "tokenizer": "bpe.model"}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(saved))
+    args = parse_args(["--config", str(path), "-d", "other.txt", "-mdir", "out2"])
+    assert (args.objective, args.demo, args.data_path, args.spm_model, args.max_steps) == \
+        ("ar", False, "other.txt", "bpe.model", 1000)
+    path.write_text(json.dumps({**saved, "sigma_min": 2.0}))
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(path), "-d", "other.txt", "-mdir", "out2"])
+    yaml = pytest.importorskip("yaml")
+    cfg = tmp_path / "run.YML"
+    cfg.write_text(yaml.safe_dump({"max_steps": "1e3", "learning_rate": -1}))
+    with pytest.raises(SystemExit):
+        parse_args(PATHS + ["--config", str(cfg)])
+
+
+def test_a_range_error_of_a_config_value_names_the_config(tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"learning_rate": -1, "max_steps": "1e3"}))
+    with pytest.raises(SystemExit):
+        parse_args(PATHS + ["--config", str(path)])
+    assert f"-lr -1.0: must be positive (flags from --config {path} count as given)" in capsys.readouterr().err

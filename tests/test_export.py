@@ -22,6 +22,12 @@ def test_an_exported_folder_samples_and_evaluates_as_its_run_folder(memorised_ru
     out = tmp_path / "shared"
     export.main(["-mdir", str(model_dir), "-o", str(out)])
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # readable as any folder made here, to share
+    assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(UsageError, match="an exported folder already"):
+        export.main(["-mdir", str(out), "-o", str(tmp_path / "again")])
     for name in os.listdir(out):  # no pickle: neither torch's zip archive nor a bare pickle
         assert open(out / name, "rb").read(2) not in (b"PK", b"\x80\x02", b"\x80\x04"), name
     valid = tmp_path / "valid.txt"

@@ -40,6 +40,8 @@ def test_special_tokens_are_found_by_name_or_added_at_the_end(tmp_path, corpus_l
     ids = tokenizer.encode(text)
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and tokenizer.decode(ids) == text
     assert tokenizer.encode_batch([text, text]) == [ids[1:-1]] * 2
+    inside = named.encode("<s> and </s>", bos=False, eos=False)  # special tokens' text in a line is text
+    assert not {named.bos_id, named.eos_id} & set(inside) and named.decode(inside) == "<s> and </s>"
 
 
 def test_a_bad_tokenizer_json_is_one_line(tmp_path):
