@@ -91,14 +91,13 @@ class Run:
         given.setdefault("precision", self.precision)
         if given["precision"] not in PRECISION_CHOICES:
             raise UsageError(f"precision {given['precision']!r}: one of {', '.join(PRECISION_CHOICES)}")
-        known = set(SAMPLE_DEFAULTS) | {"rho", "early_exit", "exit_confidence", "precision"} | {
-            k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
+        own = {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
+        known = set(SAMPLE_DEFAULTS) | {"rho", "early_exit", "exit_confidence", "precision"} | own
         unknown = sorted(set(given) - known)
         if unknown:
             raise UsageError(f"sample: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
         checked_int(200 if steps is None else steps, "--steps", 1)
         settings = sampler_settings(steps=200 if steps is None else steps, **given)
-        own = {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
         changed = [f"--{k} {v}" for k, v in given.items()
                    if k != "precision" and v is not None and (k in own or SAMPLE_DEFAULTS.get(k, not v) != v)]
         check_objective_flags(self.objective.name, changed + [f"--steps {steps}"] * (steps is not None),
@@ -123,7 +122,8 @@ class Run:
         if templates or suffix is not None:  # named before any setting the objective does not read
             check_objective_flags(self.objective.name, ["--infill"] * bool(templates) +
                                   ["--suffix"] * (suffix is not None), self.model_dir)
-        checked_int(n, "-n", 1), checked_int(batch_size, "--batch_size", 1), checked_int(seed, "--seed", 0)
+        for value, name, low in ((n, "-n", 1), (batch_size, "--batch_size", 1), (seed, "--seed", 0)):
+            checked_int(value, name, low)
         chosen = self.settings(**settings)
         if templates and length is not None:
             raise UsageError("--length does not apply to --infill: the template's text and blanks fix the length")
@@ -160,7 +160,8 @@ class Run:
         eos free. Raises UsageError for a text longer than the training rows, or draws below 2."""
         if isinstance(texts, str):
             raise UsageError("score: give a list of texts, not one string")
-        checked_int(draws, "--draws", 2), checked_int(batch_size, "--batch_size", 1), checked_int(seed, "--seed", 0)
+        for value, name, low in ((draws, "--draws", 2), (batch_size, "--batch_size", 1), (seed, "--seed", 0)):
+            checked_int(value, name, low)
         lines, limit = [], self.sampling["sequence_length"]
         for i, text in enumerate(texts):
             ids = self.tokenizer.encode(checked_str(text, f"score: text {i}"))
