@@ -3,6 +3,7 @@
     python bench.py data -d corpus.txt -spm bpe.model [-slen 64] [-bsz 128] [--json]
     python bench.py train -d corpus.txt -spm bpe.model [--preset small] [--precision bf16] [--compile] [--json]
         [--reference path/to/score-based-diffusion-lm]
+    torchrun --nproc-per-node N bench.py train ... [--fsdp]     (several processes, DDP or sharded)
     python bench.py sample [-mdir out | --preset small] [--steps 200] [-bsz 64] [-slen 64] [--json]
 """
 import json
@@ -24,8 +25,9 @@ from data import PackedBatches, PackedRows, sample_rows
 from diffusion import SAMPLERS, SCHEDULES, Grid, generate
 from model import ModelConfig, ScoreLM
 from sampling import sampler_settings
-from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device,
-                   resolve_precision, run_command, seed_all, warn_if_emulated)
+from sharding import local_parameter_count
+from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, distributed_setup, keep_freed_memory,
+                   resolve_device, resolve_precision, run_command, seed_all, warn_if_emulated)
 
 
 def bench_data(args):
@@ -108,20 +110,31 @@ def bench_train(args):
     step's loss (warm-up included; two kernels on one --seed must give the same), model FLOP/s per real token
     (training_flops: Kaplan et al. 2020's 6N plus attention and the self-conditioning pass), MFU against the device's
     peak (PEAK_FLOPS by its exact name, or --peak_tflops), and peak memory (MB; CUDA: allocated, else the process's
-    resident set)."""
+    resident set). Under torchrun (DDP, or sharded with --fsdp) every process trains its rows of each global batch:
+    tokens/s are the processes' together, memory and the parameters held are rank 0's, and only rank 0 returns the
+    figures (the others None)."""
     targs = flags.parse_args(args.train_flags + ["--no-progress", "--sample_interval", "0", "-ema", ""],
                                 required=("data_path", "spm_model"))
     seed_all(targs.seed)
-    device = resolve_device(targs.device)
+    rank, world_size, device = distributed_setup(targs.device)
+    try:
+        return train_figures(args, targs, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train_figures(args, targs, rank, world_size, device):
+    """bench_train's figures, in a process group set up (or a single process)."""
     if args.attention == "flex" and device.type != "cuda":
         raise UsageError("--attention flex: FlexAttention trains on CUDA only (on the CPU it has no backward pass)")
     if args.reference and device.type != "cpu":
         raise UsageError(f"--reference: the original's step runs on the CPU in fp32; time this one there too "
                          f"(--device cpu), not on {device}")
     tokenizer = Tokenizer.open(targs.spm_model)
-    state = training.build_state(targs, tokenizer, device)
+    state = training.build_state(targs, tokenizer, device, rank, world_size)
     state.model.attention = args.attention
-    state.runner = training.training_runner(state.model, state.objective, targs)
+    state.runner = training.training_runner(state.model, state.objective, targs, world_size, state.runner)
     warn_if_emulated(targs.precision, device)  # once the inputs are known to be good
     keys, losses, began = [], [], time.perf_counter()
     try:
@@ -145,7 +158,9 @@ def bench_train(args):
     self_cond = targs.self_cond if model.cfg.self_cond else 0.0  # the share of steps with a first pass
     flops_per_token = training_flops(n_mm, targs.num_layers, targs.model_dim, sum(keys) / len(keys), self_cond,
                                      model.embedding.weight.numel())
-    tokens_per_s = tokens / elapsed
+    tokens_per_s, text = tokens * world_size / elapsed, text * world_size  # every rank trains as many rows
+    if rank > 0:
+        return None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = PEAK_FLOPS.get(name) if args.peak_tflops is None else args.peak_tflops * 1e12
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -157,6 +172,7 @@ def bench_train(args):
             "compile": targs.compile, "compiled_graphs": graphs,
             "attention": model.attention,  # the kernel used: "auto" settled to "flex" or "sdpa"
             "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
+            "processes": world_size, "fsdp": targs.fsdp, "parameters_per_process": local_parameter_count(model),
             "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
             "mean_attended_keys": round(sum(keys) / len(keys), 1), "warmup_s": round(warmup_s, 1),
             "steps": args.steps,
@@ -389,6 +405,8 @@ def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
     result = {"data": bench_data, "train": bench_train, "sample": bench_sample}[args.command](args)
+    if result is None:  # a process of a torchrun run other than rank 0
+        return
     if args.json:
         print(json.dumps(result))
         return

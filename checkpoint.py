@@ -15,6 +15,7 @@ import torch
 
 from corpus import HFTokenizer, Tokenizer
 from model import ModelConfig, ScoreLM
+from sharding import gathered, gathered_optimizer, is_sharded, sharded_checkpoint
 from timewarp import TimeWarp
 from utils import UsageError, check_state_dict, load_checkpoint, load_state_dict_strict, seed_all
 
@@ -34,7 +35,8 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
 # Flags that may change between a run and its resumption without changing what it is
 RUN_FLAGS = {"log_interval", "save_interval", "sample_interval", "sample_steps", "progress", "device",
              "tensorboard", "demo", "data_path", "spm_model", "model_dir", "cache_dir", "num_workers", "keep",
-             "max_bad_steps", "probe_interval", "probe_lines", "probe_draws", "config", "wandb", "wandb_name"}
+             "max_bad_steps", "probe_interval", "probe_lines", "probe_draws", "config", "wandb", "wandb_name",
+             "fsdp"}
 
 
 def load_model(model_dir, ema=None, device="cpu"):
@@ -166,10 +168,15 @@ def sampling_config(args, length_counts=None):
 
 def checkpoint_dict(state, step, args, rng_states):
     """Everything to resume or sample a training.TrainingState at `step`, as a plain dict of tensors, numbers,
-    strings and lists; rng_states: every rank's rng_state(), in rank order."""
-    model = state.model
-    return {"model": model.state_dict(), "ema": {str(r): sd for r, sd in state.emas.items()},
-            "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "step": step,
+    strings and lists; rng_states: every rank's rng_state(), in rank order. Of a sharded model (--fsdp) the full
+    tensors, gathered to the CPU: a collective that every rank calls, whose tensors only rank 0 keeps."""
+    model, keep = state.model, state.loader.rank == 0
+    weights, emas, optimizer = model.state_dict(), state.emas, state.optimizer.state_dict()
+    if is_sharded(model):
+        weights, optimizer = gathered(weights, keep), gathered_optimizer(state.optimizer, keep)
+        emas = {rate: gathered(ema, keep) for rate, ema in emas.items()}
+    return {"model": weights, "ema": {str(r): sd for r, sd in emas.items()},
+            "optimizer": optimizer, "scaler": state.scaler.state_dict(), "step": step,
             "config": dataclasses.asdict(model.cfg), "args": vars(args),
             "sampling": sampling_config(args, state.loader.rows.cache.length_counts(args.sequence_length)),
             "data_state": state.loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
@@ -213,9 +220,12 @@ def gathered_rng_states(world_size, device):
 
 def restore(checkpoint, path, state, args):
     """Load a checkpoint (from `path`) into a training.TrainingState built for the run `args`; returns the step to
-    continue from. Raises UsageError if the model flags, corpus, row length or seed differ, or a tensor does not fit;
-    warns (on rank 0) about other changed flags, EMA rates and the time warp."""
+    continue from. A sharded model (--fsdp) takes its shards of the checkpoint's full tensors. Raises UsageError if
+    the model flags, corpus, row length, rows a step or seed differ, or a tensor does not fit; warns (on rank 0) about
+    other changed flags, EMA rates and the time warp."""
     rank = state.loader.rank
+    if is_sharded(state.model):
+        checkpoint = sharded_checkpoint(checkpoint, state.model, state.optimizer)
 
     def warn(message):
         if rank == 0:
@@ -226,6 +236,7 @@ def restore(checkpoint, path, state, args):
     state.loader.load_state_dict(checkpoint["data_state"], path)  # refuses another corpus or row length before warnings
     if checkpoint["step"] >= args.max_steps:
         return checkpoint["step"]  # nothing to train: the caller says so, without warnings about the flags
+    check_rows_a_step(checkpoint, args, state.loader.world_size)
     warn_changed_flags(checkpoint, args, warn)
     restore_emas(checkpoint, state.emas, path, warn)
     restore_optimizer(checkpoint, state.optimizer, path)
@@ -272,6 +283,24 @@ def warn_changed_flags(checkpoint, args, warn):
                 for k, (v, _) in changed.items() if k in ("sigma_min", "sigma_max", "rho", "time_warp")]
         if keep:
             warn(f"to continue with the checkpoint's noise levels, add: {' '.join(keep)}")
+
+
+def check_rows_a_step(checkpoint, args, world_size):
+    """Raise UsageError unless the run takes as many rows a step (-bsz x processes x --accumulation_steps) as the
+    checkpoint's did, saying which -bsz keeps them; another number of processes at the same rows a step resumes."""
+    saved = checkpoint["args"]
+    processes = len(checkpoint.get("rng_ranks", [checkpoint["rng"]]))
+    before = saved["batch_size"] * processes * saved.get("accumulation_steps", 1)
+    now = args.batch_size * world_size * args.accumulation_steps
+    if before == now:
+        return
+    split = world_size * args.accumulation_steps
+    fix = f"-bsz {before // split}" if before % split == 0 else \
+        f"-bsz and --accumulation_steps whose product times {world_size} is {before}"
+    raise UsageError(f"-bsz {args.batch_size} x {world_size} process{'es' * (world_size != 1)} x --accumulation_steps "
+                     f"{args.accumulation_steps} = {now} rows a step; the run was trained with {before} (-bsz "
+                     f"{saved['batch_size']} x {processes} x {saved.get('accumulation_steps', 1)}): resume with "
+                     f"{fix}, or start a new -mdir for another batch")
 
 
 def restore_emas(checkpoint, emas, path, warn):
@@ -345,9 +374,8 @@ def restore_rng(checkpoint, args, rank, world_size, warn, device):
     if len(ranks) == world_size:
         set_rng_state(ranks[rank], device)
         return
-    warn(f"the run had {len(ranks)} process(es), now {world_size}: the data position continues, each step now takes "
-         f"{args.batch_size * world_size} rows (-bsz is per process) with the same learning rate, and the noise is "
-         "drawn afresh, so the run no longer matches an uninterrupted one")
+    warn(f"the run had {len(ranks)} process(es), now {world_size}: the data position and the rows a step continue, "
+         "the noise is drawn afresh, so the run no longer matches an uninterrupted one")
     seed_all(args.seed + 1_000_003 * rank + 7919 * checkpoint["step"])
 
 

@@ -48,7 +48,7 @@ DEFAULTS = {
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=20.0, beta2=0.99, stratified_sigma=False,
                   mask_weight="elbo", probe_interval=0, probe_lines=64, probe_draws=4, anchor_prob=0.0,
-                  warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8),
+                  warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8, fsdp=False),
 }
 
 
@@ -147,6 +147,10 @@ def build_parser(description=None):
                           f"softmax stay fp32 ({d('precision')})")
     opt.add_argument("--compile", action=argparse.BooleanOptionalAction,
                      help=f"torch.compile the training forward (compiles once, in the first step) ({d('compile')})")
+    opt.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
+                     help=f"under torchrun, shard the weights, gradients and optimizer state over the processes "
+                          f"(torch's fully_shard, FSDP2) instead of a full copy on each (DDP); checkpoints stay one "
+                          f"format, so the run resumes with or without it ({d('fsdp')})")
     opt.add_argument("--max_bad_steps", type=int, help=f"stop (exit status 3, last checkpoint intact) after this "
                                                        f"many steps in a row with a non-finite loss or gradient, "
                                                        f"each skipped ({d('max_bad_steps')})")
@@ -418,6 +422,9 @@ def check_args(args):
         return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
     if args.warp_shape != "monotone" and not args.time_warp:
         return f"--warp_shape {args.warp_shape}: shapes the time warp, which this run trains without (--time_warp)"
+    if args.fsdp and (args.compile or args.precision == "fp16"):
+        return (f"--fsdp with {'--compile' if args.compile else '--precision fp16'}: not supported together; drop "
+                f"{'--compile' if args.compile else 'fp16 for --precision bf16 or fp32'}")
     if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
         return f"--time_budget {args.time_budget:g}: minutes, 0 (no budget) or more"
     for flag, value in (("-wd", args.weight_decay), ("-gc", args.gradient_clipping)):

@@ -1,9 +1,11 @@
-"""The checks that need a CUDA GPU, as one script of under 10 minutes: training throughput and MFU of the large
-preset (bf16, compiled), FlexAttention against SDPA on packed rows (their losses on one seed, eager and compiled), a
-resume on the GPU that draws what a straight run does, samples on the GPU and on the CPU from its checkpoint, masked
-diffusion trained (with the probe of diagnostics.py) and sampled on the GPU and, with two GPUs, a run under
-torchrun. Each step is a command of this repository, run in turn; its figures (the last JSON line it prints on
-stdout) and its warnings (stderr) go to OUT/gpu_check.json, then the comparisons between steps.
+"""The checks that need a CUDA GPU, as one script of under 10 minutes on one GPU: training throughput and MFU of the
+large preset (bf16, compiled), FlexAttention against SDPA on packed rows (their losses on one seed, eager and
+compiled), a resume on the GPU that draws what a straight run does, samples on the GPU and on the CPU from its
+checkpoint, masked diffusion trained (with the probe of diagnostics.py) and sampled on the GPU and, with two GPUs
+(under 3 minutes more), a run under torchrun and the large preset's step under DDP and sharded (--fsdp): their
+throughput, peak memory and parameters a GPU, and losses that agree. Each step is a command of this repository,
+run in turn; its figures (the last JSON line it prints on stdout) and its warnings (stderr) go to
+OUT/gpu_check.json, then the comparisons between steps.
 
     python gpu_check.py [-d corpus.txt -spm bpe.model] [-o gpu_check_out]
 
@@ -47,12 +49,18 @@ STEPS = [
     ("masked samples on the GPU", 20, "sample.py -mdir {out}/mdlm -n 8 --no-progress"),
 ]
 # with two GPUs or more, also: two processes under torchrun (NCCL), whose time budget is fitted at step 21 with an
-# all-reduce across the ranks
+# all-reduce across the ranks, and the large preset's step under DDP and sharded (--fsdp): throughput, peak memory
+# and the parameters each GPU holds
+TWO_GPU_LARGE = ("torchrun --nproc-per-node 2 bench.py train -d {data} -spm {spm} --preset large -slen 256 "
+                 "--precision bf16 --warmup 3 --steps 10 --json")
 TWO_GPU_STEPS = [
     ("two GPUs under torchrun, NCCL, a time budget", 50,
      "torchrun --nproc-per-node 2 train.py -d {data} -spm {spm} --preset tiny --time_budget 0.4 --precision bf16 "
      "--sample_interval 0 --no-progress -mdir {out}/two_gpus"),
+    ("large preset, two GPUs, DDP", 60, TWO_GPU_LARGE),
+    ("large preset, two GPUs, sharded (--fsdp)", 60, TWO_GPU_LARGE + " --fsdp"),
 ]
+SHARDED_LOSS_TOLERANCE = 1e-2  # relative, per step: bf16 all-gathered weights round where DDP's fp32 ones do not
 LOSS_TOLERANCE = 1e-2  # relative, per step: bf16 kernels that round differently, not a kernel that is wrong
 # relative, per step, the first two after the resume: the same weights, batch and noise give the same loss up to the
 # GPU's atomic adds, which are not bit-reproducible; noise drawn afresh moves it by percents
@@ -167,6 +175,10 @@ def comparisons(steps, out):
               LOSS_TOLERANCE),
              ("a run resumed at step 50 against a straight one, losses of steps 51 and 52", resume_difference(out),
               RESUME_TOLERANCE)]
+    if "large preset, two GPUs, DDP" in by_name:
+        found.append(("the large preset sharded against DDP, losses of 13 steps",
+                      loss_difference(by_name["large preset, two GPUs, sharded (--fsdp)"],
+                                      by_name["large preset, two GPUs, DDP"]), SHARDED_LOSS_TOLERANCE))
     return [{"compare": what, "difference": difference, "tolerance": tolerance,
              "agree": difference is not None and difference <= tolerance} for what, difference, tolerance in found]
 

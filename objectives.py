@@ -5,8 +5,10 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
     name                                      "diffusion", "ar" or "mdlm" (train.py's --objective)
     targets(segment_ids, cond_mask)           (B, L) bool: the positions whose loss a step averages over
     scored(noise, targets)                    (B, L) bool: the positions whose predictions the accuracy counts
-    draw(model, ids, segment_ids, cond_mask, step, warp)
-                                              the training noise of one micro-batch, a dict of tensors (and flags)
+    draw(model, ids, segment_ids, cond_mask, step, warp, coins)
+                                              the training noise of one micro-batch, a dict of tensors (and flags);
+                                              its coin flips (per-token levels or not, self-conditioned or not)
+                                              from the generator `coins` where given, else the global one
     loss(model, ids, segment_ids, cond_mask, weight, noise)
                                               (loss, ce (B, L), argmax (B, L)): the training loss of that noise
     observed(noise, ce, targets)              (level, ce, counted), each (B, L): each position's noise level,
@@ -23,7 +25,10 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
                                               (tokens, evaluations, steps) of one batch of layouts
 
 The noise is drawn outside the module that DistributedDataParallel and torch.compile wrap (training.TrainingForward
-calls `loss`), so that the random draws are the same in every setting. Shapes: B batch, L length.
+calls `loss`), so that the random draws are the same in every setting. Several processes flip the coins of a
+micro-batch from one generator that they all seed alike (training.coins), so that they run the same forward passes
+(a sharded model gathers its weights in each) and a global batch is self-conditioned or not as a whole, as in one
+process. Shapes: B batch, L length.
 """
 import torch
 
@@ -63,9 +68,9 @@ class Continuous:
     def targets(self, segment_ids, cond_mask):
         return text_positions(segment_ids, cond_mask)
 
-    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None):
-        per_token = bool(torch.rand(()) < self.multilevel_prob)
-        self_cond = model.cfg.self_cond and bool(torch.rand(()) < self.self_cond)  # no draw without: same stream
+    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None, coins=None):
+        per_token = bool(torch.rand((), generator=coins) < self.multilevel_prob)
+        self_cond = model.cfg.self_cond and bool(torch.rand((), generator=coins) < self.self_cond)  # no draw without
         sigma = diffusion.draw_training_sigma(segment_ids, self.sigma_min, self.sigma_max, self.rho, per_token,
                                               warp=warp, stratified=self.stratified)
         noise = torch.randn(*ids.shape, model.cfg.embedding_dim, device=ids.device)
@@ -119,7 +124,7 @@ class Autoregressive:
     def targets(self, segment_ids, cond_mask):
         return autoregressive.autoregressive_targets(segment_ids)
 
-    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None):
+    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None, coins=None):
         return {}
 
     def loss(self, model, ids, segment_ids, cond_mask, weight, noise):
@@ -159,8 +164,8 @@ class Masked:
     def targets(self, segment_ids, cond_mask):
         return text_positions(segment_ids, cond_mask)
 
-    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None):
-        per_token = bool(torch.rand(()) < self.multilevel_prob)
+    def draw(self, model, ids, segment_ids, cond_mask, step, warp=None, coins=None):
+        per_token = bool(torch.rand((), generator=coins) < self.multilevel_prob)
         t = masked.draw_mask_times(segment_ids, per_token)
         return {"t": t, "masked": masked.draw_masks(t, text_positions(segment_ids, cond_mask))}
 

@@ -22,9 +22,10 @@ from diagnostics import Probe
 from diffusion import Grid
 from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
-from training import Diverged, IntervalMetrics, batch_to, build_state, optimizer_step, training_runner
-from utils import (CommandError, MetricsWriter, all_reduce_sum, distributed_setup, keep_freed_memory, load_checkpoint,
-                   resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
+from sharding import gathered, is_sharded, local_parameter_count
+from training import Diverged, IntervalMetrics, batch_to, build_model, build_state, optimizer_step, training_runner
+from utils import (CommandError, MetricsWriter, UsageError, all_reduce_sum, distributed_setup, keep_freed_memory,
+                   load_checkpoint, resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
 
 
 def main(argv=None):
@@ -93,13 +94,14 @@ def run(args, rank, world_size, device):
                   f"{args.max_steps}: nothing to train" if step else
                   f"--max_steps {args.max_steps}: nothing to train, no checkpoint written", file=sys.stderr)
         return
-    state.runner = training_runner(state.model, state.objective, args, world_size)
+    state.runner = training_runner(state.model, state.objective, args, world_size, state.runner)
     path = os.path.join(args.model_dir, checkpoint.CHECKPOINT)
 
     def save(at_step):
         states = checkpoint.gathered_rng_states(world_size, device)
+        entry = checkpoint.checkpoint_dict(state, at_step, args, states)  # of a sharded model, gathered by every rank
         if rank == 0:
-            save_checkpoint(checkpoint.checkpoint_dict(state, at_step, args, states), path)
+            save_checkpoint(entry, path)
             if args.keep:
                 checkpoint.keep_recent(path, at_step, args.keep)
 
@@ -110,14 +112,17 @@ def run(args, rank, world_size, device):
         with StopOnSignal() as stop:
             step = train(state, tokenizer, args, device, step, save, stop, prompts, probe, metrics)
             save(step)
+            final = None
+            if not stop.requested and (args.demo or args.sample_interval) and (rank == 0 or is_sharded(state.model)):
+                final = sampling_model(state, args, tokenizer.vocab_size, device)
         if rank > 0:
             return
         if stop.requested:
             print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
         elif stop.out_of_time:
             print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
-        if not stop.requested and (args.demo or args.sample_interval):
-            metrics.write_samples(step, print_samples(state, tokenizer, args, device, step, prompts))
+        if final is not None:
+            metrics.write_samples(step, print_samples(final, state, tokenizer, args, device, step, prompts))
         print(f"checkpoint: {path}", file=sys.stderr)
     finally:
         state.loader.close()  # before the interpreter's exit, whatever happened: it cannot stop the workers itself
@@ -154,6 +159,8 @@ def start(args, rank, world_size, device):
     path = os.path.join(args.model_dir, checkpoint.CHECKPOINT)
     step = checkpoint.restore(load_checkpoint(path, needs=checkpoint.RESUME_KEYS), path, state, args) \
         if os.path.exists(path) else 0
+    if world_size > 1:
+        check_same_step(step, path, device)
     if rank == 0 and step < args.max_steps:
         if warmup_steps(args) < args.warmup_steps:
             print(f"note: warming up over {steps(warmup_steps(args))}, a tenth of --max_steps {args.max_steps}, "
@@ -164,7 +171,9 @@ def start(args, rank, world_size, device):
         corpus = state.loader.rows.cache.meta
         print(f"{sum(p.numel() for p in state.model.parameters() if p.requires_grad):,} parameters on {device} "
               f"({resolve_precision(args.precision, device)})"
-              f"{f' x {world_size} processes' if world_size > 1 else ''}; {corpus['examples']:,} examples, "
+              f"{f' x {world_size} processes' if world_size > 1 else ''}"
+              f"{f', each holding {local_parameter_count(state.model):,} (--fsdp)' if args.fsdp else ''}; "
+              f"{corpus['examples']:,} examples, "
               f"{corpus['tokens']:,} tokens; {'resuming at step ' + str(step) if step else 'starting'}",
               file=sys.stderr)
     return state, tokenizer, step
@@ -173,7 +182,8 @@ def start(args, rank, world_size, device):
 def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=None, metrics_file=None):
     """The training loop from `step` to the schedule's end (--max_steps, or where --time_budget fitted it); logs,
     saves, samples and probes (diagnostics.Probe, rank 0's) at their intervals (logs to `metrics_file`, rank 0's
-    MetricsWriter; logs, samples and probes on rank 0 only; the time of a probe is left out of the time budget on every rank). Returns the step reached (earlier if
+    MetricsWriter; logs, samples and probes on rank 0 only, a sharded model's weights gathered by every rank first;
+    the time of a probe is left out of the time budget on every rank). Returns the step reached (earlier if
     `stop` was requested on any rank, or the time budget ran out). Raises Diverged after args.max_bad_steps steps in
     a row with a non-finite loss or gradient (nothing is saved)."""
     loader, main_rank = state.loader, state.loader.rank == 0
@@ -213,22 +223,29 @@ def train(state, tokenizer, args, device, step, save, stop, prompts=(), probe=No
         if step % args.log_interval == 0 or step == state.schedule_end(args):
             log(step)
         if args.probe_interval and step % args.probe_interval == 0:
-            run_probe(probe, state, stats["batch"], step, device, interval, metrics_file)
+            run_probe(probe, state, args, stats["batch"], step, device, interval, metrics_file)
         if step % args.save_interval == 0:
             save(step)
-        if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and main_rank:
-            metrics_file.write_samples(step, print_samples(state, tokenizer, args, device, step, prompts))
+        if args.sample_interval and step % args.sample_interval == 0 and step < state.schedule_end(args) and \
+                (main_rank or is_sharded(state.model)):  # every rank gathers a sharded model's weights
+            model = sampling_model(state, args, tokenizer.vocab_size, device)
+            if main_rank:
+                metrics_file.write_samples(step, print_samples(model, state, tokenizer, args, device, step, prompts))
     if interval.steps:  # the steps since the last line, when the time budget or a stop ended the run between lines
         log(step)
     bar.close()
     return step
 
 
-def run_probe(probe, state, batch, step, device, interval, metrics_file):
-    """Rank 0 probes the model after `step` on the step's first micro-batch and writes the figures to metrics.jsonl;
-    every rank then waits for it and restarts the time budget's clock, so that the probe's time counts nowhere."""
+def run_probe(probe, state, args, batch, step, device, interval, metrics_file):
+    """Rank 0 probes the model after `step` on the step's first micro-batch and writes the figures to metrics.jsonl
+    (a sharded model's weights gathered by every rank first); every rank then waits for it and restarts the time
+    budget's clock, so that the probe's time counts nowhere."""
+    model = state.model
+    if is_sharded(model):
+        model = sampling_model(state, args, state.model.cfg.vocab_size, device, ema=False)
     if probe is not None:
-        line = probe(state.model, batch_to(batch, device), step, state.warp)
+        line = probe(model, batch_to(batch, device), step, state.warp)
         interval.pause(line["probe_seconds"])
         metrics_file.write(**line)
     barrier(state.loader.world_size)
@@ -278,14 +295,30 @@ def sample_prompts(args, tokenizer, count=2, length=3):
     return prompts
 
 
-def print_samples(state, tokenizer, args, device, step, prompts):
-    """Write four samples under the progress bar, two unprompted and one continuing each of `prompts` (token ids),
-    with the weights of the first EMA rate (the raw ones without EMA), the default sampler, --sample_steps steps and
-    lengths drawn from the training lines' (longer than the prompt); returns their texts."""
-    model = state.model
-    if state.emas:
+def sampling_model(state, args, vocab_size, device, ema=True):
+    """The run's model with the weights of its first EMA rate (with `ema`, where the run keeps one; else the raw
+    ones) as a module of its own, for samples and probes: the model itself for the raw weights, else a copy; of a
+    sharded model (--fsdp) an unsharded one built from the gathered weights, a collective every rank calls, whose model
+    only rank 0 gets (None on the others)."""
+    weights = next(iter(state.emas.values())) if ema and state.emas else None
+    if is_sharded(state.model):
+        weights = gathered(state.model.state_dict() if weights is None else weights, keep=state.loader.rank == 0)
+        if state.loader.rank > 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # its initialisation must not move the run's generator
+            model = build_model(args, vocab_size, device)
+    elif weights is None:
+        return state.model
+    else:
         model = copy.deepcopy(state.model)
-        model.load_state_dict(next(iter(state.emas.values())))
+    model.load_state_dict(weights)
+    return model
+
+
+def print_samples(model, state, tokenizer, args, device, step, prompts):
+    """Write four samples of `model` (sampling_model's) under the progress bar, two unprompted and one continuing each
+    of `prompts` (token ids), with the default sampler, --sample_steps steps and lengths drawn from the training lines'
+    (longer than the prompt); returns their texts."""
     model.eval()
     counts = state.loader.rows.cache.length_counts(args.sequence_length)
     pieces = [[None]] * (4 - len(prompts)) + [[ids, None] for ids in prompts]
@@ -333,6 +366,17 @@ def stop_agreed(stop, world_size, device, budget=None):
         out_of_time = bool(flags[1] > 0)
     stop.out_of_time = out_of_time
     return stop.requested is not None or out_of_time
+
+
+def check_same_step(step, path, device):
+    """Raise UsageError unless every rank restored the same step from `path` (nodes that do not share the run folder
+    would each start where their own copy is, and train apart)."""
+    seen = torch.tensor([float(step), -float(step)], device=device)
+    torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+    if seen[0] != -seen[1]:
+        low, high = int(-seen[1]), int(seen[0])
+        raise UsageError(f"{path}: the processes found different checkpoints (steps {low} to {high}): every machine "
+                         "must read the same -mdir, on a file system they all share")
 
 
 def barrier(world_size):

@@ -1,7 +1,7 @@
 """The training run as train.py and bench.py share it: the builders of its parts from the flags (flags.py), the
 time budget, and one optimiser step (forward, loss, backward, clipping, the update, the EMAs and the time warp's
 fit). The loop, checkpoints and samples stay in train.py."""
-import contextlib
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +13,7 @@ from diagnostics import level_edges, level_figures, level_sums
 from flags import FIT_STEPS, ema_rates, warmup_steps
 from model import ModelConfig, ScoreLM
 from objectives import training_objective
+from sharding import check_sharding, gradient_sync, plain_norm, sharded_training_forward
 from timewarp import TimeWarp
 from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at
 
@@ -138,17 +139,23 @@ def build_optimizer(model, args):
 def build_state(args, tokenizer, device, rank=0, world_size=1):
     """A fresh TrainingState for the run: loader, model (initialised from the global generator), optimizer, scaler,
     one EMA per -ema rate, the objective and the time warp with --time_warp; its runner is set once the run is
-    restored, by training_runner."""
+    restored, by training_runner, except with --fsdp: then the model is sharded here, inside its TrainingForward (the
+    runner), before the optimizer and the EMAs are built over the shards. Raises UsageError for --fsdp in a single
+    process or on a device other than CUDA or the CPU."""
     loader = build_loader(args, tokenizer, rank, world_size)
     model = build_model(args, tokenizer.vocab_size, device)
+    objective = training_objective(args)
+    runner = None
+    if args.fsdp:  # before the optimizer and the EMAs, which then hold shards
+        check_sharding(world_size, device)
+        runner = sharded_training_forward(TrainingForward(model, objective), model.blocks, device, args.precision)
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device, shape=args.warp_shape) \
         if args.time_warp else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     budget = None if args.time_budget is None else TimeBudget(60 * args.time_budget, device)
-    objective = training_objective(args)
     edges = level_edges(objective)
-    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, objective, warp, budget=budget,
+    return TrainingState(model, build_optimizer(model, args), scaler, emas, loader, objective, warp, runner, budget,
                          level_edges=None if edges is None else torch.tensor(edges, device=device))
 
 
@@ -166,15 +173,21 @@ class TrainingForward(torch.nn.Module):
         return self.objective.loss(self.model, ids, segment_ids, cond_mask, weight, noise)
 
 
-def training_runner(model, objective, args, world_size=1):
+def training_runner(model, objective, args, world_size=1, sharded=None):
     """What the training steps call: TrainingForward(model, objective), in DistributedDataParallel with several processes,
     compiled with --compile (rows have one fixed shape, so it compiles once; the chunked head runs eagerly between
-    graphs). The attention kernel is settled first (ScoreLM.settle_attention), so that the compiled forward checks
-    nothing. Weights, EMA and checkpoints always come from `model` itself."""
+    graphs); `sharded`, an --fsdp run's TrainingForward (build_state's), as it is. The attention kernel is settled
+    first (ScoreLM.settle_attention), so that the compiled forward checks nothing. Weights, EMA and checkpoints always
+    come from `model` itself."""
     model.settle_attention()
+    if sharded is not None:
+        return sharded
     runner = TrainingForward(model, objective)
     if world_size > 1:  # the model's buffers (the rotary embedding's cache) need no broadcast at every forward
-        runner = torch.nn.parallel.DistributedDataParallel(runner, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # the flag's name since torch 2.13 (the old one still works, with a warning at every start)
+        new_name = "forward_sync_buffers" in inspect.signature(ddp).parameters
+        runner = ddp(runner, **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
     return torch.compile(runner, dynamic=False) if args.compile else runner
 
 
@@ -200,16 +213,24 @@ def batch_to(batch, device):
     return ids, segment_ids, cond_mask.bool()
 
 
-def train_step(state, batch, args, device, weight, step=0):
-    """Forward (under the run's autocast) and backward of one micro-batch of optimiser step `step`: the objective draws
-    the batch's noise (noise levels from the time warp when the run has one) and its loss is summed over the
+def coins(seed, step, micro):
+    """The generator of the coin flips of micro-batch `micro` of step `step` (objectives.py) when several processes
+    train: seeded alike on every rank, from the run's seed and the micro-batch alone (nothing to checkpoint)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+
+
+def train_step(state, batch, args, device, weight, step=0, micro=0):
+    """Forward (under the run's autocast) and backward of micro-batch `micro` of optimiser step `step`: the objective
+    draws the batch's noise (noise levels from the time warp when the run has one; with several processes its coins
+    from coins(), alike on every rank) and its loss is summed over the
     objective's target positions, multiplied by `weight` (so that micro-batches and ranks add up to the mean over
     every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions
     and the positions they are counted over (objective.scored: for masked diffusion the masked ones), and what the
     loss by level and the time warp observe (objective.observed: (level, ce, counted), or None)."""
     ids, segment_ids, cond_mask = batch_to(batch, device)
     objective = state.objective
-    noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp)
+    shared = coins(args.seed, step, micro) if state.loader.world_size > 1 else None
+    noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp, shared)
     targets = objective.targets(segment_ids, cond_mask)
     with autocast(device, args.precision):
         loss, ce, argmax = state.runner(ids, segment_ids, cond_mask, targets * weight, noise)  # (), (B, L), (B, L)
@@ -248,15 +269,16 @@ def optimizer_step(state, args, device, step):
         group["lr"] = lr * group.get("lr_scale", 1.0)
     batches = [next(loader) for _ in range(args.accumulation_steps)]
     stats = {"lr": lr, **host_counts(batches, loader.rows.pad_id), "batch": batches[0]}
-    # every loss position of the step, on every rank, weighs the same; DDP averages gradients over the ranks
+    # every loss position of the step, on every rank, weighs the same; DDP and fully_shard average gradients over the
+    # ranks
     local = sum(int(state.objective.targets(b["segment_ids"], b["cond_mask"]).sum()) for b in batches)  # host
     targets = all_reduce_sum(torch.full((), float(local), device=device))  # a fill, not a copy from the host
     weight = loader.world_size / targets.clamp_min(1.0)
     sums, observed = torch.zeros(3, device=device), []  # summed cross-entropy, right predictions, scored positions
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with contextlib.nullcontext() if last or loader.world_size == 1 else state.runner.no_sync():
-            ce_sum, correct, scored, losses = train_step(state, batch, args, device, weight, step)
+        with gradient_sync(state.runner, last or loader.world_size == 1):
+            ce_sum, correct, scored, losses = train_step(state, batch, args, device, weight, step, i)
         sums += torch.stack([ce_sum, correct.float(), scored.float()])
         observed.append(losses)
     all_reduce_sum(sums)
@@ -265,7 +287,7 @@ def optimizer_step(state, args, device, step):
         stats["levels"] = sum(level_sums(*seen, state.level_edges) for seen in observed)
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf"))
+    stats["grad_norm"] = plain_norm(torch.nn.utils.clip_grad_norm_(params, args.gradient_clipping or float("inf")))
     # the one host sync of a step: whether to apply it (the metrics stay on the device until a log line)
     finite_loss, finite_grad = torch.isfinite(torch.stack([stats["loss"], stats["grad_norm"].float()])).tolist()
     status = "applied" if finite_loss and finite_grad else \

@@ -196,6 +196,8 @@ def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path
     (["-ema", "1.5"], "every rate must be in (0, 1)"),
     (["-dim", "30", "-nh", "4"], "heads of even size"),
     (["--expand_prob", "2"], "must be in [0, 1]"),
+    (["--fsdp", "--compile"], "--fsdp with --compile: not supported together; drop --compile"),
+    (["--fsdp", "--precision", "fp16"], "--fsdp with --precision fp16: not supported together"),
 ])
 def test_bad_flag_values_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
