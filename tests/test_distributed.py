@@ -142,6 +142,8 @@ def test_fsdp_trains_as_ddp_does_with_half_the_parameters_a_process_and_resumes_
                for x in json.loads(line)["grad_share_by_level"]] for run in ("ddp", "fsdp")]
     assert len(probes[0]) == 16 and probes[1] == pytest.approx(probes[0], abs=1e-5)  # steps 2 and 4, raw weights
     assert_same_weights(fsdp, ddp, atol=1e-5)
+    for rate, ema in ddp["ema"].items():  # the EMAs kept over the shards, gathered whole
+        assert_same_weights({"model": fsdp["ema"][rate]}, {"model": ema}, atol=1e-5)
     full = int(re.search(r"([\d,]+) parameters on", ddp_run.stderr).group(1).replace(",", ""))
     held = int(re.search(r"each holding ([\d,]+) \(--fsdp\)", fsdp_run.stderr).group(1).replace(",", ""))
     assert 0.45 < held / full <= 0.55, (held, full)
@@ -170,6 +172,8 @@ def test_fsdp_in_one_process_and_another_batch_on_resume_are_one_line_errors(tmp
     assert single.returncode == 2 and single.stderr.strip().splitlines()[-1] == (
         "error: --fsdp shards over the processes of a torchrun run: start it with torchrun --nproc-per-node N (N of 2 "
         "or more), or drop --fsdp")
+    with pytest.raises(UsageError, match="--fsdp on mps: sharding runs on CUDA GPUs or CPUs; drop --fsdp"):
+        sharding.check_sharding(2, torch.device("mps"))
     saved = {"args": {"batch_size": 4, "accumulation_steps": 1}, "rng": {}, "rng_ranks": [{}, {}]}  # 8 rows a step
     args = type("Args", (), {"batch_size": 2, "accumulation_steps": 2})
     checkpoint.check_rows_a_step(saved, args, 2)  # 2 x 2 processes x 2: the same 8 rows
