@@ -20,14 +20,10 @@ import torch
 
 from checkpoint import load_model
 from objectives import run_objective
-from sampling import (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, check_objective_flags, draw, parse_length,
-                      prompt_layouts, prompt_pieces, sampler_settings)
+from sampling import (check_objective_flags, draw, given_flags, parse_length, prompt_layouts, prompt_pieces,
+                      sampler_settings, setting_defaults)
 from scoring import line_estimates, line_seeds
 from utils import PRECISION_CHOICES, UsageError, resolve_device
-
-SAMPLE_DEFAULTS = {"sampler": "iterative", "schedule": "uniform", "grid": "rho", "temperature": 1.0, "clamp": 0.0,
-                   "top_p": 1.0, "fp64": False}
-
 
 @dataclass
 class Sample:
@@ -91,17 +87,13 @@ class Run:
         given.setdefault("precision", self.precision)
         if given["precision"] not in PRECISION_CHOICES:
             raise UsageError(f"precision {given['precision']!r}: one of {', '.join(PRECISION_CHOICES)}")
-        own = {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values() for k in d}
-        known = set(SAMPLE_DEFAULTS) | {"rho", "early_exit", "exit_confidence", "precision"} | own
+        known = set(setting_defaults()) - {"steps"}
         unknown = sorted(set(given) - known)
         if unknown:
             raise UsageError(f"sample: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
         checked_int(200 if steps is None else steps, "--steps", 1)
         settings = sampler_settings(steps=200 if steps is None else steps, **given)
-        changed = [f"--{k} {v}" for k, v in given.items()
-                   if k != "precision" and v is not None and (k in own or SAMPLE_DEFAULTS.get(k, not v) != v)]
-        check_objective_flags(self.objective.name, changed + [f"--steps {steps}"] * (steps is not None),
-                              self.model_dir)
+        check_objective_flags(self.objective.name, given_flags(given, steps), self.model_dir)
         return settings
 
     def samples(self, n=1, prompt=None, infill=None, suffix=None, length=None, seed=0, batch_size=64,

@@ -28,8 +28,8 @@ from checkpoint import load_model
 from corpus import read_lines
 from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, rho_schedule
 from objectives import objective_name, run_objective
-from sampling import (GRIDS, beyond_training, check_objective_flags, draw, length_flag, parse_length, sample_lengths,
-                      sampler_settings, unconditional_layouts)
+from sampling import (GRIDS, beyond_training, check_objective_flags, draw, given_flags, length_flag, parse_length,
+                      sample_lengths, sampler_settings, setting_defaults, unconditional_layouts)
 from scoring import (Judge, at_entropy, line_batches, line_estimates, line_seeds, paired_difference, perplexities,
                      pooled_entropy, sample_metrics, shuffle_gap, totals, word_metrics)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
@@ -377,11 +377,8 @@ def check_request(args, objective, sampling):
     read (sampling.check_objective_flags), a warped grid without a warp, samples longer than the training rows, a
     frontier without a judge, a --plot_dir that is not a folder."""
     swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
-    given = [flag for flag, value in (
-        (f"--sampler {args.sampler}", args.sampler != "iterative"), (f"--schedule {args.schedule}",
-                                                                     args.schedule != "uniform"),
-        (f"--grid {args.grid}", args.grid != "rho"), (f"--clamp {args.clamp:g}", args.clamp),
-        (f"--top_p {args.top_p:g}", args.top_p != 1.0), (f"--steps {args.steps}", args.steps_given)) if value]
+    given = given_flags({name: getattr(args, name, None) for name in setting_defaults()},
+                        args.steps if args.steps_given else None)
     check_objective_flags(objective.name, given + [f"--{key} (in --sweep or --frontier)" for key in swept],
                           args.model_dir)
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}

@@ -280,6 +280,7 @@ DIFFUSION_ONLY = ("self_cond", "time_warp", "output_prior", "sigma_min", "sigma_
                   "prior_ramp", "anchor_prob", "warp_shape", "elbo_weight")
 NOT_READ = {"ar": DIFFUSION_ONLY + ("multilevel_prob", "mask_weight"), "mdlm": DIFFUSION_ONLY,
             "diffusion": ("mask_weight",)}
+SHORT_NAMES = {"sigma_min": "-smin", "sigma_max": "-smax", "rho": "-rho"}  # as messages name them
 
 
 def apply_config(args, parser):
@@ -351,15 +352,8 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
                 f"{saved.get('objective', 'diffusion')}; each objective needs a -mdir of its own")
     objective = args.objective or next(row["objective"] for row in rows + [DEFAULTS["every"]] if "objective" in row)
     if objective in ("ar", "mdlm"):  # the flags of the continuous process, which these objectives do not read
-        given = [flag for flag, value in (("--self_cond", args.self_cond), ("--time_warp", args.time_warp),
-                                          ("--output_prior", args.output_prior), ("-smin", args.sigma_min),
-                                          ("-smax", args.sigma_max), ("-rho", args.rho),
-                                          ("--stratified_sigma", args.stratified_sigma),
-                                          ("--prior_ramp", args.prior_ramp),
-                                          ("--anchor_prob", args.anchor_prob),
-                                          ("--warp_shape", args.warp_shape),
-                                          ("--elbo_weight", args.elbo_weight),
-                                          ("--multilevel_prob", objective == "ar" and args.multilevel_prob)) if value]
+        given = [SHORT_NAMES.get(name, f"--{name}") for name in NOT_READ[objective]
+                 if name != "mask_weight" and getattr(args, name)]
         if given:
             return f"{' and '.join(given)}: only for the diffusion objective, not --objective {objective}"
         rows.append(DEFAULTS[objective])

@@ -21,7 +21,7 @@ import api
 from corpus import decode_line
 from diffusion import SAMPLERS, SCHEDULES
 from sampling import (GRIDS, SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS, check_objective_flags, checked_text,
-                      parse_length, prompt_pieces, sampler_settings)
+                      given_flags, parse_length, prompt_pieces, sampler_settings, setting_defaults)
 from utils import PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, run_command, warn_if_emulated
 
 
@@ -107,19 +107,13 @@ def build_parser():
     return p
 
 
-SETTINGS = ("sampler", "steps", "schedule", "grid", "rho", "early_exit", "exit_confidence", "precision", "fp64",
-            "temperature", "clamp", "top_p")
-
-
 def parse_args(argv=None):
     """sample.py's flags, checked; args.settings holds the SamplerSettings they describe."""
     p = build_parser()
     args = p.parse_args(argv)
     args.steps_given, args.steps = args.steps is not None, 200 if args.steps is None else args.steps
-    names = SETTINGS + tuple(k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values()
-                             for k in d)
     try:
-        args.settings = sampler_settings(**{name: getattr(args, name) for name in names})
+        args.settings = sampler_settings(**{name: getattr(args, name) for name in setting_defaults()})
     except UsageError as e:
         p.error(str(e))
     for flag, value in (("-n", args.num_samples), ("--batch_size", args.batch_size)):
@@ -166,15 +160,9 @@ def check_objective(args, objective):
     """Refuse, naming the flag, what the run's objective (objectives.py) cannot sample: the continuous samplers' own
     flags for the others, held text after the generated tokens (--infill, --suffix) for the autoregressive baseline,
     --top_p for a continuous diffusion run (sampling.check_objective_flags)."""
-    s = args.settings
-    given = [flag for flag, value in (
-        (f"--sampler {s.sampler}", s.sampler != "iterative"), (f"--schedule {s.schedule}", s.schedule != "uniform"),
-        ("--grid warped", s.grid == "warped"), ("--rho", args.rho is not None),
-        ("--early_exit", args.early_exit is not None), ("--exit_confidence", args.exit_confidence is not None),
-        ("--clamp", args.clamp), ("--fp64", args.fp64), (f"--steps {args.steps}", args.steps_given),
-        ("--infill", args.infill), ("--suffix", args.suffix is not None), (f"--top_p {args.top_p}", args.top_p != 1.0),
-        *((f"--{k}", getattr(args, k) is not None) for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)
-          for defaults in table.values() for k in defaults)) if value]
+    given = given_flags({name: getattr(args, name) for name in setting_defaults()},
+                        args.steps if args.steps_given else None)
+    given += ["--infill"] * bool(args.infill) + ["--suffix"] * (args.suffix is not None)
     check_objective_flags(objective.name, given, args.model_dir)
 
 

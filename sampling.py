@@ -3,6 +3,7 @@ per-token schedule with their parameters bound, the sigma grid, early exit), and
 in batches with the sampler of the run's objective (objectives.py), one noise seed per sample, with progress on
 stderr."""
 import argparse
+import inspect
 import math
 import sys
 from dataclasses import dataclass, field
@@ -141,6 +142,30 @@ def check_ranges(settings):
     for failed, message in problems:
         if failed:
             raise UsageError(message)
+
+
+def setting_defaults():
+    """Every keyword of sampler_settings with its default: the sampler's and schedule's own parameters None (not
+    given), precision and steps included."""
+    named = {name: p.default for name, p in inspect.signature(sampler_settings).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return {**named, **{k: None for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS) for d in table.values()
+                        for k in d}}
+
+
+def given_flags(settings, steps=None):
+    """The sample.py flags that `settings` (sampler_settings' keywords, None for not given) set away from their
+    defaults, as the command line reads, for check_objective_flags: "--name value" for a setting with a default
+    (--sampler heun, --top_p 0.9), "--name" for a switch or one without a default (--fp64, --early_exit, a sampler's
+    own parameter); "--steps N" where `steps` is given; precision never (every objective reads it)."""
+    defaults, flags = setting_defaults(), []
+    for name, value in settings.items():
+        default = defaults.get(name)
+        if value is None or name in ("precision", "steps") or (default is not None and value == default):
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        flags.append(f"--{name}" if default is None or isinstance(value, bool) else f"--{name} {shown}")
+    return flags + [f"--steps {steps}"] * (steps is not None)
 
 
 def check_objective_flags(objective, given, where):
