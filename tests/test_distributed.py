@@ -227,3 +227,20 @@ def test_the_slurm_script_starts_one_agent_per_machine_with_train_flags_that_par
     args = flags.parse_args(words[12:])  # what follows train.py
     assert (args.model_dir, args.cache_dir, args.preset, args.fsdp) == ("/shared/runs/x", "/shared/runs/token-cache",
                                                                         "large", True)
+
+
+def test_on_gpus_in_bf16_the_blocks_gather_bf16_weights_and_reduce_fp32_gradients(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mp_policy=fsdp.MixedPrecisionPolicy(): policies.append(
+        (type(module).__name__, mp_policy)))
+    blocks = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    root = torch.nn.ModuleList(blocks)
+    sharding.sharded_training_forward(root, blocks, torch.device("cuda"), "bf16")
+    bf16 = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False)  # the rotary phases keep fp32
+    assert policies == [("Linear", bf16), ("Linear", bf16), ("ModuleList", fsdp.MixedPrecisionPolicy())]
+    for device, precision in (("cuda", "fp32"), ("cpu", "bf16")):  # fp32 weights gathered: the CPU, or fp32 asked
+        policies.clear()
+        sharding.sharded_training_forward(root, blocks, torch.device(device), precision)
+        assert [policy for _, policy in policies] == [fsdp.MixedPrecisionPolicy()] * 3
