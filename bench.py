@@ -93,8 +93,11 @@ def training_flops(n_mm, num_layers, model_dim, keys, self_cond=0.0, head=0):
 
 def matmul_params(model):
     """Parameters that multiply every token's activations: every linear layer (attention, SwiGLU, the per-token
-    FiLM and noise-level MLPs, input projection, head) and the tied output projection (V x E)."""
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    FiLM and noise-level MLPs, input projection, head) and the tied output projection (V x E); the noise-level MLP and
+    FiLM layers not for a model that reads no noise level (they run once per batch)."""
+    once = set() if model.reads_noise_level() else \
+        {id(m) for name, m in model.named_modules() if name.startswith("time_mlp") or name.split(".")[-1] == "film"}
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in once)
     return linear + model.embedding.weight.numel()
 
 

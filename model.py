@@ -234,7 +234,8 @@ class ScoreLM(nn.Module):
     for the clean token at every position (CDCD, Dieleman et al. 2022).
 
     forward(x, c_noise, segment_ids, self_cond, output_offset): x (B, L, E) float, the noisy embeddings already
-    scaled by c_in; c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma));
+    scaled by c_in; c_noise (B, L) float, each token's noise level as the network sees it (EDM's c_noise(sigma);
+    zeros for a causal or masked model, which reads none: reads_noise_level);
     segment_ids (B, L) int or None, packed sequence ids (attention stays within equal ids, rotary positions
     restart in each); self_cond (B, L, E) float or None, a previous estimate of the clean embeddings, read by a
     model built with cfg.self_cond (None reads as zeros: no estimate yet; Chen et al. 2022, Analog Bits, sec. 3.2,
@@ -286,6 +287,12 @@ class ScoreLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=1.0)
+
+    def reads_noise_level(self):
+        """Whether the network reads a noise level per token: a continuous diffusion model does; the autoregressive
+        baseline and masked diffusion read clean or masked embeddings with c_noise = 0 everywhere (their objectives
+        pass zeros), so their noise-level MLP and FiLM layers run once per batch and broadcast."""
+        return not (self.cfg.causal or self.cfg.masked)
 
     def embedding_table(self):
         """All token embeddings, L2-normalised and scaled to norm sqrt(E) (CDCD): (V, E) float32 ((V + 1, E) for a
@@ -354,7 +361,9 @@ class ScoreLM(nn.Module):
         these features over the vocabulary without forming the logits."""
         B, L, _ = x.shape
         packing = segment_ids if isinstance(segment_ids, Packing) else self.packing(segment_ids, (B, L), x.device)
-        time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim)
+        if not self.reads_noise_level():  # c_noise is 0 at every token: one embedding, broadcast, not B x L equal ones
+            c_noise = c_noise[:1, :1]
+        time = self.time_mlp(self.fourier(c_noise))  # (B, L, time_dim), or (1, 1, time_dim)
         if self.film is not None:
             time = self.film(time)  # (B, L, 4 D): every block's modulation but its offset
         h = self.input_proj(x)  # (B, L, D)

@@ -106,3 +106,29 @@ def test_rotate_equals_the_rotary_librarys_own_application():
     expected = apply_rotary_emb(phases, x)
     torch.testing.assert_close(rotate(x, phases.cos(), phases.sin()), expected)
     assert not torch.allclose(expected, x, atol=1e-3)  # positions past 0 are turned
+
+
+@pytest.mark.parametrize("kind", [dict(causal=True), dict(masked=True), dict(masked=True, conditioning="shared")])
+def test_a_model_without_noise_levels_conditions_every_token_alike_from_one_embedding(kind, monkeypatch):
+    model = small_model(vocab_size=50, **kind)
+    for name, param in model.named_parameters():  # FiLM starts at zero, which would hide a wrong broadcast
+        if "film" in name or "time_mlp" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.randint(0, 50, (3, 7))
+    segment_ids = torch.tensor([[1] * 7, [1] * 3 + [2] * 4, [1] * 5 + [0] * 2])
+    x, c_noise = model.embed(ids).detach(), torch.zeros(3, 7)
+    seen = []
+    model.time_mlp.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    once = model(x, c_noise, segment_ids)
+    once.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(model, "reads_noise_level", lambda: True)  # the per-token path of a continuous model
+    every = model(x, c_noise, segment_ids)
+    every.square().sum().backward()
+    assert seen == [(1, 1, 32), (3, 7, 32)]
+    torch.testing.assert_close(once, every, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            scale = float(param.grad.abs().max())  # fp32 sums in another order, of gradients in the hundreds
+            torch.testing.assert_close(grads[name], param.grad, rtol=0, atol=1e-5 * max(scale, 1.0), msg=name)
