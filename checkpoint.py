@@ -169,7 +169,8 @@ def sampling_config(args, length_counts=None):
 def checkpoint_dict(state, step, args, rng_states):
     """Everything to resume or sample a training.TrainingState at `step`, as a plain dict of tensors, numbers,
     strings and lists; rng_states: every rank's rng_state(), in rank order. Of a sharded model (--fsdp) the full
-    tensors, gathered to the CPU: a collective that every rank calls, whose tensors only rank 0 keeps."""
+    tensors, gathered to the CPU, and with several processes every rank's time-warp window: a collective that every
+    rank calls, whose tensors only rank 0 keeps."""
     model, keep = state.model, state.loader.rank == 0
     weights, emas, optimizer = model.state_dict(), state.emas, state.optimizer.state_dict()
     if is_sharded(model):
@@ -181,6 +182,7 @@ def checkpoint_dict(state, step, args, rng_states):
             "sampling": sampling_config(args, state.loader.rows.cache.length_counts(args.sequence_length)),
             "data_state": state.loader.state_dict(), "rng": rng_states[0], "rng_ranks": rng_states,
             "time_warp": None if state.warp is None else state.warp.state_dict(),
+            "time_warp_windows": None if state.warp is None else gathered_windows(state.warp, state.loader.world_size),
             "time_budget": None if state.budget is None else state.budget.state_dict()}
 
 
@@ -205,6 +207,16 @@ def set_rng_state(state, device):
         saved = saved[index] if index < len(saved) else None
     if saved is not None and device.type == "cuda":
         torch.cuda.set_rng_state(saved, device)
+
+
+def gathered_windows(warp, world_size):
+    """Every rank's time-warp window (the losses it observed since the last fit, which the ranks sum only at the next
+    fit), CPU tensors in rank order (a list of one in a single process)."""
+    if world_size == 1:
+        return [warp.window.cpu()]
+    windows = [None] * world_size
+    torch.distributed.all_gather_object(windows, warp.window.cpu())
+    return windows
 
 
 def gathered_rng_states(world_size, device):
@@ -240,7 +252,7 @@ def restore(checkpoint, path, state, args):
     warn_changed_flags(checkpoint, args, warn)
     restore_emas(checkpoint, state.emas, path, warn)
     restore_optimizer(checkpoint, state.optimizer, path)
-    restore_warp(checkpoint, state.warp, warn)
+    restore_warp(checkpoint, state.warp, warn, rank, state.loader.world_size)
     restore_budget(checkpoint, state.budget, warn)
     if state.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16 before and now: keep the calibrated scale
         state.scaler.load_state_dict(checkpoint["scaler"])
@@ -266,7 +278,9 @@ def warn_changed_flags(checkpoint, args, warn):
     """Refuse another --seed (it fixes the data order); warn about every other flag that changed, saying what
     follows from a new --max_steps or --expand_prob and which flags keep the checkpoint's noise levels."""
     saved = checkpoint["args"]
-    changed = {k: (v, vars(args).get(k)) for k, v in saved.items() if k not in RUN_FLAGS and vars(args).get(k) != v}
+    # rows a step are checked apart (check_rows_a_step): -bsz may change with the number of processes
+    changed = {k: (v, vars(args).get(k)) for k, v in saved.items()
+               if k not in RUN_FLAGS | {"batch_size", "accumulation_steps"} and vars(args).get(k) != v}
     if "seed" in changed:
         raise UsageError(f"--seed {args.seed}: the run was started with --seed {saved['seed']}, which fixes its data "
                          "order; resume with the same seed")
@@ -296,7 +310,8 @@ def check_rows_a_step(checkpoint, args, world_size):
         return
     split = world_size * args.accumulation_steps
     fix = f"-bsz {before // split}" if before % split == 0 else \
-        f"-bsz and --accumulation_steps whose product times {world_size} is {before}"
+        f"-bsz and --accumulation_steps whose product is {before // world_size}" if before % world_size == 0 else \
+        f"a number of processes that divides {before}"
     raise UsageError(f"-bsz {args.batch_size} x {world_size} process{'es' * (world_size != 1)} x --accumulation_steps "
                      f"{args.accumulation_steps} = {now} rows a step; the run was trained with {before} (-bsz "
                      f"{saved['batch_size']} x {processes} x {saved.get('accumulation_steps', 1)}): resume with "
@@ -332,9 +347,12 @@ def restore_optimizer(checkpoint, optimizer, path):
             raise UsageError(f"{path} [optimizer]: moment tensors of other shapes than their parameters")
 
 
-def restore_warp(checkpoint, warp, warn):
+def restore_warp(checkpoint, warp, warn, rank=0, world_size=1):
     """Take the checkpoint's time-warp fit into `warp`, unless the run drops the warp, adds it, or changed the
-    noise range or -rho (then the fit starts afresh); each of those is warned about."""
+    noise range or -rho (then the fit starts afresh); each of those is warned about. Each rank takes its own window
+    (the losses observed since the last fit); under another number of processes rank 0 takes their sum and the others
+    start empty, so that the next fit counts each observation once (a checkpoint older than the windows kept rank 0's
+    alone)."""
     saved = checkpoint.get("time_warp")
     if warp is None:
         if saved:
@@ -346,6 +364,10 @@ def restore_warp(checkpoint, warp, warn):
         warn("the noise range or -rho changed: the checkpoint's time warp is dropped and fitted afresh")
     else:
         warp.load_state_dict(saved)
+        windows = checkpoint.get("time_warp_windows") or [saved["window"]]
+        own = windows[rank] if len(windows) == world_size else \
+            sum(windows) if rank == 0 else torch.zeros_like(windows[0])
+        warp.window.copy_(own)
 
 
 def restore_budget(checkpoint, budget, warn):

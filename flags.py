@@ -384,7 +384,8 @@ def saved_args(model_dir):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         return f"{path}: not readable ({e}); move the run folder aside or remove the file to start afresh"
-    return {k: v for k, v in saved.items() if k not in ("data_path", "spm_model", "model_dir", "demo")} \
+    # how the run is launched, not what it is: given again or not on every start (--fsdp as the processes allow)
+    return {k: v for k, v in saved.items() if k not in ("data_path", "spm_model", "model_dir", "demo", "fsdp")} \
         if isinstance(saved, dict) else f"{path}: not a JSON object of flags"
 
 

@@ -31,7 +31,8 @@ def check_sharding(world_size, device):
 
 def sharded_training_forward(runner, blocks, device, precision):
     """Shard `runner` (training.TrainingForward, whose forward is the whole loss) in place: each of `blocks` (the
-    model's transformer blocks) a group, the rest the root. On CUDA with `precision` "bf16", the blocks' weights are
+    model's transformer blocks) a group, the rest the root. On CUDA with `precision` (resolved: utils.resolve_precision)
+    "bf16", the blocks' weights are
     gathered in bf16 and their gradients reduced in fp32 (MixedPrecisionPolicy); the root keeps fp32, as the tied
     table, the norms and the logits need (autocast still runs the root's matmuls in bf16), and so does the CPU.
     Returns `runner`. Needs the default process group (torchrun)."""
@@ -109,11 +110,12 @@ def sharded_checkpoint(checkpoint, model, optimizer):
             "optimizer": sharded_optimizer(checkpoint["optimizer"], optimizer)}
 
 
-def local_parameter_count(module):
-    """How many of `module`'s trainable parameter entries this process holds: its shards' under fully_shard, all of
-    them otherwise (the optimizer's moments and the EMAs follow the same split)."""
+def local_parameter_count(module, trainable=True):
+    """How many of `module`'s parameter entries (the `trainable` ones, else all) this process holds: its shards' under
+    fully_shard, all of them otherwise (the optimizer's moments and the EMAs follow the same split)."""
     from torch.distributed.tensor import DTensor
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters() if p.requires_grad)
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters()
+               if p.requires_grad or not trainable)
 
 
 def plain_norm(norm):

@@ -33,9 +33,11 @@ def main(argv=None):
     UsageError on bad input."""
     args = parse_args(argv, description=__doc__)
     keep_freed_memory()
-    if args.demo:
-        build_demo_corpus()
     rank, world_size, device = distributed_setup(args.device)
+    if args.demo:
+        if rank == 0:
+            build_demo_corpus()
+        barrier(world_size)  # the other ranks read it once it is there
     try:
         run(args, rank, world_size, device)
     except RuntimeError as e:
@@ -112,12 +114,13 @@ def run(args, rank, world_size, device):
         with StopOnSignal() as stop:
             step = train(state, tokenizer, args, device, step, save, stop, prompts, probe, metrics)
             save(step)
+            signalled = stop_agreed(stop, world_size, device)  # the same answer on every rank, for the gather below
             final = None
-            if not stop.requested and (args.demo or args.sample_interval) and (rank == 0 or is_sharded(state.model)):
+            if not signalled and (args.demo or args.sample_interval) and (rank == 0 or is_sharded(state.model)):
                 final = sampling_model(state, args, tokenizer.vocab_size, device)
         if rank > 0:
             return
-        if stop.requested:
+        if signalled:
             print(f"stopped by {stop.requested} at step {step}; run the same command to resume", file=sys.stderr)
         elif stop.out_of_time:
             print(f"--time_budget {args.time_budget:g}: spent at step {step}", file=sys.stderr)
@@ -358,25 +361,27 @@ class StopOnSignal:
 
 def stop_agreed(stop, world_size, device, budget=None):
     """Whether a stop was requested here or, with several processes, on any rank (they must stop together), or the
-    time budget is spent (on any rank); sets stop.out_of_time for the latter."""
-    out_of_time = budget is not None and budget.exhausted()
+    time budget is spent (on any rank); sets stop.out_of_time for the latter. With several processes the answer is
+    the ranks' reduced one, the same on all: a signal that comes in after the reduce counts at the next call."""
+    signalled, out_of_time = stop.requested is not None, budget is not None and budget.exhausted()
     if world_size > 1:
-        flags = all_reduce_sum(torch.tensor([float(stop.requested is not None), float(out_of_time)], device=device))
-        stop.requested = stop.requested or ("a signal on another rank" if flags[0] > 0 else None)
-        out_of_time = bool(flags[1] > 0)
+        flags = all_reduce_sum(torch.tensor([float(signalled), float(out_of_time)], device=device))
+        signalled, out_of_time = bool(flags[0] > 0), bool(flags[1] > 0)
+        if signalled and stop.requested is None:
+            stop.requested = "a signal on another rank"
     stop.out_of_time = out_of_time
-    return stop.requested is not None or out_of_time
+    return signalled or out_of_time
 
 
 def check_same_step(step, path, device):
-    """Raise UsageError unless every rank restored the same step from `path` (nodes that do not share the run folder
-    would each start where their own copy is, and train apart)."""
-    seen = torch.tensor([float(step), -float(step)], device=device)
+    """Raise UsageError unless every rank restored the same `step` from `path`: machines that do not share the run
+    folder would resume from different steps and train apart. (A fresh start on folders that are not shared trains
+    correctly, rank 0 writing; it is refused at its first resume.)"""
+    seen = torch.tensor([step, -step], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
     if seen[0] != -seen[1]:
-        low, high = int(-seen[1]), int(seen[0])
-        raise UsageError(f"{path}: the processes found different checkpoints (steps {low} to {high}): every machine "
-                         "must read the same -mdir, on a file system they all share")
+        raise UsageError(f"{path}: the processes found different checkpoints (steps {int(-seen[1])} to "
+                         f"{int(seen[0])}): every machine must read the same -mdir, on a file system they all share")
 
 
 def barrier(world_size):

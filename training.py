@@ -15,7 +15,7 @@ from model import ModelConfig, ScoreLM
 from objectives import training_objective
 from sharding import check_sharding, gradient_sync, plain_norm, sharded_training_forward
 from timewarp import TimeWarp
-from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at
+from utils import CommandError, all_reduce_sum, autocast, ema_update, lr_at, resolve_precision
 
 
 @dataclass
@@ -148,7 +148,8 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
     runner = None
     if args.fsdp:  # before the optimizer and the EMAs, which then hold shards
         check_sharding(world_size, device)
-        runner = sharded_training_forward(TrainingForward(model, objective), model.blocks, device, args.precision)
+        runner = sharded_training_forward(TrainingForward(model, objective), model.blocks, device,
+                                          resolve_precision(args.precision, device))
     emas = {rate: {k: v.detach().clone() for k, v in model.state_dict().items()} for rate in ema_rates(args)}
     warp = TimeWarp(args.sigma_min, args.sigma_max, args.rho, device=device, shape=args.warp_shape) \
         if args.time_warp else None

@@ -4,7 +4,7 @@
 #   DATA=corpus.txt SPM=bpe.model MDIR=/shared/runs/big sbatch --nodes 2 scripts/slurm_train.sh --preset large [--fsdp]
 #
 # MDIR and CACHE must be on a file system every machine sees: rank 0 writes the checkpoints there and every rank reads
-# them on resume (a machine that sees another folder stops the run with a one-line error). Resubmitting the same
+# them on resume (ranks that find different checkpoints stop the run with a one-line error). Resubmitting the same
 # command resumes the run from its last checkpoint. Flags after the script go to train.py.
 #SBATCH --job-name=score-lm
 #SBATCH --ntasks-per-node=1
@@ -16,12 +16,12 @@ set -euo pipefail
 : "${DATA:?set DATA to the corpus}" "${SPM:?set SPM to its tokenizer}" "${MDIR:?set MDIR to the run folder}"
 CACHE=${CACHE:-$(dirname "$MDIR")/token-cache}
 GPUS=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')  # awk reads on: no SIGPIPE under pipefail
 PORT=${PORT:-29500}
 
 # the token cache, built once before the ranks start (rank 0 would build it too, but the others wait for it at a
 # barrier that NCCL gives up on after 10 minutes, less than a large corpus takes)
 srun --nodes 1 --ntasks 1 python bench.py data -d "$DATA" -spm "$SPM" --cache_dir "$CACHE" --batches 1 > /dev/null
 
-srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS" --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d \
-    --rdzv-endpoint "$HEAD:$PORT" train.py -d "$DATA" -spm "$SPM" -mdir "$MDIR" --cache_dir "$CACHE" "$@"
+srun --cpus-per-task "${SLURM_CPUS_PER_TASK:-1}" torchrun --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS" \
+    --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" train.py -d "$DATA" -spm "$SPM" -mdir "$MDIR" --cache_dir "$CACHE" "$@"

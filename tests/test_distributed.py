@@ -54,11 +54,18 @@ def metrics_losses(model_dir):
 
 
 def run_from(source, step, folder):
-    """A run folder holding `source`'s step-`step` checkpoint as its own (the run as it was after that step)."""
+    """A run folder holding `source`'s step-`step` checkpoint as its own, with its tokenizer and flags (the run as it
+    was after that step)."""
     folder.mkdir()
     shutil.copyfile(source / f"ckpt-{step:08d}.pt", folder / "ckpt.pt")
-    shutil.copyfile(source / "tokenizer.model", folder / "tokenizer.model")
+    for name in ("tokenizer.model", "args.json"):
+        shutil.copyfile(source / name, folder / name)
     return folder
+
+
+# 12 steps, a checkpoint at step 6: the resume falls inside a window of the time warp, whose fit at step 10 sums
+# what every rank observed since step 0
+STEPS = ["--max_steps", "12", "--save_interval", "6", "--keep", "2"]
 
 
 def assert_same_weights(a, b, atol=1e-6):
@@ -92,24 +99,25 @@ def test_torchrun_trains_writes_once_and_resumes_like_a_straight_run(tmp_path, c
         torchrun("train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *FLAGS, *extra)
         return torch.load(model_dir / "ckpt.pt", weights_only=True)
 
-    straight = train_ddp(tmp_path / "straight", "--max_steps", "4", "--save_interval", "2", "--keep", "2")
-    assert [json.loads(line)["step"] for line in open(tmp_path / "straight" / "metrics.jsonl")] == [1, 2, 3, 4]
-    stopped = run_from(tmp_path / "straight", 2, tmp_path / "resumed")  # rank 0 alone wrote the lines above
-    assert len(torch.load(stopped / "ckpt.pt", weights_only=True)["rng_ranks"]) == 2
-    resumed = train_ddp(stopped, "--max_steps", "4", "--save_interval", "2", "--keep", "2")
+    straight = train_ddp(tmp_path / "straight", *STEPS)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "straight" / "metrics.jsonl")] == list(range(1, 13))
+    stopped = run_from(tmp_path / "straight", 6, tmp_path / "resumed")  # rank 0 alone wrote the lines above
+    saved = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert len(saved["rng_ranks"]) == 2 and len(saved["time_warp_windows"]) == 2
+    assert not torch.equal(*saved["time_warp_windows"])  # each rank observed its own rows
+    resumed = train_ddp(stopped, *STEPS)
     assert_same_weights(resumed, straight)
     assert resumed["data_state"] == straight["data_state"]
 
 
 def test_two_machines_train_resume_exactly_and_refuse_run_folders_they_do_not_share(tmp_path, corpus_file, spm_path):
-    args = ["train.py", "-d", corpus_file, "-spm", spm_path, *FLAGS, "-bsz", "2", "--save_interval", "2", "--keep",
-            "2", "--max_steps", "4"]
+    args = ["train.py", "-d", corpus_file, "-spm", spm_path, *FLAGS, "-bsz", "2", *STEPS]
     for result in two_machines(*args, "-mdir", str(tmp_path / "straight")):
         assert result.returncode == 0, result.stderr[-3000:]
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     assert len(straight["rng_ranks"]) == 4
-    assert [json.loads(line)["step"] for line in open(tmp_path / "straight" / "metrics.jsonl")] == [1, 2, 3, 4]
-    stopped = run_from(tmp_path / "straight", 2, tmp_path / "resumed")
+    assert [json.loads(line)["step"] for line in open(tmp_path / "straight" / "metrics.jsonl")] == list(range(1, 13))
+    stopped = run_from(tmp_path / "straight", 6, tmp_path / "resumed")
     for result in two_machines(*args, "-mdir", str(stopped)):
         assert result.returncode == 0, result.stderr[-3000:]
     resumed = torch.load(stopped / "ckpt.pt", weights_only=True)
@@ -118,18 +126,17 @@ def test_two_machines_train_resume_exactly_and_refuse_run_folders_they_do_not_sh
     # the second machine does not see the run folder (a local disk): every process stops, saying why
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    results = two_machines(*args, mdirs=[run_from(tmp_path / "straight", 2, tmp_path / "local"), elsewhere])
+    results = two_machines(*args, mdirs=[run_from(tmp_path / "straight", 6, tmp_path / "local"), elsewhere])
     assert all(result.returncode != 0 for result in results)
-    assert "the processes found different checkpoints (steps 0 to 2): every machine must read the same -mdir" in \
+    assert "the processes found different checkpoints (steps 0 to 6): every machine must read the same -mdir" in \
         results[0].stderr + results[1].stderr
 
 
 def test_fsdp_trains_as_ddp_does_with_half_the_parameters_a_process_and_resumes_with_or_without_it(
         tmp_path, corpus_file, spm_path):
     def train(model_dir, *extra, launcher=torchrun):
-        result = launcher("train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *FLAGS,
-                          "--save_interval", "2", "--keep", "2", "--max_steps", "4", "--sample_interval", "3",
-                          "--probe_interval", "2", *extra)
+        result = launcher("train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(model_dir), *FLAGS, *STEPS,
+                          "--sample_interval", "9", "--probe_interval", "6", *extra)
         return result, torch.load(model_dir / "ckpt.pt", weights_only=True)
 
     ddp_run, ddp = train(tmp_path / "ddp")
@@ -137,28 +144,32 @@ def test_fsdp_trains_as_ddp_does_with_half_the_parameters_a_process_and_resumes_
     # the same draws on every rank (the coins shared, the noise each rank's own): the same losses, samples and probes
     assert metrics_losses(tmp_path / "fsdp") == pytest.approx(metrics_losses(tmp_path / "ddp"), rel=1e-5)
     samples = [[line for line in run.stdout.splitlines() if line.startswith("[step")] for run in (ddp_run, fsdp_run)]
-    assert len(samples[0]) == 8 and samples[1] == samples[0]  # steps 3 and 4, from the gathered EMA weights
+    assert len(samples[0]) == 8 and samples[1] == samples[0]  # steps 9 and 12, from the gathered EMA weights
     probes = [[x or 0.0 for line in open(tmp_path / run / "metrics.jsonl") if "grad_share_by_level" in line
                for x in json.loads(line)["grad_share_by_level"]] for run in ("ddp", "fsdp")]
-    assert len(probes[0]) == 16 and probes[1] == pytest.approx(probes[0], abs=1e-5)  # steps 2 and 4, raw weights
+    assert len(probes[0]) == 16 and probes[1] == pytest.approx(probes[0], abs=1e-5)  # steps 6 and 12, raw weights
     assert_same_weights(fsdp, ddp, atol=1e-5)
     for rate, ema in ddp["ema"].items():  # the EMAs kept over the shards, gathered whole
         assert_same_weights({"model": fsdp["ema"][rate]}, {"model": ema}, atol=1e-5)
     full = int(re.search(r"([\d,]+) parameters on", ddp_run.stderr).group(1).replace(",", ""))
     held = int(re.search(r"each holding ([\d,]+) \(--fsdp\)", fsdp_run.stderr).group(1).replace(",", ""))
     assert 0.45 < held / full <= 0.55, (held, full)
-    # a sharded checkpoint is full tensors: it resumes sharded exactly, and in one process at the same rows a step
-    _, resumed = train(run_from(tmp_path / "fsdp", 2, tmp_path / "resumed"), "--fsdp")
+    # a sharded checkpoint is full tensors: it resumes sharded exactly, replicated (--fsdp is not taken from args.json)
+    # as DDP would have gone on, and in one process at the same rows a step
+    _, resumed = train(run_from(tmp_path / "fsdp", 6, tmp_path / "resumed"), "--fsdp")
     assert_same_weights(resumed, fsdp, atol=0)
     assert resumed["data_state"] == fsdp["data_state"]
-    single = run_from(tmp_path / "fsdp", 2, tmp_path / "single")
+    replicated_run, replicated = train(run_from(tmp_path / "fsdp", 6, tmp_path / "replicated"))
+    assert "(--fsdp)" not in replicated_run.stderr
+    assert_same_weights(replicated, ddp, atol=1e-5)
+    single = run_from(tmp_path / "fsdp", 6, tmp_path / "single")
     refused = subprocess.run([sys.executable, "train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(single),
-                              *FLAGS, "--max_steps", "4"], cwd=ROOT, capture_output=True, text=True, env=ENV)
+                              *FLAGS, *STEPS], cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
         "error: -bsz 4 x 1 process x --accumulation_steps 1 = 4 rows a step; the run was trained with 8 (-bsz 4 x 2 "
         "x 1): resume with -bsz 8, or start a new -mdir for another batch")
     subprocess.run([sys.executable, "train.py", "-d", corpus_file, "-spm", spm_path, "-mdir", str(single), *FLAGS,
-                    "-bsz", "8", "--max_steps", "4"], cwd=ROOT, check=True, capture_output=True, env=ENV)
+                    *STEPS, "-bsz", "8"], cwd=ROOT, check=True, capture_output=True, env=ENV)
     assert torch.load(single / "ckpt.pt", weights_only=True)["data_state"] == fsdp["data_state"]
     sampled = subprocess.run([sys.executable, "sample.py", "-mdir", str(tmp_path / "fsdp"), "-n", "2", "--steps", "5",
                               "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=ENV)
@@ -179,8 +190,10 @@ def test_fsdp_in_one_process_and_another_batch_on_resume_are_one_line_errors(tmp
     checkpoint.check_rows_a_step(saved, args, 2)  # 2 x 2 processes x 2: the same 8 rows
     args.accumulation_steps = 3
     with pytest.raises(UsageError, match=r"= 12 rows a step; the run was trained with 8 \(-bsz 4 x 2 x 1\): resume "
-                                         r"with -bsz and --accumulation_steps whose product times 2 is 8"):
+                                         r"with -bsz and --accumulation_steps whose product is 4"):
         checkpoint.check_rows_a_step(saved, args, 2)
+    with pytest.raises(UsageError, match="resume with a number of processes that divides 8"):
+        checkpoint.check_rows_a_step(saved, args, 3)
     args.accumulation_steps = 1
     with pytest.raises(UsageError, match="resume with -bsz 8, or start a new -mdir"):
         checkpoint.check_rows_a_step(saved, args, 1)
@@ -221,8 +234,8 @@ def test_the_slurm_script_starts_one_agent_per_machine_with_train_flags_that_par
     cache, launch = log.read_text().splitlines()
     assert cache.startswith("--nodes 1 --ntasks 1 python bench.py data -d c.txt -spm m.model --cache_dir "
                             "/shared/runs/token-cache")
-    words = launch.split()
-    assert words[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "77", "--rdzv-backend",
+    words = launch.split()[2:]  # after srun's --cpus-per-task
+    assert launch.startswith("--cpus-per-task 1 ") and words[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "77", "--rdzv-backend",
                           "c10d", "--rdzv-endpoint", "gpu-a:29500"]
     args = flags.parse_args(words[12:])  # what follows train.py
     assert (args.model_dir, args.cache_dir, args.preset, args.fsdp) == ("/shared/runs/x", "/shared/runs/token-cache",
