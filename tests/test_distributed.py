@@ -257,3 +257,16 @@ def test_on_gpus_in_bf16_the_blocks_gather_bf16_weights_and_reduce_fp32_gradient
         policies.clear()
         sharding.sharded_training_forward(root, blocks, torch.device(device), precision)
         assert [policy for _, policy in policies] == [fsdp.MixedPrecisionPolicy()] * 3
+
+
+def test_fsdp_shards_with_the_precision_auto_resolves_to(monkeypatch, tmp_path, corpus_file, spm_path, tokenizer):
+    import training
+    seen = []
+    monkeypatch.setattr(training, "check_sharding", lambda world_size, device: None)
+    monkeypatch.setattr(training, "resolve_precision", lambda precision, device: "bf16")  # a GPU with bf16
+    monkeypatch.setattr(training, "sharded_training_forward",
+                        lambda runner, blocks, device, precision: seen.append(precision) or runner)
+    args = flags.parse_args(["-d", corpus_file, "-spm", spm_path, "-mdir", str(tmp_path / "run"), *TINY,
+                             "--num_workers", "0", "--fsdp", "--precision", "auto"])
+    training.build_state(args, tokenizer, torch.device("cpu"), 0, 2).loader.close()
+    assert seen == ["bf16"]  # what the run computes in, not "auto"
