@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import diffusion  # noqa: E402
 import flags  # noqa: E402
+import masked  # noqa: E402
 import training  # noqa: E402
 from corpus import Tokenizer  # noqa: E402
 from sharding import gathered  # noqa: E402
@@ -51,12 +52,16 @@ def largest_difference(a, b):
 def main(corpus, spm, cache_dir, out, *extra):
     torch.distributed.init_process_group("gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    # one noise level, no noise: the loss depends on the rows alone, whichever process computes it
+    # one noise level, no noise; masked diffusion: every other position masked at t = 1/2: the loss depends on the
+    # rows alone, whichever process computes it
     diffusion.draw_training_sigma = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 3.0)
+    masked.draw_mask_times = lambda segment_ids, *args, **kwargs: torch.full(segment_ids.shape, 0.5)
+    masked.draw_masks = lambda t, free, *args: free & (torch.arange(t.shape[-1]) % 2 == 0)
     command = ["-d", corpus, "-spm", spm, "-mdir", "unused", "--cache_dir", cache_dir, "-dim", "32", "-nl", "2",
                "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0", "-ema", "",
-               "--precision", "fp32", "-lr", "1e-2", "-wus", "0",  # fp32: equal to rounding error
-               "--self_cond", "1"]  # every micro-batch self-conditioned: no coin to tell one process from several
+               "--precision", "fp32", "-lr", "1e-2", "-wus", "0"]  # fp32: equal to rounding error
+    if "--objective" not in extra:  # every micro-batch self-conditioned: no coin to tell one process from several
+        command += ["--self_cond", "1"]
     tokenizer = Tokenizer(spm)
     per_process = ROWS // 2 // world_size
     losses, gradient, weights = steps(flags.parse_args(command + ["-bsz", str(per_process), *extra]), tokenizer, rank,
@@ -64,7 +69,7 @@ def main(corpus, spm, cache_dir, out, *extra):
     torch.distributed.destroy_process_group()
     if rank == 0:  # the same global batches in one process
         single_losses, single_gradient, single_weights = steps(
-            flags.parse_args(command + ["-bsz", str(ROWS // 2)]), tokenizer, 0, 1)
+            flags.parse_args(command + ["-bsz", str(ROWS // 2), *(f for f in extra if f != "--fsdp")]), tokenizer, 0, 1)
         with open(out, "w") as f:
             json.dump({"gradient": largest_difference(gradient, single_gradient),
                        "scale": max(float(g.abs().max()) for g in single_gradient.values()),

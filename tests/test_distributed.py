@@ -82,8 +82,10 @@ def steps_script(tmp_path, corpus_file, spm_path, launch, *flags):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("launch, flags", [(torchrun, []), (two_machines, []), (torchrun, ["--fsdp"])],
-                         ids=["2 processes", "2 machines x 2 processes", "2 processes, --fsdp"])
+@pytest.mark.parametrize("launch, flags", [
+    (torchrun, []), (two_machines, []), (torchrun, ["--fsdp"]), (torchrun, ["--objective", "mdlm"]),
+    (torchrun, ["--objective", "ar", "--fsdp"])],
+    ids=["2 processes", "2 machines x 2 processes", "2 processes, --fsdp", "masked diffusion", "baseline, --fsdp"])
 def test_steps_equal_the_single_process_steps_of_the_same_global_batch(tmp_path, corpus_file, spm_path, launch,
                                                                        flags):
     found = steps_script(tmp_path, corpus_file, spm_path, launch, *flags)
