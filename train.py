@@ -361,15 +361,17 @@ class StopOnSignal:
 
 def stop_agreed(stop, world_size, device, budget=None):
     """Whether a stop was requested here or, with several processes, on any rank (they must stop together), or the
-    time budget is spent (on any rank); sets stop.out_of_time for the latter. With several processes the answer is
-    the ranks' reduced one, the same on all: a signal that comes in after the reduce counts at the next call."""
+    `budget` is spent (on any rank; stop.out_of_time says so, where a budget is given). With several processes the
+    answer is the ranks' reduced one, the same on all: a signal that comes in after the reduce counts at the next
+    call."""
     signalled, out_of_time = stop.requested is not None, budget is not None and budget.exhausted()
     if world_size > 1:
         flags = all_reduce_sum(torch.tensor([float(signalled), float(out_of_time)], device=device))
         signalled, out_of_time = bool(flags[0] > 0), bool(flags[1] > 0)
         if signalled and stop.requested is None:
             stop.requested = "a signal on another rank"
-    stop.out_of_time = out_of_time
+    if budget is not None:
+        stop.out_of_time = out_of_time
     return signalled or out_of_time
 
 

@@ -43,11 +43,12 @@ def count_calls(model):
 
 
 def step_state(model, self_cond):
-    """What train_step reads of a TrainingState: the model, its runner, a scaler and the continuous objective with
-    self-conditioning in a `self_cond` share of the batches."""
+    """What train_step reads of a TrainingState: the model, its runner, a scaler, the continuous objective with
+    self-conditioning in a `self_cond` share of the batches, and a loader of one process."""
     objective = Continuous(1.0, 10.0, 1.0, multilevel_prob=0.5, self_cond=self_cond)
     return SimpleNamespace(model=model, runner=training.TrainingForward(model, objective), objective=objective,
-                           scaler=torch.amp.GradScaler("cpu", enabled=False), warp=None)
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), warp=None,
+                           loader=SimpleNamespace(world_size=1))
 
 
 def test_training_calls_the_model_twice_for_the_self_conditioned_share_and_once_otherwise():
