@@ -175,7 +175,8 @@ def train_figures(args, targs, rank, world_size, device):
             "compile": targs.compile, "compiled_graphs": graphs,
             "attention": model.attention,  # the kernel used: "auto" settled to "flex" or "sdpa"
             "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_mm,
-            "processes": world_size, "fsdp": targs.fsdp, "parameters_per_process": local_parameter_count(model, trainable=False),
+            "processes": world_size, "fsdp": targs.fsdp,
+            "parameters_per_process": local_parameter_count(model, trainable=False),
             "batch_size": targs.batch_size, "sequence_length": targs.sequence_length,
             "mean_attended_keys": round(sum(keys) / len(keys), 1), "warmup_s": round(warmup_s, 1),
             "steps": args.steps,

@@ -237,7 +237,8 @@ def test_the_slurm_script_starts_one_agent_per_machine_with_train_flags_that_par
     assert cache.startswith("--nodes 1 --ntasks 1 python bench.py data -d c.txt -spm m.model --cache_dir "
                             "/shared/runs/token-cache")
     words = launch.split()[2:]  # after srun's --cpus-per-task
-    assert launch.startswith("--cpus-per-task 1 ") and words[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "77", "--rdzv-backend",
+    assert launch.startswith("--cpus-per-task 1 ")
+    assert words[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "77", "--rdzv-backend",
                           "c10d", "--rdzv-endpoint", "gpu-a:29500"]
     args = flags.parse_args(words[12:])  # what follows train.py
     assert (args.model_dir, args.cache_dir, args.preset, args.fsdp) == ("/shared/runs/x", "/shared/runs/token-cache",
