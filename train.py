@@ -11,6 +11,7 @@ import copy
 import os
 import signal
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -340,18 +341,23 @@ def print_samples(model, state, tokenizer, args, device, step, prompts):
 
 class StopOnSignal:
     """Context in which SIGINT (Ctrl-C) or SIGTERM asks the training loop to stop at the next step boundary,
-    where it saves; a second signal interrupts at once. The previous handlers come back on exit."""
+    where it saves; a second signal at least REPEAT_SECONDS later interrupts at once (one sooner is the same stop
+    twice: under SLURM both the scheduler and torchrun signal each worker). The previous handlers come back on exit."""
+
+    REPEAT_SECONDS = 1.0
 
     def __enter__(self):
-        self.requested, self.out_of_time, self.previous = None, False, {}
+        self.requested, self.out_of_time, self.previous, self.first = None, False, {}, None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+            if time.monotonic() - self.first >= self.REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.first = signal.Signals(signum).name, time.monotonic()
         tqdm.write(f"{self.requested}: stopping after this step and saving (again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):

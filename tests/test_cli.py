@@ -468,3 +468,14 @@ def test_samples_printed_in_training_continue_the_corpus_own_valid_lines(tmp_pat
     prefixes = [tokenizer.decode(tokenizer.encode(line, bos=False, eos=False)[:3]) for line in corpus_lines[300:302]]
     assert len(printed) == 4  # two unprompted, then one continuing each valid line
     assert all(p[len("[step 2] "):].startswith(q) for p, q in zip(printed[2:], prefixes))
+
+
+def test_the_same_stop_twice_at_once_saves_and_a_later_second_signal_interrupts(monkeypatch):
+    import signal
+    with train.StopOnSignal() as stop:  # a scheduler and torchrun both send the first SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        monkeypatch.setattr(train.StopOnSignal, "REPEAT_SECONDS", 0.0)  # a second, later signal: stop at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -230,19 +230,20 @@ def test_the_slurm_script_starts_one_agent_per_machine_with_train_flags_that_par
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "DATA": "c.txt", "SPM": "m.model", "MDIR": "/shared/runs/x"}
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "DATA": "c.txt", "SPM": "m.model", "MDIR": "/shared/runs/x",
+           "ENCODING_ERRORS": "replace"}
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_train.sh"), "--preset", "large", "--fsdp"],
                    check=True, env=env, cwd=tmp_path)
     cache, launch = log.read_text().splitlines()
-    assert cache.startswith("--nodes 1 --ntasks 1 python bench.py data -d c.txt -spm m.model --cache_dir "
-                            "/shared/runs/token-cache")
+    assert cache.startswith("--nodes 1 --ntasks 1 --cpus-per-task 1 python bench.py data -d c.txt -spm m.model "
+                            "--cache_dir /shared/runs/token-cache --encoding_errors replace")
     words = launch.split()[2:]  # after srun's --cpus-per-task
     assert launch.startswith("--cpus-per-task 1 ")
     assert words[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "77", "--rdzv-backend",
                           "c10d", "--rdzv-endpoint", "gpu-a:29500"]
     args = flags.parse_args(words[12:])  # what follows train.py
-    assert (args.model_dir, args.cache_dir, args.preset, args.fsdp) == ("/shared/runs/x", "/shared/runs/token-cache",
-                                                                        "large", True)
+    assert (args.model_dir, args.cache_dir, args.preset, args.fsdp, args.encoding_errors) == (
+        "/shared/runs/x", "/shared/runs/token-cache", "large", True, "replace")  # the cache's key as train.py reads it
 
 
 def test_on_gpus_in_bf16_the_blocks_gather_bf16_weights_and_reduce_fp32_gradients(monkeypatch):
