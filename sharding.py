@@ -31,11 +31,10 @@ def check_sharding(world_size, device):
 
 def sharded_training_forward(runner, blocks, device, precision):
     """Shard `runner` (training.TrainingForward, whose forward is the whole loss) in place: each of `blocks` (the
-    model's transformer blocks) a group, the rest the root. On CUDA with `precision` (resolved: utils.resolve_precision)
-    "bf16", the blocks' weights are
-    gathered in bf16 and their gradients reduced in fp32 (MixedPrecisionPolicy); the root keeps fp32, as the tied
-    table, the norms and the logits need (autocast still runs the root's matmuls in bf16), and so does the CPU.
-    Returns `runner`. Needs the default process group (torchrun)."""
+    model's transformer blocks) a group, the rest the root. On CUDA with `precision` "bf16" (resolved, as
+    utils.resolve_precision gives it), the blocks' weights are gathered in bf16 and their gradients reduced in fp32
+    (MixedPrecisionPolicy); the root keeps fp32, as the tied table, the norms and the logits need (autocast still runs
+    the root's matmuls in bf16), and so does the CPU. Returns `runner`. Needs the default process group (torchrun)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     blocks_policy = MixedPrecisionPolicy()
     if device.type == "cuda" and precision == "bf16":

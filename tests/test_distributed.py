@@ -274,3 +274,22 @@ def test_fsdp_shards_with_the_precision_auto_resolves_to(monkeypatch, tmp_path, 
                              "--num_workers", "0", "--fsdp", "--precision", "auto"])
     training.build_state(args, tokenizer, torch.device("cpu"), 0, 2).loader.close()
     assert seen == ["bf16"]  # what the run computes in, not "auto"
+
+
+def test_each_rank_resumes_its_own_time_warp_window_and_another_count_of_processes_counts_each_once():
+    from timewarp import TimeWarp
+    saved = TimeWarp(1.0, 50.0, 1.0, bins=4)
+    windows = [torch.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]),
+               torch.tensor([[0.0, 3.0, 5.0, 0.0], [0.0, 1.0, 2.0, 0.0]])]  # what two ranks observed since the fit
+    entry = {"time_warp": saved.state_dict(), "time_warp_windows": windows}
+
+    def window(rank, world_size, restored=entry):
+        warp = TimeWarp(1.0, 50.0, 1.0, bins=4)
+        checkpoint.restore_warp(restored, warp, lambda message: None, rank, world_size)
+        return warp.window
+
+    assert torch.equal(window(1, 2), windows[1])  # the same processes: each its own
+    assert torch.equal(window(0, 1), windows[0] + windows[1])  # fewer: rank 0 holds the sum, counted once at the fit
+    assert torch.equal(window(0, 3), windows[0] + windows[1]) and not window(2, 3).any()  # more: the others empty
+    older = {"time_warp": {**saved.state_dict(), "window": windows[0]}}  # before the windows were kept: rank 0's
+    assert torch.equal(window(0, 2, older), windows[0]) and not window(1, 2, older).any()
