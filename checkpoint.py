@@ -426,12 +426,15 @@ def prepare_model_dir(args, tokenizer):
         with open(os.path.join(folder, CHECKPOINT + ".tmp"), "wb"):  # found now, not at the first save
             pass
         os.remove(os.path.join(folder, CHECKPOINT + ".tmp"))
-        other = {Tokenizer.file_name, HFTokenizer.file_name} - {tokenizer.file_name}
-        if any(os.path.exists(os.path.join(folder, name)) for name in other):
-            raise UsageError(f"-spm {tokenizer.path}: differs from the tokenizer this run in {folder} was started with "
-                             f"(its {other.pop()})")
-        copy_tokenizer(tokenizer.path, os.path.join(folder, tokenizer.file_name), folder)
         resumable = os.path.exists(os.path.join(folder, CHECKPOINT))
+        other = {Tokenizer.file_name, HFTokenizer.file_name} - {tokenizer.file_name}
+        for name in other:
+            if os.path.exists(os.path.join(folder, name)):
+                if resumable:
+                    raise UsageError(f"-spm {tokenizer.path}: differs from the tokenizer this run in {folder} was "
+                                     f"started with (its {name})")
+                os.remove(os.path.join(folder, name))  # a start that never saved (--max_steps 0, a crash): no run
+        copy_tokenizer(tokenizer.path, os.path.join(folder, tokenizer.file_name), folder, replace=not resumable)
         kept = sorted(f for f in os.listdir(folder) if KEPT.fullmatch(f))
         if kept and not resumable:
             raise UsageError(f"-mdir {folder}: holds {kept[-1]} and others but no {CHECKPOINT}; copy the one to "
@@ -446,12 +449,14 @@ def prepare_model_dir(args, tokenizer):
         raise UsageError(f"-mdir {folder}: {e.strerror}") from None
 
 
-def copy_tokenizer(tokenizer_path, copy, folder):
-    """Copy the tokenizer into the run folder; UsageError if a different one is there already."""
-    if os.path.exists(copy) and not filecmp.cmp(copy, tokenizer_path, shallow=False):
+def copy_tokenizer(tokenizer_path, copy, folder, replace=False):
+    """Copy the tokenizer into the run folder; UsageError if a different one is there already, unless `replace` (a
+    folder without a checkpoint: a start that never saved is no run to protect)."""
+    if os.path.exists(copy) and filecmp.cmp(copy, tokenizer_path, shallow=False):
+        return
+    if os.path.exists(copy) and not replace:
         raise UsageError(f"-spm {tokenizer_path}: differs from the tokenizer this run in {folder} was started with")
-    if not os.path.exists(copy):
-        shutil.copyfile(tokenizer_path, copy)
+    shutil.copyfile(tokenizer_path, copy)
 
 
 def write_run_files(args, model):

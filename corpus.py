@@ -201,7 +201,7 @@ def read_lines(path, tokenizer, length, max_lines, flag="--valid"):
     (-1: all), and the number of lines read but left out for not fitting `length` tokens. Raises UsageError
     naming `flag` and the file, or path:line for a line that is not text."""
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {'is a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     lines, skipped = [], 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):

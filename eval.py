@@ -137,7 +137,11 @@ def score_samples(sequences, tokenizer, judge, args, device):
     the judge (exp of its total NLL over its total tokens, eos included, and over their words) when there is one."""
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     texts = [tokenizer.decode(ids) for ids in sequences]
-    result = {**sample_metrics([[t for t in ids if t not in special] for ids in sequences]), **word_metrics(texts)}
+    tokens = [[t for t in ids if t not in special] for ids in sequences]
+    result = {**sample_metrics(tokens), **word_metrics(texts)}
+    if judge is not None and not any(tokens):
+        print(f"warning: all {len(tokens)} samples are empty: their gen-PPL is the judge's on the line end alone and "
+              "means nothing; give longer --length", file=sys.stderr)
     if judge is not None:
         result.update(judge_figures(judge, sequences, texts, args, device))
     return result
@@ -158,6 +162,7 @@ def save_figure(plt, fig, path):
     """Write `fig` to `path`; False, with a warning naming the path, where it cannot be written (the figures are
     still reported)."""
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a --plot_dir not made yet
         fig.savefig(path, dpi=120)
         return True
     except OSError as e:
@@ -302,7 +307,8 @@ def build_parser():
                    help="other runs of the same tokenizer (any objective, the same --ema) scored on the same lines with "
                         "the same draws: each one's NLL and this run's minus it, with the error of the paired "
                         "differences, far below the two errors combined (for comparing two runs of one objective)")
-    p.add_argument("--plot_dir", help="folder for ce_by_sigma.png, sweep.png and frontier.png (default: MODEL_DIR)")
+    p.add_argument("--plot_dir", help="folder for ce_by_sigma.png, sweep.png and frontier.png, made if missing "
+                                       "(default: MODEL_DIR)")
     p.add_argument("--batch_size", type=int, default=64, help="lines scored, or samples drawn, at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws and of the samples")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, ...")
@@ -375,12 +381,16 @@ def load_judge(path, tokenizer, length, device):
 def check_request(args, objective, sampling):
     """Refuse, before any work, what the run cannot do: sample flags (and sweep or frontier keys) its objective does not
     read (sampling.check_objective_flags), a warped grid without a warp, samples longer than the training rows, a
-    frontier without a judge, a --plot_dir that is not a folder."""
+    frontier without a judge, a --plot_dir that is a file (a missing one is made), a --sweep or --frontier value
+    out of range."""
     swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
     given = given_flags({name: getattr(args, name, None) for name in setting_defaults()},
                         args.steps if args.steps_given else None)
     check_objective_flags(objective.name, given + [f"--{key} (in --sweep or --frontier)" for key in swept],
                           args.model_dir)
+    for key, values in (args.sweep or []) + ([args.frontier] if args.frontier else []):
+        for value in values:  # each value's range, now rather than after the bound (a sweep's keys are independent)
+            settings_of(args, sampling, **{key: value})
     grids = {args.grid, *dict(args.sweep or []).get("grid", [])}
     if "warped" in grids and sampling["warp"] is None:
         raise UsageError(f"--grid warped: {args.model_dir} was trained without --time_warp")
@@ -389,9 +399,8 @@ def check_request(args, objective, sampling):
             raise beyond_training(length_flag(length), length[1], sampling["sequence_length"], args.model_dir)
     if args.frontier and args.judge is None:
         raise UsageError("--frontier: needs --judge, the autoregressive run that scores every point")
-    if args.plot_dir and not os.path.isdir(args.plot_dir):
-        problem = "not a folder" if os.path.exists(args.plot_dir) else "no such folder"
-        raise UsageError(f"--plot_dir {args.plot_dir}: {problem}")
+    if args.plot_dir and os.path.exists(args.plot_dir) and not os.path.isdir(args.plot_dir):
+        raise UsageError(f"--plot_dir {args.plot_dir}: not a folder")
 
 
 def evaluate(args, device):
@@ -554,9 +563,12 @@ def load_compared(args, tokenizer, device):
     """The --compare runs, loaded and checked before any work: (model_dir, model, tokenizer, sampling) each. Raises
     UsageError naming the folder for one that cannot be loaded (or lacks --ema), has another tokenizer than the
     evaluated run (the frontier's entropies count tokens), takes no --frontier key (top_p of a continuous run), or
-    cannot draw samples of --length or on --grid warped."""
-    compared = []
+    cannot draw samples of --length or on --grid warped, or is the evaluated run or named twice."""
+    compared, seen = [], {os.path.realpath(args.model_dir)}
     for model_dir in args.compare:
+        if os.path.realpath(model_dir) in seen:
+            raise UsageError(f"--compare {model_dir}: already on the frontier (the evaluated run or named twice)")
+        seen.add(os.path.realpath(model_dir))
         model, run_tokenizer, sampling = load_other(model_dir, "--compare", args, tokenizer, device,
                                                     "a frontier's entropies count tokens, so its runs share one tokenizer")
         objective = run_objective(model, sampling)
@@ -605,8 +617,8 @@ def frontier_figures(judge, lines, tokenizer, args, device, runs):
     texts = [tokenizer.decode(ids) for ids, _ in lines]
     real = {"gen_ppl": perplexities(*judge.nll([ids for ids, _ in lines], texts, args.batch_size, device),
                                     texts)["gen_ppl"], "entropy": pooled_entropy(real_tokens, count)}
-    for run in results:
-        run["gen_ppl_at_real_entropy"] = at_entropy(run["points"], real["entropy"])
+    for run in results:  # none on a count of 0: every entropy is 0 then, and the curve says nothing
+        run["gen_ppl_at_real_entropy"] = at_entropy(run["points"], real["entropy"]) if count else None
     plot = os.path.join(args.plot_dir or args.model_dir, "frontier.png")
     frontier = {"key": key, "values": values, "samples": args.samples, "tokens": count, "judge": args.judge,
                 "real": real, "runs": results}
@@ -697,7 +709,7 @@ def print_frontier(frontier):
     for run in frontier["runs"]:
         at = run["gen_ppl_at_real_entropy"]
         print(f"  {run['model_dir']} ({run['objective']}): gen-PPL at the real entropy "
-              + (f"{at:.2f}" if at is not None else "out of its range"))
+              + (f"{at:.2f}" if at is not None else "out of its range" if frontier["tokens"] else "none"))
         for point in run["points"]:
             print(f"    {frontier['key']} {point['value']:g}: gen-PPL {point['gen_ppl']:.2f}, entropy "
                   f"{point['entropy']:.3f} ({point['seconds']:.0f} s)")

@@ -289,13 +289,16 @@ def apply_config(args, parser):
     flag names (any of a flag's, e.g. tokenizer for -spm); values are checked as the command line checks them. A run's
     args.json records every flag, also those its objective does not read, at the value every such run records
     (DEFAULTS): those are skipped, and so is its "demo" where -d or -spm is given, so that args.json repeats the run
-    on other data. Returns a one-line problem naming the key and the file, or None."""
+    on other data (with another --objective, the values that are the file's objective's own defaults are skipped
+    too, so that the run takes its objective's). A run's own args.json without -mdir is refused: it would resume and
+    change that run. Returns a one-line problem naming the key and the file, or None."""
     path, data = args.config, read_config(args.config)
     if isinstance(data, str):
         return data
     actions = {name.lstrip("-").replace("-", "_"): action for action in parser._actions
                for name in action.option_strings + [action.dest] if name.startswith("--") or name == action.dest}
     objective = args.objective or data.get("objective") or DEFAULTS["every"]["objective"]
+    objectives = {objective, data.get("objective") or objective}  # the run's, and the one the file was written for
     for key, value in data.items():
         action = actions.get(str(key).replace("-", "_"))
         if key == "config" or (action is not None and action.dest == "demo" and (args.data_path or args.spm_model)):
@@ -303,9 +306,17 @@ def apply_config(args, parser):
         if action is None or action.dest in ("help", "config"):
             return (f"--config {path}: unknown key {key!r}: the keys are train.py's long flag names (learning_rate, "
                     "not lr)")
-        recorded = DEFAULTS.get(objective, {}).get(action.dest, DEFAULTS["every"].get(action.dest))
-        if action.dest in NOT_READ.get(objective, ()) and value == recorded:
-            continue  # what every run of the objective records for a flag it does not read
+        if action.dest == "model_dir" and args.model_dir is None and isinstance(value, str) and \
+                os.path.isdir(value) and os.path.samefile(os.path.dirname(os.path.abspath(path)), value):
+            return (f"--config {path}: the record of the run in {value}; give -mdir for a new run (or -mdir {value} "
+                    "to resume that one)")
+        if any(action.dest in NOT_READ.get(name, ()) and
+               value == DEFAULTS.get(name, {}).get(action.dest, DEFAULTS["every"].get(action.dest))
+               for name in objectives):
+            continue  # what every run of an objective records for a flag it does not read
+        own = DEFAULTS.get(data.get("objective"), {})
+        if len(objectives) > 1 and action.dest in own and value == own[action.dest]:
+            continue  # the file's objective's own default (DEFAULTS["mdlm"]), not a choice: the run's objective's
         if value is None or getattr(args, action.dest) not in (None, action.default):
             continue  # not given, or the command line gave it
         boolean = action.nargs == 0  # store_true and --flag/--no-flag

@@ -68,7 +68,8 @@ def build_parser():
     source.add_argument("--prompt_file", help="a file of prompts, one a line (blank lines skipped; - reads stdin)")
     source.add_argument("--infill", nargs="+", action="extend",
                         help="templates with blanks, e.g. 'the [5] of the [3]': [n] is n tokens to generate; the "
-                             "text is kept exactly")
+                             "text's tokens are kept exactly (a blank may continue the word before it: "
+                             "docs/sampling.md)")
     p.add_argument("--suffix", help="text held at the end of every sample, followed by eos ('' holds eos alone, so "
                                     "that samples end at their length)")
     p.add_argument("--early_exit", type=int, metavar="K", help="stop a sample once its tokens have not changed for K "

@@ -99,7 +99,8 @@ def sampler_settings(sampler="iterative", steps=200, schedule="uniform", grid="r
         for owner, defaults in table.items():
             for key, default in defaults.items():
                 if owner != name and parameters.get(key) is not None:
-                    raise UsageError(f"--{key} applies to {kind} {owner}, not {name}")
+                    raise UsageError(f"--{key} applies to {kind} {owner}, not {name} (continuous diffusion's "
+                                     "samplers and schedules)")
                 if owner == name:
                     chosen[key] = default if parameters.get(key) is None else parameters[key]
     extra = sorted(set(parameters) - {k for table in (SAMPLER_PARAMETERS, SCHEDULE_PARAMETERS)

@@ -85,3 +85,24 @@ def test_a_range_error_of_a_config_value_names_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(PATHS + ["--config", str(path)])
     assert f"-lr -1.0: must be positive (flags from --config {path} count as given)" in capsys.readouterr().err
+
+
+def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_new_folder(tmp_path, capsys):
+    """A masked diffusion run's args.json records self-conditioning, the time warp and the output prior off (flags
+    it does not read) and its own defaults: as a config for --objective diffusion those are not choices, and the
+    diffusion defaults apply; a value other than masked diffusion's default is taken. args.json as a config without
+    -mdir would resume (and change) the run it records: refused."""
+    saved = {"preset": "tiny", "objective": "mdlm", "self_cond": 0.0, "time_warp": False, "output_prior": False,
+             "embedding_lr_scale": 1.0, "multilevel_prob": 0.0, "learning_rate": 0.002}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(saved))
+    args = parse_args(PATHS + ["--config", str(path), "--objective", "diffusion"])
+    assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0.5, True, True, 20.0)
+    assert (args.multilevel_prob, args.learning_rate) == (0.5, 0.002)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({**saved, "model_dir": str(run)}))
+    with pytest.raises(SystemExit):
+        parse_args(["-d", "corpus.txt", "-spm", "bpe.model", "--config", str(run / "args.json")])
+    assert f"the record of the run in {run}; give -mdir for a new run" in capsys.readouterr().err
+    assert parse_args(PATHS + ["--config", str(run / "args.json")]).model_dir == "out"

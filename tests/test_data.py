@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 import corpus as corpus_module
-from corpus import Tokenizer, load_corpus, prepare_corpus
+from corpus import Tokenizer, load_corpus, prepare_corpus, read_lines
 from data import (PackedBatches, PackedRows, collate_rows, conditioning_mask, example_window, fullest_subset,
                   minimum_bin_slack)
 from utils import UsageError
@@ -146,6 +146,13 @@ def test_unusable_corpora_are_refused_naming_the_path(tmp_path, tokenizer, name,
         path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
         load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)
+
+
+def test_held_out_lines_that_are_not_a_file_are_refused_naming_the_flag(tmp_path, tokenizer):
+    with pytest.raises(UsageError, match=f"--valid {tmp_path}: is a folder, not a file"):
+        read_lines(str(tmp_path), tokenizer, 32, -1)
+    with pytest.raises(UsageError, match="--probe_lines .*none.txt: no such file"):
+        read_lines(str(tmp_path / "none.txt"), tokenizer, 32, -1, "--probe_lines")
 
 
 def test_lines_the_tokenizer_drops_are_not_examples(tmp_path, tokenizer):

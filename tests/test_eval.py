@@ -70,9 +70,9 @@ def test_eval_reports_the_bound_and_the_loss_by_noise_level(memorised_run, tmp_p
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines + ["word " * 60]) + "\n")
-    plot = tmp_path / "ce_by_sigma.png"
+    plot = tmp_path / "plots" / "new" / "ce_by_sigma.png"  # a --plot_dir not made yet is made
     evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "4", "--sigmas", "4",
-                   "--plot_dir", str(tmp_path), "--json"])
+                   "--plot_dir", str(plot.parent), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["lines"] == 4 and result["skipped_lines"] == 1  # the 60-word line does not fit 32 tokens
     chars = sum(len(line) + 1 for line in lines)
@@ -198,11 +198,15 @@ def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_steps
 
 @pytest.mark.parametrize("flags, message", [
     (["--length", "33"], "--length 33: a sample of 33 tokens is longer than the 32-token rows"),
-    (["--sweep", "length=16,20:40"], "--length 20:40: a sample of 40 tokens is longer than the 32-token rows")])
-def test_samples_longer_than_the_training_rows_are_refused_before_any_work(memorised_run, tmp_path, flags, message):
+    (["--sweep", "length=16,20:40"], "--length 20:40: a sample of 40 tokens is longer than the 32-token rows"),
+    (["--sweep", "temperature=0.01,1"], r"--temperature 0.01: must be in \[0.05, 20\] \(a sample setting"),
+    (["--frontier", "temperature=1,30", "--judge", "nowhere"], r"--temperature 30(.0)?: must be in \[0.05, 20\]")])
+def test_samples_the_run_cannot_draw_are_refused_before_any_work(memorised_run, tmp_path, flags, message,
+                                                                 monkeypatch):
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(evaluate, "line_estimates_of", lambda *a, **k: pytest.fail("scored before refusing"))
     with pytest.raises(UsageError, match=message):
         evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--samples", "2", *flags])
 
@@ -322,7 +326,7 @@ def test_a_frontier_of_one_value_or_another_key_or_a_comparison_without_it_is_re
 
 
 def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memorised_run, memorised_ar_run, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
     model_dir, lines = memorised_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
@@ -342,10 +346,20 @@ def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memori
         assert (tmp_path / "frontier.png").stat().st_size > 0
     with pytest.raises(UsageError, match=r"--top_p \(in --sweep or --frontier\): not for .*a continuous diffusion"):
         evaluate.main(command + ["--frontier", "top_p=0.5,1"])
+    with pytest.raises(UsageError, match="--compare .*: already on the frontier .the evaluated run or named twice"):
+        evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(model_dir)])
     with pytest.raises(UsageError, match="--compare .*nowhere"):  # before any work
         evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(tmp_path / "nowhere")])
     with pytest.raises(UsageError, match="--frontier: needs --judge"):
         evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1"])
+    # empty samples (bos and eos alone): no entropy to compare at, and a warning that their gen-PPL means nothing
+    monkeypatch.setattr(evaluate, "draw_samples", lambda model, tokenizer, *rest: (
+        [[tokenizer.bos_id, tokenizer.eos_id]] * 4, 1))
+    evaluate.main(command + ["--frontier", "temperature=0.5,1", "--json"])
+    out = capsys.readouterr()
+    frontier = json.loads(out.out)["frontier"]
+    assert frontier["tokens"] == 0 and [run["gen_ppl_at_real_entropy"] for run in frontier["runs"]] == [None]
+    assert "warning: all 4 samples are empty" in out.err
 
 
 def test_the_baseline_sweeps_temperature_and_top_p_and_refuses_the_diffusion_samplers(memorised_ar_run, tmp_path,

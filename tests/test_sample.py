@@ -159,7 +159,7 @@ def test_prompt_file_lines_are_decoded_like_the_corpus():
 @pytest.mark.parametrize("flags, message", [
     (["--skew", "2"], "--skew applies to --schedule ar"),
     (["--schedule", "ar", "--threshold", "0.5"], "--threshold applies to --schedule confidence"),
-    (["--S_churn", "5"], "--S_churn applies to --sampler stochastic"),
+    (["--S_churn", "5"], "--S_churn applies to --sampler stochastic, not iterative (continuous diffusion's"),
     (["--infill", "a [3]", "--length", "9"], "--length does not apply to --infill"),
     (["--early_exit", "0"], "--early_exit 0"),
     (["--schedule", "confidence", "--patience", "1"], "--patience 1.0"),

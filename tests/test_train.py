@@ -176,6 +176,18 @@ def test_a_folder_of_kept_checkpoints_without_ckpt_pt_is_not_silently_restarted(
     run_train(corpus_file, spm_path, fresh, "--max_steps", "1")
     err = capsys.readouterr().err
     assert "the run is at step 2, --max_steps is 1: nothing to train" in err and "warning" not in err
+    # a start that never saved left another tokenizer's copy (--max_steps 0, a crash before step 1): no run to
+    # protect, so the folder takes this start's tokenizer; with a checkpoint the other one is refused
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    (unsaved / "tokenizer.model").write_bytes(b"another tokenizer")
+    (unsaved / "tokenizer.json").write_text("{}")
+    run_train(corpus_file, spm_path, unsaved, "--max_steps", "1")
+    assert (unsaved / "tokenizer.model").read_bytes() == open(spm_path, "rb").read()
+    assert not (unsaved / "tokenizer.json").exists()
+    (unsaved / "tokenizer.json").write_text("{}")
+    with pytest.raises(UsageError, match="differs from the tokenizer this run .* was started with .its tokenizer.json"):
+        run_train(corpus_file, spm_path, unsaved, "--max_steps", "2")
 
 
 def test_bench_passes_every_train_flag_on(tmp_path):
