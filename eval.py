@@ -268,7 +268,7 @@ def build_parser():
                    "for a masked run, of how many tokens are masked)")
     p.add_argument("--max_lines", type=int, default=2000, help="lines scored from --valid (0: all)")
     p.add_argument("--sigmas", type=int, default=10, help="points of the cross-entropy curve, sigma_min to "
-                                                          "sigma_max spaced by rho 7")
+                                                          "sigma_max spaced by rho 7 (0: no curve)")
     p.add_argument("--judge", help="run folder of an autoregressive model (train.py --objective ar) that scores "
                                    "samples and valid lines, with its raw weights; with another tokenizer than the "
                                    "run's it scores their texts encoded by its own")
@@ -323,11 +323,13 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.steps_given, args.steps = args.steps is not None, 200 if args.steps is None else args.steps
-    at_least = {"draws": 2, "sigmas": 2, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0,
+    at_least = {"draws": 2, "sigmas": 0, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0,
                 "shuffle_lines": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             p.error(f"--{name} {getattr(args, name)}: must be at least {low}")
+    if args.sigmas == 1:
+        p.error("--sigmas 1: a curve needs at least 2 points (0: none)")
     keys = [key for key, _ in args.sweep or []]
     if len(set(keys)) < len(keys):
         p.error("--sweep: give each key once, with all its values (steps=16,32)")
@@ -435,7 +437,7 @@ def evaluate(args, device):
     result["nll_seconds"] = round(time.perf_counter() - started, 1)
     if against:
         result["against"] = [against_figures(estimates, other, lines, args, device) for other in against]
-    if objective.name == "diffusion":
+    if objective.name == "diffusion" and args.sigmas:
         result.update(ce_figures(model, lines, sampling, args, device, torch.Generator().manual_seed(args.seed)))
     result.update(order_figures(model, objective, lines, tokenizer, args, device))
     texts = [tokenizer.decode(ids) for ids, _ in lines]
@@ -676,7 +678,7 @@ def print_table(result):
               f"nats/token (reconstruction {terms['reconstruction']:.4f}, diffusion {terms['diffusion']:.4f}, prior "
               f"{terms['prior']:.4f}), perplexity <= {math.exp(result['nll_bound_nats_per_token']):.2f}, "
               f"{result['bits_per_char']:.4f} bits/char")
-        for point in result["ce_by_sigma"]:
+        for point in result.get("ce_by_sigma", []):
             print(f"  sigma {point['sigma']:>8.3f}  CE {point['ce']:.3f} nats  accuracy {point['accuracy']:.3f}")
     for other in result.get("against", []):
         print(f"against {other['model_dir']} ({other['objective']}): its NLL {other['nll_nats_per_token']:.4f} "

@@ -410,3 +410,17 @@ def test_a_run_of_another_tokenizer_is_refused_by_against_and_compare(memorised_
         evaluate.load_other(run, "--against", args, other, "cpu")
     with pytest.raises(UsageError, match="--compare .*another tokenizer than out's; a frontier's entropies"):
         evaluate.load_compared(args, other, "cpu")
+
+
+def test_sigmas_0_leaves_the_loss_curve_out_and_1_is_refused(memorised_run, tmp_path, capsys):
+    model_dir, lines = memorised_run
+    valid = tmp_path / "valid.txt"
+    valid.write_text("\n".join(lines) + "\n")
+    command = ["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--shuffle_lines", "0", "--json",
+               "--no-progress", "--plot_dir", str(tmp_path)]
+    evaluate.main(command + ["--sigmas", "0"])
+    result = json.loads(capsys.readouterr().out)
+    assert "ce_by_sigma" not in result and result["lines"] == 4 and not (tmp_path / "ce_by_sigma.png").exists()
+    with pytest.raises(SystemExit):
+        evaluate.main(command + ["--sigmas", "1"])
+    assert "--sigmas 1: a curve needs at least 2 points (0: none)" in capsys.readouterr().err
