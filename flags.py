@@ -299,6 +299,7 @@ def apply_config(args, parser):
                for name in action.option_strings + [action.dest] if name.startswith("--") or name == action.dest}
     objective = args.objective or data.get("objective") or DEFAULTS["every"]["objective"]
     objectives = {objective, data.get("objective") or objective}  # the run's, and the one the file was written for
+    own = DEFAULTS.get(data.get("objective"), {}) if len(objectives) > 1 else {}  # the file's objective's defaults
     for key, value in data.items():
         action = actions.get(str(key).replace("-", "_"))
         if key == "config" or (action is not None and action.dest == "demo" and (args.data_path or args.spm_model)):
@@ -314,8 +315,7 @@ def apply_config(args, parser):
                value == DEFAULTS.get(name, {}).get(action.dest, DEFAULTS["every"].get(action.dest))
                for name in objectives):
             continue  # what every run of an objective records for a flag it does not read
-        own = DEFAULTS.get(data.get("objective"), {})
-        if len(objectives) > 1 and action.dest in own and value == own[action.dest]:
+        if action.dest in own and value == own[action.dest]:
             continue  # the file's objective's own default (DEFAULTS["mdlm"]), not a choice: the run's objective's
         if value is None or getattr(args, action.dest) not in (None, action.default):
             continue  # not given, or the command line gave it
