@@ -29,7 +29,7 @@ from corpus import read_lines
 from diffusion import SAMPLERS, SCHEDULES, denoiser_logits, rho_schedule
 from objectives import objective_name, run_objective
 from sampling import (GRIDS, beyond_training, check_objective_flags, draw, given_flags, length_flag, parse_length,
-                      sample_lengths, sampler_settings, setting_defaults, unconditional_layouts)
+                      reads_flag, sample_lengths, sampler_settings, setting_defaults, unconditional_layouts)
 from scoring import (Judge, at_entropy, line_batches, line_estimates, line_seeds, paired_difference, perplexities,
                      pooled_entropy, sample_metrics, shuffle_gap, totals, word_metrics)
 from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, keep_freed_memory, resolve_device, run_command,
@@ -119,15 +119,16 @@ def judge_figures(judge, sequences, texts, args, device):
 
 def draw_samples(model, tokenizer, sampling, settings, lengths, args, device):
     """args.samples unconditional samples drawn with `settings` (a SamplerSettings), sample i of length
-    sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos,
-    mean network evaluations per sample)."""
+    sampling.sample_length(lengths, args.seed, i): (each as bos + its tokens up to and including its first eos, less
+    pads and bos, which its text leaves out, so that the judge and the own NLL score the text shown; mean network
+    evaluations per sample)."""
     layouts = unconditional_layouts(tokenizer, lengths, args.samples, args.seed)
     grid = settings.sigma_grid(sampling, args.model_dir) if objective_name(model.cfg) == "diffusion" else None
     sequences, evaluations = [], 0
     for _, row, _, evals in draw(model, layouts, settings, grid, args.seed, args.batch_size, tokenizer.pad_id,
                                  device, args.progress, tokenizer.eos_id):
         end = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row else len(row)
-        sequences.append(row[:end])
+        sequences.append(row[:1] + [t for t in row[1:end] if t not in (tokenizer.pad_id, tokenizer.bos_id)])
         evaluations += evals
     return sequences, evaluations / args.samples
 
@@ -274,7 +275,7 @@ def build_parser():
                                    "run's it scores their texts encoded by its own")
     p.add_argument("--shuffle_lines", type=int, default=256,
                    help="valid lines scored again with their words shuffled, for the shuffle gap (0: none)")
-    p.add_argument("--samples", type=int, default=0,
+    p.add_argument("--samples", type=int,
                    help="unconditional samples to score (with --sweep: per setting; default 0, 64 with --sweep)")
     p.add_argument("--length", type=parse_length, help="tokens per sample, as in sample.py: data (drawn from the "
                                                        "training lines' lengths; the default where the run keeps "
@@ -326,16 +327,18 @@ def parse_args(argv=None):
     at_least = {"draws": 2, "sigmas": 0, "batch_size": 1, "steps": 1, "max_lines": 0, "samples": 0, "seed": 0,
                 "shuffle_lines": 0}
     for name, low in at_least.items():
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name} {getattr(args, name)}: must be at least {low}")
     if args.sigmas == 1:
         p.error("--sigmas 1: a curve needs at least 2 points (0: none)")
     keys = [key for key, _ in args.sweep or []]
     if len(set(keys)) < len(keys):
         p.error("--sweep: give each key once, with all its values (steps=16,32)")
+    if args.samples == 0 and (args.sweep or args.frontier):
+        p.error("--samples 0: --sweep and --frontier score samples at each setting (64 unless given)")
     args.samples_given = bool(args.samples)
-    if (args.sweep or args.frontier) and not args.samples:
-        args.samples = 64
+    if not args.samples:
+        args.samples = 64 if args.sweep or args.frontier else 0
     if args.compare and not args.frontier:
         p.error("--compare: the runs compared on a --frontier; give --frontier temperature=... too")
     return args
@@ -380,16 +383,21 @@ def load_judge(path, tokenizer, length, device):
     return Judge(judge, judge_tokenizer, shared)
 
 
-def check_request(args, objective, sampling):
+def check_request(args, objective, sampling, compared=()):
     """Refuse, before any work, what the run cannot do: sample flags (and sweep or frontier keys) its objective does not
-    read (sampling.check_objective_flags), a warped grid without a warp, samples longer than the training rows, a
-    frontier without a judge, a --plot_dir that is a file (a missing one is made), a --sweep or --frontier value
-    out of range."""
+    read (sampling.check_objective_flags; a sample flag that a --compare run of the frontier reads passes, each run
+    reading those its sampler takes: `compared` are their objectives' names), a warped grid without a warp, samples
+    longer than the training rows, a frontier without a judge, a --plot_dir that is a file (a missing one is made), a
+    sample flag's, --sweep's or --frontier's value out of range."""
     swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
     given = given_flags({name: getattr(args, name, None) for name in setting_defaults()},
                         args.steps if args.steps_given else None)
-    check_objective_flags(objective.name, given + [f"--{key} (in --sweep or --frontier)" for key in swept],
-                          args.model_dir)
+    for flag in given:
+        if not any(reads_flag(name, flag) for name in compared):
+            check_objective_flags(objective.name, [flag], args.model_dir)
+    check_objective_flags(objective.name, [f"--{key} (in --sweep or --frontier)" for key in swept], args.model_dir)
+    if args.samples or args.sweep or args.frontier:
+        settings_of(args, sampling)  # the sample flags' own values (a bad --temperature), before the bound
     for key, values in (args.sweep or []) + ([args.frontier] if args.frontier else []):
         for value in values:  # each value's range, now rather than after the bound (a sweep's keys are independent)
             settings_of(args, sampling, **{key: value})
@@ -411,10 +419,10 @@ def evaluate(args, device):
     objective = run_objective(model, sampling)
     args.pad_id, args.length_limit, args.objective = tokenizer.pad_id, sampling["sequence_length"], objective.name
     lines, skipped = read_lines(args.valid, tokenizer, sampling["sequence_length"], args.max_lines or -1)
-    check_request(args, objective, sampling)
-    judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
     compared = load_compared(args, tokenizer, device) if args.frontier else []
-    against = [(model_dir, load_other(model_dir, "--against", args, tokenizer, device)) for model_dir in args.against]
+    check_request(args, objective, sampling, [run_objective(run[1], run[3]).name for run in compared])
+    judge = None if args.judge is None else load_judge(args.judge, tokenizer, sampling["sequence_length"], device)
+    against = [(model_dir, load_against(model_dir, args, tokenizer, sampling, device)) for model_dir in args.against]
     judged = {os.path.realpath(d) for d in [args.model_dir] + args.compare}
     if args.judge is not None and os.path.realpath(args.judge) in judged:
         print(f"warning: --judge {args.judge} is also a judged run: it scores its own beliefs, which favours it; judge "
@@ -547,6 +555,19 @@ def load_other(model_dir, flag, args, tokenizer, device, why="runs scored on the
     if run_tokenizer.model_proto != tokenizer.model_proto:
         raise UsageError(f"{flag} {model_dir}: another tokenizer than {args.model_dir}'s; {why}")
     return model, run_tokenizer, sampling
+
+
+def load_against(model_dir, args, tokenizer, sampling, device):
+    """An --against run (load_other); UsageError for the evaluated run itself, a warning for one trained on rows
+    shorter than the evaluated run's (`sampling`), as for a judge: it would score positions it never saw."""
+    if os.path.realpath(model_dir) == os.path.realpath(args.model_dir):
+        raise UsageError(f"--against {model_dir}: the evaluated run itself (its difference is 0)")
+    other = load_other(model_dir, "--against", args, tokenizer, device)
+    if other[2]["sequence_length"] < sampling["sequence_length"]:
+        print(f"warning: --against {model_dir} was trained on rows of {other[2]['sequence_length']} tokens, shorter "
+              f"than the {sampling['sequence_length']} of the evaluated run: its scores of later positions mean "
+              "little", file=sys.stderr)
+    return other
 
 
 def against_figures(estimates, other, lines, args, device):

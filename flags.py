@@ -15,7 +15,7 @@ FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (afte
 DEMO_DIR = "demo"
 # Architecture, batch and optimiser of each --preset; "base" is the original project's size
 PRESETS = {
-    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
+    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=1e-3,
                  warmup_steps=100),
     "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=1e-3,
                   warmup_steps=500),
@@ -299,7 +299,11 @@ def apply_config(args, parser):
                for name in action.option_strings + [action.dest] if name.startswith("--") or name == action.dest}
     objective = args.objective or data.get("objective") or DEFAULTS["every"]["objective"]
     objectives = {objective, data.get("objective") or objective}  # the run's, and the one the file was written for
-    own = DEFAULTS.get(data.get("objective"), {}) if len(objectives) > 1 else {}  # the file's objective's defaults
+    own = {}  # with another objective: the file's objective's default of each flag whose default the objective sets
+    if len(objectives) > 1:
+        recorded = DEFAULTS.get(data.get("objective"), {})
+        own = {name: recorded.get(name, DEFAULTS["every"][name])
+               for name in set(recorded) | set(DEFAULTS.get(objective, {}))}
     for key, value in data.items():
         action = actions.get(str(key).replace("-", "_"))
         if key == "config" or (action is not None and action.dest == "demo" and (args.data_path or args.spm_model)):
@@ -316,7 +320,7 @@ def apply_config(args, parser):
                for name in objectives):
             continue  # what every run of an objective records for a flag it does not read
         if action.dest in own and value == own[action.dest]:
-            continue  # the file's objective's own default (DEFAULTS["mdlm"]), not a choice: the run's objective's
+            continue  # the file's objective's own default (masked diffusion's self_cond 0), not a choice
         if value is None or getattr(args, action.dest) not in (None, action.default):
             continue  # not given, or the command line gave it
         boolean = action.nargs == 0  # store_true and --flag/--no-flag

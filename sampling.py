@@ -174,8 +174,14 @@ def check_objective_flags(objective, given, where):
     "--name value") that the sampler of `objective` (a name of objectives.OBJECTIVES) does not read, naming the flag
     and the run folder `where`."""
     for flag in given:
-        if flag.split()[0] in REFUSED[objective]:
+        if not reads_flag(objective, flag):
             raise UsageError(f"{flag}: not for {where}, {READS[objective]}")
+
+
+def reads_flag(objective, flag):
+    """Whether the sampler of `objective` (a name of objectives.OBJECTIVES) reads sample flag `flag` ("--name" or
+    "--name value")."""
+    return flag.split()[0] not in REFUSED[objective]
 
 
 def sample_seed(seed, i):

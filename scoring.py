@@ -189,10 +189,11 @@ def pooled_entropy(token_lists, count):
 
 def at_entropy(points, entropy):
     """gen-PPL interpolated at `entropy` on the curve through `points` (dicts of gen_ppl and entropy), linear in
-    log gen-PPL between the two neighbouring points; None where `entropy` lies outside the points' range."""
+    log gen-PPL between the two neighbouring points; None where `entropy` lies outside the points' range, or where
+    only points of one entropy hold it (no curve there to read a value from)."""
     points = sorted(points, key=lambda point: point["entropy"])
     for left, right in zip(points, points[1:]):
-        if left["entropy"] <= entropy <= right["entropy"]:
-            share = (entropy - left["entropy"]) / max(right["entropy"] - left["entropy"], 1e-12)
+        if left["entropy"] <= entropy <= right["entropy"] and left["entropy"] < right["entropy"]:
+            share = (entropy - left["entropy"]) / (right["entropy"] - left["entropy"])
             return math.exp((1 - share) * math.log(left["gen_ppl"]) + share * math.log(right["gen_ppl"]))
     return None

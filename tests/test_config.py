@@ -99,6 +99,19 @@ def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_
     args = parse_args(PATHS + ["--config", str(path), "--objective", "diffusion"])
     assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0.5, True, True, 20.0)
     assert (args.multilevel_prob, args.learning_rate) == (0.5, 0.002)
+    # the other way: a continuous run's record of its defaults (self-conditioning, warp, prior) is not a choice that
+    # the baseline or masked diffusion refuses; a value other than the defaults still is
+    diffusion = {"preset": "tiny", "objective": "diffusion", "self_cond": 0.5, "time_warp": True, "output_prior": True,
+                 "embedding_lr_scale": 20.0, "multilevel_prob": 0.5, "expand_prob": 0.1, "learning_rate": 0.002}
+    path.write_text(json.dumps(diffusion))
+    for objective in ("ar", "mdlm"):
+        args = parse_args(PATHS + ["--config", str(path), "--objective", objective])
+        assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0, False, False, 1)
+        assert (args.multilevel_prob, args.learning_rate) == ({"ar": 0.5, "mdlm": 0.0}[objective], 0.002)
+    path.write_text(json.dumps({**diffusion, "self_cond": 0.25}))
+    with pytest.raises(SystemExit):
+        parse_args(PATHS + ["--config", str(path), "--objective", "ar"])
+    assert "--self_cond" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
     (run / "args.json").write_text(json.dumps({**saved, "model_dir": str(run)}))

@@ -1,6 +1,7 @@
 """The likelihood bound against an exact case, and eval.py on a trained tiny model."""
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -200,7 +201,9 @@ def test_an_autoregressive_run_samples_and_scores_its_samples_but_takes_no_steps
     (["--length", "33"], "--length 33: a sample of 33 tokens is longer than the 32-token rows"),
     (["--sweep", "length=16,20:40"], "--length 20:40: a sample of 40 tokens is longer than the 32-token rows"),
     (["--sweep", "temperature=0.01,1"], r"--temperature 0.01: must be in \[0.05, 20\] \(a sample setting"),
-    (["--frontier", "temperature=1,30", "--judge", "nowhere"], r"--temperature 30(.0)?: must be in \[0.05, 20\]")])
+    (["--frontier", "temperature=1,30", "--judge", "nowhere"], r"--temperature 30(.0)?: must be in \[0.05, 20\]"),
+    (["--temperature", "25"], r"--temperature 25(.0)?: must be in \[0.05, 20\]"),
+    (["--clamp", "-1"], r"--clamp -1(.0)?: a noise level")])
 def test_samples_the_run_cannot_draw_are_refused_before_any_work(memorised_run, tmp_path, flags, message,
                                                                  monkeypatch):
     model_dir, lines = memorised_run
@@ -310,6 +313,8 @@ def test_the_frontier_interpolates_gen_ppl_at_an_entropy_and_pools_tokens_at_one
     assert scoring.at_entropy(points, 4.5) == pytest.approx(math.sqrt(200 * 400))  # linear in log gen-PPL
     assert scoring.at_entropy(points, 3.0) == pytest.approx(100.0)
     assert scoring.at_entropy(points, 5.5) is None and scoring.at_entropy(points, 2.9) is None
+    level = [{"entropy": 0.7, "gen_ppl": 10.0}, {"entropy": 0.7, "gen_ppl": 90.0}]  # no curve: no value at 0.7
+    assert scoring.at_entropy(level, 0.7) is None
     assert scoring.pooled_entropy([[1, 2], [3, 4]], 4) == pytest.approx(math.log(4))
     assert scoring.pooled_entropy([[1, 1], [3, 4]], 2) == 0.0  # the first two tokens only
 
@@ -318,6 +323,7 @@ def test_the_frontier_interpolates_gen_ppl_at_an_entropy_and_pools_tokens_at_one
     (["--frontier", "temperature=0.8"], "at least two values"),
     (["--frontier", "steps=8,16"], "temperature or top_p"),
     (["--compare", "other"], "--compare: the runs compared on a --frontier"),
+    (["--frontier", "temperature=0.5,1", "--samples", "0"], "--samples 0: --sweep and --frontier score samples"),
 ])
 def test_a_frontier_of_one_value_or_another_key_or_a_comparison_without_it_is_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -352,6 +358,10 @@ def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memori
         evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(tmp_path / "nowhere")])
     with pytest.raises(UsageError, match="--frontier: needs --judge"):
         evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1"])
+    # --steps is the compared diffusion run's: each run reads the flags its sampler takes, whichever is -mdir
+    evaluate.main([str(memorised_ar_run[0]) if part == str(model_dir) else part for part in command] +
+                  ["--frontier", "temperature=0.5,1", "--compare", str(model_dir), "--json"])
+    assert [run["objective"] for run in json.loads(capsys.readouterr().out)["frontier"]["runs"]] == ["ar", "diffusion"]
     # empty samples (bos and eos alone): no entropy to compare at, and a warning that their gen-PPL means nothing
     monkeypatch.setattr(evaluate, "draw_samples", lambda model, tokenizer, *rest: (
         [[tokenizer.bos_id, tokenizer.eos_id]] * 4, 1))
@@ -380,14 +390,17 @@ def test_the_baseline_sweeps_temperature_and_top_p_and_refuses_the_diffusion_sam
 
 
 def test_against_scores_other_runs_with_the_same_draws(memorised_run, memorised_ar_run, tmp_path, capsys):
-    """--against: a run against itself differs by exactly 0 with error 0 (the same lines, the same draws), where two
+    """--against: a copy of the run differs by exactly 0 with error 0 (the same lines, the same draws), where two
     independent estimates would differ by about their errors combined; against the baseline's exact NLL the error is
-    the bound's own."""
+    the bound's own. The run itself is refused."""
     (model_dir, lines), (ar_dir, _) = memorised_run, memorised_ar_run
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(lines) + "\n")
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    with pytest.raises(UsageError, match="--against .*: the evaluated run itself"):
+        evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--against", str(model_dir) + "/"])
     evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "4", "--sigmas", "2", "--shuffle_lines",
-                   "0", "--json", "--against", str(model_dir), str(ar_dir)])
+                   "0", "--json", "--against", str(copy), str(ar_dir)])
     result = json.loads(capsys.readouterr().out)
     itself, baseline = result["against"]
     assert result["nll_stderr"] > 0.01
@@ -399,6 +412,29 @@ def test_against_scores_other_runs_with_the_same_draws(memorised_run, memorised_
     evaluate.main(["-mdir", str(model_dir), "--valid", str(valid), "--draws", "2", "--sigmas", "2", "--shuffle_lines",
                    "0", "--against", str(ar_dir)])
     assert f"against {ar_dir} (ar): its NLL" in capsys.readouterr().out
+
+
+def test_an_against_run_of_shorter_rows_is_warned_about(memorised_ar_run, monkeypatch, capsys):
+    run, tokenizer = str(memorised_ar_run[0]), object()
+    monkeypatch.setattr(evaluate, "load_other", lambda *a: ("model", tokenizer, {"sequence_length": 16}))
+    args = SimpleNamespace(model_dir="out")
+    assert evaluate.load_against(run, args, tokenizer, {"sequence_length": 32}, "cpu")[1] is tokenizer
+    assert f"warning: --against {run} was trained on rows of 16 tokens, shorter than the 32" in capsys.readouterr().err
+    evaluate.load_against(run, args, tokenizer, {"sequence_length": 16}, "cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_samples_are_judged_as_their_text_reads_without_pads(monkeypatch):
+    """A continuous sample may hold pads (and no eos) where its text is empty: they are no text, so neither the judge
+    nor the own NLL scores them."""
+    tokenizer = SimpleNamespace(bos_id=0, eos_id=1, pad_id=2)
+    rows = [[0, 5, 2, 6, 1, 2, 2], [0, 2, 2, 2], [0, 7, 0, 8]]
+    monkeypatch.setattr(evaluate, "unconditional_layouts", lambda *a: None)
+    monkeypatch.setattr(evaluate, "objective_name", lambda cfg: "ar")
+    monkeypatch.setattr(evaluate, "draw", lambda *a: ((None, row, None, 3) for row in rows))
+    args = SimpleNamespace(samples=3, seed=0, batch_size=4, progress=False, model_dir="out")
+    sequences, evaluations = evaluate.draw_samples(SimpleNamespace(cfg=None), tokenizer, {}, None, None, args, "cpu")
+    assert sequences == [[0, 5, 6, 1], [0], [0, 7, 8]] and evaluations == 3
 
 
 def test_a_run_of_another_tokenizer_is_refused_by_against_and_compare(memorised_ar_run, tmp_path):
