@@ -15,7 +15,7 @@ FIT_STEPS = 20  # steps timed before --time_budget fits the schedule's end (afte
 DEMO_DIR = "demo"
 # Architecture, batch and optimiser of each --preset; "base" is the original project's size
 PRESETS = {
-    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=1e-3,
+    "tiny": dict(model_dim=128, num_layers=4, num_heads=4, embedding_dim=64, batch_size=32, learning_rate=3e-3,
                  warmup_steps=100),
     "small": dict(model_dim=256, num_layers=4, num_heads=4, embedding_dim=64, batch_size=64, learning_rate=1e-3,
                   warmup_steps=500),
