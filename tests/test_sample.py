@@ -222,9 +222,9 @@ def test_eval_draws_the_samples_sample_py_draws(memorised_run, capsys):
     assert "sampling: 100%" in err  # progress of the steps on stderr, the samples alone on stdout
     model, tokenizer, sampling = load_model(str(model_dir))
     eos = tokenizer.eos_id
-    expected = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in (r["ids"] for r in records(out))]
-    expected = [ids[:1] + [t for t in ids[1:] if t not in (tokenizer.pad_id, tokenizer.bos_id)] for ids in expected]
-    assert expected != [r["ids"] for r in records(out)]  # a pad to leave out, as the text leaves it out
+    cut = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in (r["ids"] for r in records(out))]
+    assert any(tokenizer.pad_id in ids for ids in cut)  # a pad to leave out, as the text leaves it out
+    expected = [ids[:1] + [t for t in ids[1:] if t not in (tokenizer.pad_id, tokenizer.bos_id)] for ids in cut]
     args = SimpleNamespace(samples=3, seed=5, batch_size=3, progress=False, model_dir=str(model_dir))
     lengths = sample_lengths(None, sampling, str(model_dir))
     assert isinstance(lengths, list)  # the default: drawn from the training lines' lengths
