@@ -407,6 +407,19 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
         m.chdir(tmp_path)  # as above: --demo reads demo/model/args.json of the working folder
         demo_ar = flags.parse_args(["--demo", "--objective", "ar"])
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
+    # an objective's own rates at a preset (OBJECTIVE_PRESETS) win over the preset's, and only at that preset
+    rates = {(objective, preset): (lambda a: (a.learning_rate, a.embedding_lr_scale))(flags.parse_args(
+        ["--objective", objective, "--preset", preset], required=())) for objective in ("diffusion", "ar", "mdlm")
+        for preset in ("tiny", "small")}
+    assert rates == {("diffusion", "tiny"): (1e-3, 60.0), ("ar", "tiny"): (3e-3, 1.0), ("mdlm", "tiny"): (1e-3, 1.0),
+                     ("diffusion", "small"): (1e-3, 20.0), ("ar", "small"): (1e-3, 1.0), ("mdlm", "small"): (1e-3, 1.0)}
+    assert demo_ar.learning_rate == 3e-3 and "0.003 with --objective ar at --preset tiny" in \
+        flags.default_text("learning_rate")
+    # a run begun before: its args.json keeps the rates it started with when it resumes
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "args.json").write_text(json.dumps({"preset": "tiny", "learning_rate": 3e-3}))
+    old = flags.parse_args(["-mdir", str(tmp_path / "old")], required=())
+    assert (old.learning_rate, old.embedding_lr_scale) == (3e-3, 1.0)  # 1.0: "legacy", before the flag existed
     import bench
     import eval as evaluate
     import export

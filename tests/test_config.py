@@ -97,17 +97,23 @@ def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_
     path = tmp_path / "args.json"
     path.write_text(json.dumps(saved))
     args = parse_args(PATHS + ["--config", str(path), "--objective", "diffusion"])
-    assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0.5, True, True, 20.0)
+    assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0.5, True, True, 60.0)
     assert (args.multilevel_prob, args.learning_rate) == (0.5, 0.002)
-    # the other way: a continuous run's record of its defaults (self-conditioning, warp, prior) is not a choice that
-    # the baseline or masked diffusion refuses; a value other than the defaults still is
+    # the other way: a continuous run's record of its defaults (self-conditioning, warp, prior, its learning rates at
+    # the tiny preset) is not a choice that the baseline or masked diffusion refuses or takes; the learning rate the
+    # baseline wants at the tiny preset applies; a value other than the defaults is still a choice
     diffusion = {"preset": "tiny", "objective": "diffusion", "self_cond": 0.5, "time_warp": True, "output_prior": True,
-                 "embedding_lr_scale": 20.0, "multilevel_prob": 0.5, "expand_prob": 0.1, "learning_rate": 0.002}
-    path.write_text(json.dumps(diffusion))
-    for objective in ("ar", "mdlm"):
-        args = parse_args(PATHS + ["--config", str(path), "--objective", objective])
-        assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0, False, False, 1)
-        assert (args.multilevel_prob, args.learning_rate) == ({"ar": 0.5, "mdlm": 0.0}[objective], 0.002)
+                 "embedding_lr_scale": 60.0, "multilevel_prob": 0.5, "expand_prob": 0.1, "learning_rate": 1e-3}
+    for learning_rate, taken in ((1e-3, {"ar": 3e-3, "mdlm": 1e-3}), (0.002, {"ar": 0.002, "mdlm": 0.002})):
+        path.write_text(json.dumps({**diffusion, "learning_rate": learning_rate}))
+        for objective in ("ar", "mdlm"):
+            args = parse_args(PATHS + ["--config", str(path), "--objective", objective])
+            assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0, False, False, 1)
+            assert (args.multilevel_prob, args.learning_rate) == ({"ar": 0.5, "mdlm": 0.0}[objective], taken[objective])
+    # another preset: the file's preset's architecture and rates give way to the new one's, a choice does not
+    path.write_text(json.dumps({**diffusion, "model_dim": 128, "num_layers": 6}))
+    args = parse_args(PATHS + ["--config", str(path), "--preset", "small"])
+    assert (args.model_dim, args.num_layers, args.learning_rate, args.embedding_lr_scale) == (256, 6, 1e-3, 20.0)
     path.write_text(json.dumps({**diffusion, "self_cond": 0.25}))
     with pytest.raises(SystemExit):
         parse_args(PATHS + ["--config", str(path), "--objective", "ar"])
