@@ -341,6 +341,8 @@ def parse_args(argv=None):
         args.samples = 64 if args.sweep or args.frontier else 0
     if args.compare and not args.frontier:
         p.error("--compare: the runs compared on a --frontier; give --frontier temperature=... too")
+    if args.frontier and args.judge is None:  # before any run loads
+        p.error("--frontier: needs --judge, the autoregressive run that scores every point")
     return args
 
 
@@ -387,8 +389,8 @@ def check_request(args, objective, sampling, compared=()):
     """Refuse, before any work, what the run cannot do: sample flags (and sweep or frontier keys) its objective does not
     read (sampling.check_objective_flags; a sample flag that a --compare run of the frontier reads passes, each run
     reading those its sampler takes: `compared` are their objectives' names), a warped grid without a warp, samples
-    longer than the training rows, a frontier without a judge, a --plot_dir that is a file (a missing one is made), a
-    sample flag's, --sweep's or --frontier's value out of range."""
+    longer than the training rows, a --plot_dir that is a file (a missing one is made), a sample flag's, --sweep's or
+    --frontier's value out of range."""
     swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
     given = given_flags({name: getattr(args, name, None) for name in setting_defaults()},
                         args.steps if args.steps_given else None)
@@ -407,8 +409,6 @@ def check_request(args, objective, sampling, compared=()):
     for length in [args.length, *dict(args.sweep or []).get("length", [])] if args.samples or args.sweep else []:
         if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
             raise beyond_training(length_flag(length), length[1], sampling["sequence_length"], args.model_dir)
-    if args.frontier and args.judge is None:
-        raise UsageError("--frontier: needs --judge, the autoregressive run that scores every point")
     if args.plot_dir and os.path.exists(args.plot_dir) and not os.path.isdir(args.plot_dir):
         raise UsageError(f"--plot_dir {args.plot_dir}: not a folder")
 

@@ -356,8 +356,10 @@ def test_the_frontier_draws_and_judges_every_run_alike_and_draws_its_plot(memori
         evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(model_dir)])
     with pytest.raises(UsageError, match="--compare .*nowhere"):  # before any work
         evaluate.main(command + ["--frontier", "temperature=0.5,1", "--compare", str(tmp_path / "nowhere")])
-    with pytest.raises(UsageError, match="--frontier: needs --judge"):
-        evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # refused with the flags, before a run loads
+        evaluate.main(command[:10] + ["--frontier", "temperature=0.5,1", "--compare", str(tmp_path / "nowhere")])
+    assert "--frontier: needs --judge" in capsys.readouterr().err
     # --steps is the compared diffusion run's: each run reads the flags its sampler takes, whichever is -mdir
     evaluate.main([str(memorised_ar_run[0]) if part == str(model_dir) else part for part in command] +
                   ["--frontier", "temperature=0.5,1", "--compare", str(model_dir), "--json"])
