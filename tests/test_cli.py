@@ -412,7 +412,7 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
         ["--objective", objective, "--preset", preset], required=())) for objective in ("diffusion", "ar", "mdlm")
         for preset in ("tiny", "small")}
     assert rates == {("diffusion", "tiny"): (1e-3, 60.0), ("ar", "tiny"): (3e-3, 1.0), ("mdlm", "tiny"): (1e-3, 1.0),
-                     ("diffusion", "small"): (1e-3, 20.0), ("ar", "small"): (1e-3, 1.0), ("mdlm", "small"): (1e-3, 1.0)}
+                     ("diffusion", "small"): (1e-3, 60.0), ("ar", "small"): (1e-3, 1.0), ("mdlm", "small"): (1e-3, 1.0)}
     assert demo_ar.learning_rate == 3e-3 and "0.003 with --objective ar at --preset tiny" in \
         flags.default_text("learning_rate")
     # a run begun before: its args.json keeps the rates it started with when it resumes

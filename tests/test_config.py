@@ -110,10 +110,12 @@ def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_
             args = parse_args(PATHS + ["--config", str(path), "--objective", objective])
             assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0, False, False, 1)
             assert (args.multilevel_prob, args.learning_rate) == ({"ar": 0.5, "mdlm": 0.0}[objective], taken[objective])
-    # another preset: the file's preset's architecture and rates give way to the new one's, a choice does not
-    path.write_text(json.dumps({**diffusion, "model_dim": 128, "num_layers": 6}))
+    # another preset: the file's preset's architecture and rate (the baseline's 3e-3 at the tiny preset) give way to
+    # the new one's, a choice does not
+    path.write_text(json.dumps({"preset": "tiny", "objective": "ar", "model_dim": 128, "num_layers": 6,
+                                "learning_rate": 3e-3, "embedding_lr_scale": 1.0}))
     args = parse_args(PATHS + ["--config", str(path), "--preset", "small"])
-    assert (args.model_dim, args.num_layers, args.learning_rate, args.embedding_lr_scale) == (256, 6, 1e-3, 20.0)
+    assert (args.model_dim, args.num_layers, args.learning_rate, args.embedding_lr_scale) == (256, 6, 1e-3, 1.0)
     path.write_text(json.dumps({**diffusion, "self_cond": 0.25}))
     with pytest.raises(SystemExit):
         parse_args(PATHS + ["--config", str(path), "--objective", "ar"])
