@@ -276,7 +276,8 @@ def build_parser():
     p.add_argument("--shuffle_lines", type=int, default=256,
                    help="valid lines scored again with their words shuffled, for the shuffle gap (0: none)")
     p.add_argument("--samples", type=int,
-                   help="unconditional samples to score (with --sweep: per setting; default 0, 64 with --sweep)")
+                   help="unconditional samples to score (with --sweep or --frontier: per setting; default 0, 64 with "
+                        "--sweep or --frontier)")
     p.add_argument("--length", type=parse_length, help="tokens per sample, as in sample.py: data (drawn from the "
                                                        "training lines' lengths; the default where the run keeps "
                                                        "them), N, or a range A:B (default for earlier runs: the "
@@ -320,7 +321,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """eval.py's flags, checked."""
+    """eval.py's flags, checked by themselves, before any run loads (a frontier without a judge, a --plot_dir that is
+    a file); exits with a one-line error."""
     p = build_parser()
     args = p.parse_args(argv)
     args.steps_given, args.steps = args.steps is not None, 200 if args.steps is None else args.steps
@@ -343,6 +345,8 @@ def parse_args(argv=None):
         p.error("--compare: the runs compared on a --frontier; give --frontier temperature=... too")
     if args.frontier and args.judge is None:  # before any run loads
         p.error("--frontier: needs --judge, the autoregressive run that scores every point")
+    if args.plot_dir and os.path.exists(args.plot_dir) and not os.path.isdir(args.plot_dir):
+        p.error(f"--plot_dir {args.plot_dir}: not a folder (a missing one is made)")
     return args
 
 
@@ -389,8 +393,7 @@ def check_request(args, objective, sampling, compared=()):
     """Refuse, before any work, what the run cannot do: sample flags (and sweep or frontier keys) its objective does not
     read (sampling.check_objective_flags; a sample flag that a --compare run of the frontier reads passes, each run
     reading those its sampler takes: `compared` are their objectives' names), a warped grid without a warp, samples
-    longer than the training rows, a --plot_dir that is a file (a missing one is made), a sample flag's, --sweep's or
-    --frontier's value out of range."""
+    longer than the training rows, a sample flag's, --sweep's or --frontier's value out of range."""
     swept = [key for key, _ in (args.sweep or []) + ([args.frontier] if args.frontier else [])]
     given = given_flags({name: getattr(args, name, None) for name in setting_defaults()},
                         args.steps if args.steps_given else None)
@@ -409,8 +412,6 @@ def check_request(args, objective, sampling, compared=()):
     for length in [args.length, *dict(args.sweep or []).get("length", [])] if args.samples or args.sweep else []:
         if isinstance(length, tuple) and length[1] > sampling["sequence_length"]:
             raise beyond_training(length_flag(length), length[1], sampling["sequence_length"], args.model_dir)
-    if args.plot_dir and os.path.exists(args.plot_dir) and not os.path.isdir(args.plot_dir):
-        raise UsageError(f"--plot_dir {args.plot_dir}: not a folder")
 
 
 def evaluate(args, device):

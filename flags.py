@@ -58,8 +58,8 @@ DEFAULTS = {
 
 
 def default_text(name):
-    """How flag `name`'s default is decided, for its --help: every run's value, each preset's, and what --demo and
-    --objective ar change."""
+    """How flag `name`'s default is decided, for its --help: every run's value, each preset's, and what --demo, an
+    --objective and an objective at a preset (OBJECTIVE_PRESETS) change."""
     def shown(value):
         return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
             else repr(value) if value == "" else str(value)
@@ -313,9 +313,9 @@ def apply_config(args, parser):
     actions = {name.lstrip("-").replace("-", "_"): action for action in parser._actions
                for name in action.option_strings + [action.dest] if name.startswith("--") or name == action.dest}
     objective = args.objective or data.get("objective") or DEFAULTS["every"]["objective"]
-    objectives = {objective, data.get("objective") or objective}  # the run's, and the one the file was written for
     written_for = (data.get("objective") or objective, data.get("preset") or DEFAULTS["every"]["preset"])
     run_for = (objective, args.preset or written_for[1])
+    objectives = {run_for[0], written_for[0]}  # the run's, and the one the file was written for
     own = {}  # with another objective or preset: the file's defaults that the new run's defaults differ from
     if written_for != run_for and written_for[1] in PRESETS:
         recorded, new = defaults_of(*written_for), defaults_of(*run_for)

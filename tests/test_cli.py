@@ -408,9 +408,11 @@ def test_every_default_comes_from_the_one_table_and_every_flag_has_help(tmp_path
         demo_ar = flags.parse_args(["--demo", "--objective", "ar"])
     assert (demo_ar.max_steps, demo_ar.model_dim, demo_ar.expand_prob, demo_ar.time_warp) == (1000, 128, 0.0, False)
     # an objective's own rates at a preset (OBJECTIVE_PRESETS) win over the preset's, and only at that preset
-    rates = {(objective, preset): (lambda a: (a.learning_rate, a.embedding_lr_scale))(flags.parse_args(
-        ["--objective", objective, "--preset", preset], required=())) for objective in ("diffusion", "ar", "mdlm")
-        for preset in ("tiny", "small")}
+    rates = {}
+    for objective in ("diffusion", "ar", "mdlm"):
+        for preset in ("tiny", "small"):
+            args = flags.parse_args(["--objective", objective, "--preset", preset], required=())
+            rates[objective, preset] = (args.learning_rate, args.embedding_lr_scale)
     assert rates == {("diffusion", "tiny"): (1e-3, 60.0), ("ar", "tiny"): (3e-3, 1.0), ("mdlm", "tiny"): (1e-3, 1.0),
                      ("diffusion", "small"): (1e-3, 60.0), ("ar", "small"): (1e-3, 1.0), ("mdlm", "small"): (1e-3, 1.0)}
     assert demo_ar.learning_rate == 3e-3 and "0.003 with --objective ar at --preset tiny" in \

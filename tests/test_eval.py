@@ -324,6 +324,8 @@ def test_the_frontier_interpolates_gen_ppl_at_an_entropy_and_pools_tokens_at_one
     (["--frontier", "steps=8,16"], "temperature or top_p"),
     (["--compare", "other"], "--compare: the runs compared on a --frontier"),
     (["--frontier", "temperature=0.5,1", "--samples", "0"], "--samples 0: --sweep and --frontier score samples"),
+    (["--frontier", "temperature=0.5,1"], "--frontier: needs --judge"),
+    (["--plot_dir", __file__], f"--plot_dir {__file__}: not a folder"),
 ])
 def test_a_frontier_of_one_value_or_another_key_or_a_comparison_without_it_is_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
