@@ -114,8 +114,8 @@ def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_
     # the new one's, a choice does not
     path.write_text(json.dumps({"preset": "tiny", "objective": "ar", "model_dim": 128, "num_layers": 6,
                                 "learning_rate": 3e-3, "embedding_lr_scale": 1.0}))
-    args = parse_args(PATHS + ["--config", str(path), "--preset", "small"])
-    assert (args.model_dim, args.num_layers, args.learning_rate, args.embedding_lr_scale) == (256, 6, 1e-3, 1.0)
+    args = parse_args(PATHS + ["--config", str(path), "--preset", "base"])
+    assert (args.model_dim, args.num_layers, args.learning_rate, args.embedding_lr_scale) == (512, 6, 1e-4, 1.0)
     path.write_text(json.dumps({**diffusion, "self_cond": 0.25}))
     with pytest.raises(SystemExit):
         parse_args(PATHS + ["--config", str(path), "--objective", "ar"])
