@@ -26,8 +26,8 @@ from diffusion import SAMPLERS, SCHEDULES, Grid, generate
 from model import ModelConfig, ScoreLM
 from sampling import sampler_settings
 from sharding import local_parameter_count
-from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, distributed_setup, keep_freed_memory,
-                   resolve_device, resolve_precision, run_command, seed_all, warn_if_emulated)
+from utils import (PRECISION_CHOICES, ArgumentParser, UsageError, distributed_setup, distributed_teardown,
+                   keep_freed_memory, resolve_device, resolve_precision, run_command, seed_all, warn_if_emulated)
 
 
 def bench_data(args):
@@ -123,8 +123,7 @@ def bench_train(args):
     try:
         return train_figures(args, targs, rank, world_size, device)
     finally:
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
+        distributed_teardown(world_size)
 
 
 def train_figures(args, targs, rank, world_size, device):

@@ -8,7 +8,6 @@ Exit status: 0 done or stopped by a signal (after saving), 2 bad input, 3 too ma
 Ctrl-C (stops at once, without saving).
 """
 import copy
-import gc
 import os
 import signal
 import sys
@@ -26,8 +25,9 @@ from flags import DEMO_DIR, parse_args, warmup_steps
 from sampling import draw, sample_length, sampler_settings
 from sharding import gathered, is_sharded, local_parameter_count
 from training import Diverged, IntervalMetrics, batch_to, build_model, build_state, optimizer_step, training_runner
-from utils import (CommandError, MetricsWriter, UsageError, all_reduce_sum, distributed_setup, keep_freed_memory,
-                   load_checkpoint, resolve_precision, run_command, save_checkpoint, seed_all, warn_if_emulated)
+from utils import (CommandError, MetricsWriter, UsageError, all_reduce_sum, distributed_setup, distributed_teardown,
+                   keep_freed_memory, load_checkpoint, resolve_precision, run_command, save_checkpoint, seed_all,
+                   warn_if_emulated)
 
 
 def main(argv=None):
@@ -51,12 +51,7 @@ def main(argv=None):
         print(f"rank {rank}: stopped, another rank failed first ({first})", file=sys.stderr)
         raise SystemExit(1)
     finally:
-        if world_size > 1:
-            # what is left in reference cycles (a sharded model's hooks, and through them the process group) is freed
-            # here, while the interpreter is whole: left to its exit, a --fsdp rank aborted after a finished run
-            # (SIGABRT, "terminate called without an active exception", on an AMD EPYC of family 26)
-            gc.collect()
-            torch.distributed.destroy_process_group()
+        distributed_teardown(world_size)
 
 
 def out_of_memory(error):

@@ -9,6 +9,7 @@ import pickle
 import random
 import secrets
 import sys
+import time
 import warnings
 
 import torch
@@ -194,6 +195,19 @@ def distributed_setup(device_name):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world_size, device
+
+
+def distributed_teardown(world_size):
+    """Leave the process group set up by distributed_setup (a no-op in a single process), then give the group's
+    threads a tenth of a second to finish. A gloo worker thread lets go of a finished collective's tensors after it
+    has woken the waiting rank, and letting go of a tensor that Python also holds takes the GIL; a thread that asks for
+    it once the interpreter has begun to finalise exits inside a destructor, and the process aborts (SIGABRT,
+    "terminate called without an active exception") after a run that finished. The process group outlives
+    destroy_process_group (DTensor's caches hold --fsdp's device mesh), so its threads cannot be joined; sleeping
+    releases the GIL to them."""
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+        time.sleep(0.1)
 
 
 def rank_gpu(local_rank, visible, shared=False):

@@ -16,6 +16,7 @@ import masked  # noqa: E402
 import training  # noqa: E402
 from corpus import Tokenizer  # noqa: E402
 from sharding import gathered  # noqa: E402
+from utils import distributed_teardown  # noqa: E402
 
 ROWS = 8  # the global batch: -bsz ROWS / processes in each
 
@@ -66,7 +67,7 @@ def main(corpus, spm, cache_dir, out, *extra):
     per_process = ROWS // 2 // world_size
     losses, gradient, weights = steps(flags.parse_args(command + ["-bsz", str(per_process), *extra]), tokenizer, rank,
                                       world_size)
-    torch.distributed.destroy_process_group()
+    distributed_teardown(world_size)
     if rank == 0:  # the same global batches in one process
         single_losses, single_gradient, single_weights = steps(
             flags.parse_args(command + ["-bsz", str(ROWS // 2), *(f for f in extra if f != "--fsdp")]), tokenizer, 0, 1)
