@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 import checkpoint
 import flags
 import sharding
+import utils
 from conftest import ROOT, TINY
 from utils import UsageError
 
@@ -218,6 +220,30 @@ def test_gradient_sync_asks_ddp_and_fully_shard_alike_for_the_micro_steps_before
             with sharding.gradient_sync(runner, last):
                 pass
     assert calls == [("sharded", False), ("sharded", True), ("ddp", False)]  # and then back on
+
+
+def test_teardown_leaves_the_group_and_lets_a_thread_that_waits_for_the_gil_run_before_it_returns(monkeypatch):
+    # a gloo worker thread that lets go of a finished collective's tensors needs the GIL: a rank that exits before the
+    # thread has had it aborts (utils.distributed_teardown). Here a thread is woken just before the teardown and must
+    # have run by the time the teardown returns, where without a pause the main thread keeps the GIL for its switch
+    # interval (5 ms) and is done first
+    left = []
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: left.append("group"))
+    utils.distributed_teardown(1)
+    assert left == []  # a single process has no group to leave
+    woken, ran = threading.Event(), []
+
+    def worker():
+        woken.wait()
+        ran.append(sum(range(1000)))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    woken.set()
+    utils.distributed_teardown(2)
+    finished = bool(ran)
+    thread.join()
+    assert left == ["group"] and finished
 
 
 def test_the_slurm_script_starts_one_agent_per_machine_with_train_flags_that_parse(tmp_path):
