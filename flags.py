@@ -50,7 +50,7 @@ DEFAULTS = {
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
                   max_steps=100_000, precision="auto", compile=False, max_bad_steps=10, sequence_length=64,
-                  sigma_min=1.0, sigma_max=50.0, rho=1.0, multilevel_prob=0.5, self_cond=0.5, time_warp=True,
+                  sigma_min=1.0, sigma_max=50.0, rho=1.0, multilevel_prob=1.0, self_cond=0.5, time_warp=True,
                   expand_prob=0.1, seed=0, device="auto", log_interval=50, save_interval=1000, keep=0,
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=60.0, beta2=0.99, stratified_sigma=False,

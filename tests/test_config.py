@@ -62,7 +62,7 @@ def test_args_json_of_a_demo_or_baseline_run_repeats_it_on_other_data(tmp_path):
     """A run's args.json records every flag, also those its objective does not read and --demo: with -d and -spm
     given, neither stands in the way; a value the objective would refuse still is refused."""
     saved = {"demo": True, "preset": "tiny", "objective": "ar", "sigma_min": 1.0, "sigma_max": 50.0, "rho": 1.0,
-             "warp_shape": "monotone", "multilevel_prob": 0.5, "mask_weight": "elbo", "self_cond": 0.0,
+             "warp_shape": "monotone", "multilevel_prob": 1.0, "mask_weight": "elbo", "self_cond": 0.0,
              "time_warp": False, "max_steps": 1000.0, "tokenizer": "bpe.model"}
     path = tmp_path / "args.json"
     path.write_text(json.dumps(saved))
@@ -98,18 +98,18 @@ def test_another_objective_takes_its_own_defaults_and_a_runs_own_record_needs_a_
     path.write_text(json.dumps(saved))
     args = parse_args(PATHS + ["--config", str(path), "--objective", "diffusion"])
     assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0.5, True, True, 60.0)
-    assert (args.multilevel_prob, args.learning_rate) == (0.5, 0.002)
+    assert (args.multilevel_prob, args.learning_rate) == (1.0, 0.002)
     # the other way: a continuous run's record of its defaults (self-conditioning, warp, prior, its learning rates at
     # the tiny preset) is not a choice that the baseline or masked diffusion refuses or takes; the learning rate the
     # baseline wants at the tiny preset applies; a value other than the defaults is still a choice
     diffusion = {"preset": "tiny", "objective": "diffusion", "self_cond": 0.5, "time_warp": True, "output_prior": True,
-                 "embedding_lr_scale": 60.0, "multilevel_prob": 0.5, "expand_prob": 0.1, "learning_rate": 1e-3}
+                 "embedding_lr_scale": 60.0, "multilevel_prob": 1.0, "expand_prob": 0.1, "learning_rate": 1e-3}
     for learning_rate, taken in ((1e-3, {"ar": 3e-3, "mdlm": 1e-3}), (0.002, {"ar": 0.002, "mdlm": 0.002})):
         path.write_text(json.dumps({**diffusion, "learning_rate": learning_rate}))
         for objective in ("ar", "mdlm"):
             args = parse_args(PATHS + ["--config", str(path), "--objective", objective])
             assert (args.self_cond, args.time_warp, args.output_prior, args.embedding_lr_scale) == (0, False, False, 1)
-            assert (args.multilevel_prob, args.learning_rate) == ({"ar": 0.5, "mdlm": 0.0}[objective], taken[objective])
+            assert (args.multilevel_prob, args.learning_rate) == ({"ar": 1.0, "mdlm": 0.0}[objective], taken[objective])
     # another preset: the file's preset's architecture and rate (the baseline's 3e-3 at the tiny preset) give way to
     # the new one's, a choice does not
     path.write_text(json.dumps({"preset": "tiny", "objective": "ar", "model_dim": 128, "num_layers": 6,
