@@ -131,10 +131,11 @@ def train_on_four_lines(tmp_path_factory, four_lines, spm_path, name, *flags):
 @pytest.fixture(scope="session")
 def memorised_run(tmp_path_factory, four_lines, spm_path):
     """A tiny model trained to memorise four lines (about 8 s): (run folder, the four lines)."""
-    # the original recipe (every example conditioned, no output prior), whose losses and samples the tests know
+    # the original recipe (every example conditioned, no output prior, per-token levels on half the batches), whose
+    # losses and samples the tests know
     return train_on_four_lines(tmp_path_factory, four_lines, spm_path, "memorised", "--max_steps", "400", "-smax",
                                "5", "--expand_prob", "0.5", "--cond_prob", "1", "--no-output_prior",
-                               "--embedding_lr_scale", "1")
+                               "--embedding_lr_scale", "1", "--multilevel_prob", "0.5")
 
 
 @pytest.fixture(scope="session")
