@@ -20,7 +20,8 @@ from diffusion import network_logits
 from utils import UsageError
 
 
-@pytest.mark.parametrize("flags, stop_at", [([], 10), (["--self_cond", "0.5", "--time_warp", "--multilevel_prob", "0.5"], 7),
+@pytest.mark.parametrize("flags, stop_at", [([], 10),
+                                            (["--self_cond", "0.5", "--time_warp", "--multilevel_prob", "0.5"], 7),
                                             (["--objective", "mdlm", "--multilevel_prob", "0.5"], 9),
                                             (["--time_warp", "--warp_shape", "gumbel", "--anchor_prob", "0.5",
                                               "--elbo_weight", "0.5", "--probe_interval", "4", "--probe_lines", "3",
