@@ -11,17 +11,17 @@ from utils import autocast, row_generators
 
 
 def autoregressive_loss(model, ids, segment_ids=None, weight=None):
-    """The autoregressive baseline's loss: (loss, ce, argmax) as score_interpolation_loss's, where position t of ce
-    (B, L) float32 holds -log p(ids[t] | the tokens before it in its row) in nats (0 at t = 0), argmax (B, L) int64 the
-    prediction of ids[t] (-1 at t = 0) and loss the sum of weight * ce, weight (B, L) float or None (every position
-    1). The network (built with causal=True) reads the clean embeddings with c_noise = 0, so it has no noise
-    conditioning. The caller's weights keep only positions that continue their own packed sequence
+    """The autoregressive baseline's loss: (loss, ce, hit) as score_interpolation_loss's, where position t of ce
+    (B, L) float32 holds -log p(ids[t] | the tokens before it in its row) in nats (0 at t = 0), hit (B, L) bool whether
+    ids[t] was the most likely next token (False at t = 0) and loss the sum of weight * ce, weight (B, L) float or None
+    (every position 1). The network (built with causal=True) reads the clean embeddings with c_noise = 0, so it has no
+    noise conditioning. The caller's weights keep only positions that continue their own packed sequence
     (autoregressive_targets)."""
     features = model.features(model.embed(ids), torch.zeros(ids.shape, device=ids.device), segment_ids)
     weight = torch.ones(ids.shape, device=ids.device) if weight is None else weight
     table, bias = model.head_weights()
-    loss, ce, argmax = tied_cross_entropy(features[:, :-1], table, bias, ids[:, 1:], weight[:, 1:])
-    return loss, F.pad(ce, (1, 0)), F.pad(argmax, (1, 0), value=-1)
+    loss, ce, hit = tied_cross_entropy(features[:, :-1], table, bias, ids[:, 1:], weight[:, 1:])
+    return loss, F.pad(ce, (1, 0)), F.pad(hit, (1, 0), value=False)
 
 
 def autoregressive_targets(segment_ids):

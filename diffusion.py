@@ -203,7 +203,7 @@ def training_features(model, ids, sigma, noise, segment_ids=None, cond_mask=None
         segment_ids = packed(model, segment_ids, ids.shape, ids.device)  # the mask of both passes, built once
         with torch.no_grad():
             first = network_features(model, x, sigma, segment_ids, sigma_data, prior_scale=prior_scale)
-            expected, _, _ = tied_expectation(first, *model.head_weights())
+            expected, _, _ = tied_expectation(first, *model.head_weights(), with_top=False)
             estimate = held_clean(expected, x, sigma)  # score interpolation's D, (B, L, E)
     return network_features(model, x, sigma, segment_ids, sigma_data, estimate, prior_scale), sigma
 
@@ -213,7 +213,7 @@ def score_interpolation_loss(model, ids, sigma, noise, segment_ids=None, cond_ma
     """CDCD's loss, the cross-entropy of the clean tokens: (loss, ce, argmax), where ce (B, L) float32 is each
     position's cross-entropy in nats (not differentiable), loss the 0-dim float32 sum of weight * ce (differentiable:
     the caller's weights mask out conditioned and fill positions and set the mean; a loss weighting goes there) and
-    argmax (B, L) int64 each position's most likely token (for the accuracy). The tied head runs chunked
+    hit (B, L) bool whether each position's most likely token is its own (for the accuracy). The tied head runs chunked
     (chunked.tied_cross_entropy): no (B L) x V logits are kept.
 
     ids (B, L) int64 clean tokens; sigma (B,) or (B, L) float noise levels (a per-sequence level is
@@ -284,14 +284,14 @@ def mixed_elbo_loss(model, ids, sigma, noise, density, elbo_weight, segment_ids=
                     self_cond=False, prior_scale=1.0):
     """The cross-entropy of score_interpolation_loss plus `elbo_weight` times the bound's diffusion term
     (elbo_integrand) of the same pass: Plaid's ELBO in embedding space (Gulrajani & Hashimoto 2023) mixed with CDCD's
-    cross-entropy. (loss, ce, argmax) as score_interpolation_loss returns them (ce the cross-entropy alone);
+    cross-entropy. (loss, ce, hit) as score_interpolation_loss returns them (ce the cross-entropy alone);
     density (B, L) the training density of the drawn levels (training_density); other arguments as there."""
     features, sigma = training_features(model, ids, sigma, noise, segment_ids, cond_mask, SIGMA_DATA, self_cond,
                                         prior_scale)
     weight = torch.ones(ids.shape, device=ids.device) if weight is None else weight
-    loss, ce, argmax = tied_cross_entropy(features, *model.head_weights(), ids, weight)
+    loss, ce, hit = tied_cross_entropy(features, *model.head_weights(), ids, weight)
     elbo, _ = elbo_integrand(model, ids, features, sigma, density, weight)
-    return loss + elbo_weight * elbo, ce, argmax
+    return loss + elbo_weight * elbo, ce, hit
 
 
 @torch.no_grad()

@@ -42,17 +42,17 @@ def masked_loss(model, ids, t, masked, segment_ids=None, weight=None, uniform=Fa
     """MDLM's continuous-time ELBO integrand for the log-linear schedule (Sahoo et al. 2024, eq. 11 with
     alpha_t = 1 - t, so -alpha'_t / (1 - alpha_t) = 1 / t): ce (B, L) float32 holds -log p(ids | masked row) / t in
     nats at masked positions and 0 elsewhere (SUBS: unmasked tokens are carried over, so they cost nothing); with
-    `uniform`, the masked cross-entropy unweighted (not a bound; a common lower-variance choice). argmax (B, L) int64
-    is the prediction at masked positions and the token itself elsewhere. loss is the sum of weight * ce, weight
-    (B, L) float or None (every position 1). ids (B, L) int64 in [0, V); t (B, L) float in (0, 1]; masked (B, L) bool;
-    segment_ids (B, L) or None (one sequence a row). Returns (loss, ce, argmax) as score_interpolation_loss does."""
+    `uniform`, the masked cross-entropy unweighted (not a bound; a common lower-variance choice). hit (B, L) bool is
+    whether the most likely token at a masked position is its own, True elsewhere. loss is the sum of weight * ce,
+    weight (B, L) float or None (every position 1). ids (B, L) int64 in [0, V); t (B, L) float in (0, 1]; masked (B, L)
+    bool; segment_ids (B, L) or None (one sequence a row). Returns (loss, ce, hit) as score_interpolation_loss does."""
     x = model.embed(torch.where(masked, mask_id(model), ids))
     features = model.features(x, torch.zeros(ids.shape, device=ids.device), segment_ids)
     scale = masked.float() if uniform else masked.float() / t
     weight = scale if weight is None else weight * scale
     table, bias = model.head_weights()  # the pieces' rows only: [MASK] is never predicted
-    loss, ce, argmax = tied_cross_entropy(features, table, bias, ids, weight)
-    return loss, ce * scale, torch.where(masked, argmax, ids)
+    loss, ce, hit = tied_cross_entropy(features, table, bias, ids, weight)
+    return loss, ce * scale, hit | ~masked
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ baseline (autoregressive.py) and masked diffusion (masked.py, MDLM). Each object
                                               its coin flips (per-token levels or not, self-conditioned or not)
                                               from the generator `coins` where given, else the global one
     loss(model, ids, segment_ids, cond_mask, weight, noise)
-                                              (loss, ce (B, L), argmax (B, L)): the training loss of that noise
+                                              (loss, ce (B, L), hit (B, L)): the training loss of that noise
     observed(noise, ce, targets)              (level, ce, counted), each (B, L): each position's noise level,
                                               its cross-entropy in nats and whether it counts, for the loss by level
                                               (diagnostics.py) and the time warp's fit; None without levels
@@ -93,11 +93,11 @@ class Continuous:
         common = dict(segment_ids=segment_ids, cond_mask=cond_mask, weight=weight, self_cond=noise["self_cond"],
                       prior_scale=noise["prior_scale"])
         if self.elbo_weight:
-            loss, ce, argmax = diffusion.mixed_elbo_loss(model, ids, noise["sigma"], noise["noise"], noise["density"],
+            loss, ce, hit = diffusion.mixed_elbo_loss(model, ids, noise["sigma"], noise["noise"], noise["density"],
                                                          self.elbo_weight, **common)
         else:
-            loss, ce, argmax = diffusion.score_interpolation_loss(model, ids, noise["sigma"], noise["noise"], **common)
-        return loss, ce if anchors is None else ce * ~anchors, argmax
+            loss, ce, hit = diffusion.score_interpolation_loss(model, ids, noise["sigma"], noise["noise"], **common)
+        return loss, ce if anchors is None else ce * ~anchors, hit
 
     def observed(self, noise, ce, targets):
         return noise["sigma"], ce, self.scored(noise, targets)

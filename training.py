@@ -162,7 +162,7 @@ def build_state(args, tokenizer, device, rank=0, world_size=1):
 
 class TrainingForward(torch.nn.Module):
     """The training forward, a batch and its noise to the loss, as one module, so that DistributedDataParallel and
-    torch.compile wrap all of it: (ids, segment_ids, cond_mask, weight, noise) -> (loss, ce (B, L), argmax (B, L)) as
+    torch.compile wrap all of it: (ids, segment_ids, cond_mask, weight, noise) -> (loss, ce (B, L), hit (B, L)) as
     the objective's loss returns them (objectives.py), weight (B, L) each position's share of the loss, noise what the
     objective's draw returned for the batch."""
 
@@ -225,7 +225,7 @@ def train_step(state, batch, args, device, weight, step=0, micro=0):
     draws the batch's noise (noise levels from the time warp when the run has one; with several processes its coins
     from coins(), alike on every rank) and its loss is summed over the
     objective's target positions, multiplied by `weight` (so that micro-batches and ranks add up to the mean over
-    every loss position of the step). Returns device tensors: summed cross-entropy (nats), right argmax predictions
+    every loss position of the step). Returns device tensors: summed cross-entropy (nats), right predictions
     and the positions they are counted over (objective.scored: for masked diffusion the masked ones), and what the
     loss by level and the time warp observe (objective.observed: (level, ce, counted), or None)."""
     ids, segment_ids, cond_mask = batch_to(batch, device)
@@ -234,10 +234,10 @@ def train_step(state, batch, args, device, weight, step=0, micro=0):
     noise = objective.draw(state.model, ids, segment_ids, cond_mask, step, state.warp, shared)
     targets = objective.targets(segment_ids, cond_mask)
     with autocast(device, args.precision):
-        loss, ce, argmax = state.runner(ids, segment_ids, cond_mask, targets * weight, noise)  # (), (B, L), (B, L)
+        loss, ce, hit = state.runner(ids, segment_ids, cond_mask, targets * weight, noise)  # (), (B, L), (B, L)
     state.scaler.scale(loss).backward()
     scored = objective.scored(noise, targets)
-    correct = ((argmax == ids) & scored).sum()
+    correct = (hit & scored).sum()
     return (ce * targets).sum(), correct, scored.sum(), objective.observed(noise, ce, targets)
 
 

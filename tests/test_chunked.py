@@ -17,8 +17,10 @@ def test_tied_cross_entropy_equals_cross_entropy_of_the_full_logits():
     table = torch.randn(50, 16, requires_grad=True)
     bias = torch.randn(50, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
+    with torch.no_grad():  # a third of the targets the most likely token, so that the hits are not all False
+        targets[::3] = (features @ table.T + bias)[::3].argmax(dim=-1)
     weight = torch.rand(37) * (torch.rand(37) > 0.3)  # some positions out of the loss
-    loss, ce, argmax = tied_cross_entropy(features, table, bias, targets, weight, chunk=8)
+    loss, ce, hit = tied_cross_entropy(features, table, bias, targets, weight, chunk=8)
     loss.backward()
     got = [loss.detach(), ce, features.grad, table.grad, bias.grad]
     features.grad = table.grad = bias.grad = None
@@ -28,7 +30,7 @@ def test_tied_cross_entropy_equals_cross_entropy_of_the_full_logits():
     expected = [(full_ce * weight).sum().detach(), full_ce.detach(), features.grad, table.grad, bias.grad]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert torch.equal(argmax, logits.argmax(dim=-1))
+    assert torch.equal(hit, logits.argmax(dim=-1) == targets) and hit[::3].all() and not hit[1::3].all()
 
 
 def test_in_bf16_the_gradients_come_back_in_each_inputs_dtype_and_near_fp32s():
@@ -70,6 +72,8 @@ def test_tied_expectation_equals_the_softmax_of_the_full_logits():
     torch.testing.assert_close(expected, probs @ table.double(), atol=1e-5, rtol=1.3e-6)
     torch.testing.assert_close(top, probs.max(dim=-1).values, atol=1e-5, rtol=1.3e-6)
     assert torch.equal(argmax, probs.argmax(dim=-1)) and expected.dtype == torch.float64
+    alone, no_top, no_argmax = tied_expectation(features, table, bias, torch.float64, chunk=8, with_top=False)
+    assert torch.equal(alone, expected) and no_top is None and no_argmax is None
 
 
 def perturbed(model):
@@ -109,7 +113,7 @@ def test_training_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch
     targets = objective.targets(segment_ids, cond_mask)
     weight = targets / targets.sum()
     drawn = {"sigma": sigma, "noise": noise, "self_cond": self_cond, "prior_scale": torch.ones(())}
-    loss, ce, argmax = TrainingForward(model, objective)(ids, segment_ids, cond_mask, weight, drawn)
+    loss, ce, hit = TrainingForward(model, objective)(ids, segment_ids, cond_mask, weight, drawn)
     loss.backward()
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not the rotary frequencies
     got = {name: p.grad.clone() for name, p in trained}
@@ -118,14 +122,16 @@ def test_training_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch
         logits = model(model.embed(ids), torch.zeros(2, 24), segment_ids)[:, :-1]
         full_ce = F.pad(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, 23),
                         (1, 0))
-        full_loss, full_argmax = (full_ce * weight).sum(), F.pad(logits.argmax(dim=-1), (1, 0), value=-1)
+        full_loss = (full_ce * weight).sum()
+        full_hit = F.pad(logits.argmax(dim=-1) == ids[:, 1:], (1, 0), value=False)
     else:
         full_loss, full_ce, full_argmax = plain_loss(model, ids, sigma, noise, segment_ids, cond_mask, weight,
                                                      self_cond)
+        full_hit = full_argmax == ids
     full_loss.backward()
     torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ce, full_ce.detach(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(argmax, full_argmax)
+    assert torch.equal(hit, full_hit)
     for name, p in trained:
         torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
     # every parameter is reached, so that each check can fail (the baseline's noise level is 0: its Fourier

@@ -84,12 +84,12 @@ def test_the_loss_weights_masked_cross_entropy_by_one_over_t_and_carries_the_res
     t = torch.tensor([[0.25] * 8, [0.5] * 8])
     masked = torch.rand(2, 8, generator=g) < 0.5
     masked[0, 0], masked[1, 1] = True, False
-    loss, ce, argmax = masked_loss(model, ids, t, masked)
+    loss, ce, hit = masked_loss(model, ids, t, masked)
     logits = model(model.embed(torch.where(masked, mask_id(model), ids)), torch.zeros(2, 8))
     expected = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(2, 8) / t * masked
     torch.testing.assert_close(ce, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, expected.sum(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(argmax[~masked], ids[~masked])
+    assert hit[~masked].all() and torch.equal(hit[masked], (logits.argmax(-1) == ids)[masked])
     _, uniform, _ = masked_loss(model, ids, t, masked, uniform=True)
     torch.testing.assert_close(uniform, expected * t, rtol=1e-5, atol=1e-5)
 
