@@ -426,13 +426,15 @@ def check_args(args):
     at_least = {"batch_size": 1, "accumulation_steps": 1, "sequence_length": 2, "max_steps": 0, "warmup_steps": 0,
                 "log_interval": 1, "save_interval": 1, "num_workers": 0, "sample_interval": 0, "sample_steps": 1,
                 "model_dim": 2, "embedding_dim": 1, "max_bad_steps": 1, "keep": 0, "num_layers": 1, "num_heads": 1,
-                "prior_ramp": 0, "probe_interval": 0, "probe_lines": 0, "probe_draws": 1}
+                "prior_ramp": 0, "probe_interval": 0, "probe_lines": 0, "probe_draws": 2}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
     for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob", "anchor_prob"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
+    if args.dropout_prob == 1:
+        return "-dop 1: dropout would zero every block's output; must be below 1"
     if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
         return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
     if not 0.1 <= args.rho <= 100:

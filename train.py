@@ -167,9 +167,10 @@ def start(args, rank, world_size, device):
         check_same_step(step, path, device)
     if rank == 0 and step < args.max_steps:
         if warmup_steps(args) < args.warmup_steps:
-            print(f"note: warming up over {steps(warmup_steps(args))}, a tenth of --max_steps {args.max_steps}, "
-                  f"instead of --warmup_steps {args.warmup_steps}, so that the run trains at its learning rate",
-                  file=sys.stderr)
+            short = (f"warming up over {steps(warmup_steps(args))}, a tenth of --max_steps {args.max_steps}," if
+                     warmup_steps(args) else f"no warm-up (a tenth of --max_steps {args.max_steps} is under a step)")
+            print(f"note: {short} instead of --warmup_steps {args.warmup_steps}, so that the run trains at its "
+                  f"learning rate", file=sys.stderr)
         warn_if_emulated(args.precision, device)
         checkpoint.write_run_files(args, state.model)
         corpus = state.loader.rows.cache.meta

@@ -197,6 +197,8 @@ def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path
     (["-ema", "1.5"], "every rate must be in (0, 1)"),
     (["-dim", "30", "-nh", "4"], "heads of even size"),
     (["--expand_prob", "2"], "must be in [0, 1]"),
+    (["-dop", "1"], "-dop 1: dropout would zero every block's output; must be below 1"),
+    (["--probe_draws", "1"], "--probe_draws 1: must be at least 2"),  # the probe's bound, at its first probe
     (["--fsdp", "--compile"], "--fsdp with --compile: not supported together; drop --compile"),
     (["--fsdp", "--precision", "fp16"], "--fsdp with --precision fp16: not supported together"),
 ])
@@ -391,7 +393,7 @@ def test_a_warm_up_longer_than_a_tenth_of_the_run_is_shortened_to_fit(tmp_path, 
     assert flags.warmup_steps(args) == 500
     capsys.readouterr()
     run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3", "-wus", "5")
-    assert "note: warming up over 0 steps, a tenth of --max_steps 3, instead of --warmup_steps 5" in \
+    assert "note: no warm-up (a tenth of --max_steps 3 is under a step) instead of --warmup_steps 5" in \
         capsys.readouterr().err
     lr = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["lr"]  # step 2 of 3, no warm-up
     assert lr == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))))

@@ -11,6 +11,7 @@ import api
 import eval as evaluate
 import export
 import sample
+import train
 from conftest import FIXTURES
 from utils import UsageError
 
@@ -28,6 +29,13 @@ def test_an_exported_folder_samples_and_evaluates_as_its_run_folder(memorised_ru
     assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(UsageError, match="an exported folder already"):
         export.main(["-mdir", str(out), "-o", str(tmp_path / "again")])
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match="an exported folder \\(export.py\\), not a run folder"):
+        train.main(["-d", str(corpus), "-spm", str(model_dir / "tokenizer.model"), "-mdir", str(out),
+                    "--cache_dir", str(tmp_path / "cache")])  # would write a run's config.json over the export's
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     for name in os.listdir(out):  # no pickle: neither torch's zip archive nor a bare pickle
         assert open(out / name, "rb").read(2) not in (b"PK", b"\x80\x02", b"\x80\x04"), name
     valid = tmp_path / "valid.txt"
