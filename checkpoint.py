@@ -413,7 +413,8 @@ def folder_tokenizer(model_dir):
 def prepare_model_dir(args, tokenizer):
     """Create the model folder with a copy of the tokenizer; refuse a different tokenizer on resume, a folder that
     cannot take a checkpoint (read-only, or a directory where a file goes) before step 1, an exported folder (its
-    config.json would be overwritten), and kept checkpoints without ckpt.pt; move aside the metrics of an earlier run that never saved."""
+    config.json would be overwritten), and kept checkpoints without ckpt.pt; move aside the metrics of an earlier run
+    that never saved."""
     folder = args.model_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"-mdir {folder}: exists and is not a folder")

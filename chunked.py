@@ -37,13 +37,12 @@ class TiedCrossEntropy(torch.autograd.Function):
     float32, targets (N,) int64, weight (N,) float32, grads bool, chunk int) -> loss (0-dim float32) = sum_i weight_i
     ce_i, with ce (N,) float32 nats and hit (N,) bool (the target's logit is the row's largest; a tie counts as a hit),
     neither differentiable. The hit is read from the target's logit and the row's max, not from an argmax: a max with
-    its index is an order of magnitude slower over the vocabulary (RESULTS.md, "The small preset's shape for the
-    budget"). The logits' product runs in the features' dtype (the table is cast to it) and the softmax in float32; the
-    gradients' products run in bf16 for bf16 features and in float32 otherwise (fp16 would underflow them before
-    backward applies the loss scale), and they are kept in float32. With `grads` the gradients of the
-    loss with respect to features, table and bias are computed in forward and scaled by the loss's incoming gradient
-    in backward (Liger Kernel's fused linear cross-entropy works the same way, Hsu et al. 2024); without, backward
-    is not available."""
+    its index is an order of magnitude slower over the vocabulary (RESULTS.md, "Training throughput"). The logits'
+    product runs in the features' dtype (the table is cast to it) and the softmax in float32; the gradients' products
+    run in bf16 for bf16 features and in float32 otherwise (fp16 would underflow them before backward applies the loss
+    scale), and they are kept in float32. With `grads` the gradients of the loss with respect to features, table and
+    bias are computed in forward and scaled by the loss's incoming gradient in backward (Liger Kernel's fused linear
+    cross-entropy works the same way, Hsu et al. 2024); without, backward is not available."""
 
     @staticmethod
     def forward(ctx, features, table, bias, targets, weight, grads, chunk):
@@ -116,8 +115,8 @@ def tied_cross_entropy(features, table, bias, targets, weight=None, chunk=None):
     weight = torch.ones(shape, device=targets.device) if weight is None else weight
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (features, table, bias))
     loss, ce, hit = TiedCrossEntropy.apply(features.reshape(-1, features.shape[-1]), table, bias.float(),
-                                              targets.reshape(-1), weight.detach().reshape(-1).float(), grads,
-                                              chunk or chunk_rows(features.device, len(table)))
+                                           targets.reshape(-1), weight.detach().reshape(-1).float(), grads,
+                                           chunk or chunk_rows(features.device, len(table)))
     return loss, ce.view(shape), hit.view(shape)
 
 
