@@ -143,6 +143,4 @@ def tied_expectation(features, table, bias, dtype=torch.float32, chunk=None, wit
                 top[rows], argmax[rows] = probs.max(dim=-1)
             expected[rows] = probs @ table_out
     lead = features.shape[:-1]
-    if not with_top:
-        return expected.view(*lead, -1), None, None
-    return expected.view(*lead, -1), top.view(lead), argmax.view(lead)
+    return expected.view(*lead, -1), *(None if t is None else t.view(lead) for t in (top, argmax))

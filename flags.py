@@ -430,11 +430,11 @@ def check_args(args):
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name} {getattr(args, name)}: must be at least {low}"
-    for name in ("multilevel_prob", "expand_prob", "dropout_prob", "self_cond", "cond_prob", "anchor_prob"):
+    for name in ("multilevel_prob", "expand_prob", "self_cond", "cond_prob", "anchor_prob"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name} {getattr(args, name)}: must be in [0, 1]"
-    if args.dropout_prob == 1:
-        return "-dop 1: dropout would zero every block's output; must be below 1"
+    if not 0 <= args.dropout_prob < 1:
+        return f"-dop {args.dropout_prob:g}: must be in [0, 1) (at 1 dropout zeroes every block's output)"
     if not 1e-4 <= args.sigma_min < args.sigma_max <= 1e4:
         return f"-smin {args.sigma_min} -smax {args.sigma_max}: need 1e-4 <= sigma_min < sigma_max <= 1e4"
     if not 0.1 <= args.rho <= 100:

@@ -197,7 +197,8 @@ def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path
     (["-ema", "1.5"], "every rate must be in (0, 1)"),
     (["-dim", "30", "-nh", "4"], "heads of even size"),
     (["--expand_prob", "2"], "must be in [0, 1]"),
-    (["-dop", "1"], "-dop 1: dropout would zero every block's output; must be below 1"),
+    (["-dop", "1"], "-dop 1: must be in [0, 1) (at 1 dropout zeroes every block's output)"),
+    (["-dop", "-0.1"], "-dop -0.1: must be in [0, 1)"),
     (["--probe_draws", "1"], "--probe_draws 1: must be at least 2"),  # the probe's bound, at its first probe
     (["--fsdp", "--compile"], "--fsdp with --compile: not supported together; drop --compile"),
     (["--fsdp", "--precision", "fp16"], "--fsdp with --precision fp16: not supported together"),
