@@ -30,6 +30,7 @@ MODEL_FLAGS = {"vocab_size": ("the vocabulary of -spm", str), "embedding_dim": (
                "causal": ("--objective", lambda v: "ar" if v else "diffusion"),
                "self_cond": ("--self_cond", lambda v: "> 0" if v else "0"),
                "output_prior": ("--output_prior", lambda v: "on" if v else "off"),
+               "output_prior_scale": ("--output_prior_scale", lambda v: f"{v:g}"),
                "masked": ("--objective", lambda v: "mdlm" if v else "not mdlm"),
                "conditioning": ("--conditioning", str)}
 # Flags that may change between a run and its resumption without changing what it is

@@ -104,14 +104,15 @@ def edm_preconditioning(sigma, sigma_data=SIGMA_DATA):
 def network_inputs(model, x, sigma, segment_ids=None, sigma_data=SIGMA_DATA, self_cond=None, prior_scale=1.0):
     """The preconditioned network's arguments for noisy embeddings x (B, L, E) at levels sigma (B, L), given a
     previous estimate of the clean embeddings self_cond (B, L, E) or None (read by self-conditioned models only): c_in
-    x and c_noise (EDM), segment ids, and for a model built with cfg.output_prior, prior_scale (a float or 0-dim
-    tensor; 1 outside training's ramp) times each token's own posterior, output_prior_offset."""
+    x and c_noise (EDM), segment ids, and for a model built with cfg.output_prior, cfg.output_prior_scale times
+    prior_scale (a float or 0-dim tensor; 1 outside training's ramp) times each token's own posterior,
+    output_prior_offset."""
     c_in, c_noise = edm_preconditioning(sigma, sigma_data)
     inputs = [(append_dims(c_in, x.ndim) * x).float(), c_noise.float(), segment_ids]
     if self_cond is not None or model.cfg.output_prior:  # keeps the signature of networks without either
         inputs.append(None if self_cond is None else self_cond.float())
     if model.cfg.output_prior:
-        inputs.append(prior_scale * output_prior_offset(x, sigma))
+        inputs.append(prior_scale * model.cfg.output_prior_scale * output_prior_offset(x, sigma))
     return inputs
 
 

@@ -45,7 +45,8 @@ DEFAULTS = {
     # what a run resumed from an args.json without these flags trained with: the behaviour before they existed
     "legacy": dict(output_prior=False, prior_ramp=0, cond_prob=1.0, embedding_lr_scale=1.0, beta2=0.99,
                    stratified_sigma=False, time_budget=None, mask_weight="elbo", anchor_prob=0.0,
-                   warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8),
+                   warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8,
+                   output_prior_scale=1.0),
     **PRESETS,
     "every": dict(encoding_errors="strict", num_workers=2, preset="base", objective="diffusion", dropout_prob=0.0,
                   accumulation_steps=1, weight_decay=0.01, gradient_clipping=1.0, ema_rate="0.999,0.9999",
@@ -55,7 +56,8 @@ DEFAULTS = {
                   sample_interval=1000, sample_steps=100, progress=True, tensorboard=False, output_prior=True,
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=60.0, beta2=0.99, stratified_sigma=False,
                   mask_weight="elbo", probe_interval=0, probe_lines=64, probe_draws=4, anchor_prob=0.0,
-                  warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8, fsdp=False),
+                  warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8, fsdp=False,
+                  output_prior_scale=1.0),
 }
 
 
@@ -206,6 +208,9 @@ def build_parser(description=None):
     diff.add_argument("--prior_ramp", type=int, metavar="STEPS",
                       help=f"with --output_prior, ramp its weight linearly from 0 to 1 over the first STEPS steps "
                            f"(0: full from the start; {d('prior_ramp')})")
+    diff.add_argument("--output_prior_scale", type=float, metavar="S",
+                      help=f"with --output_prior, the posterior's weight in the logits: below 1 the network starts "
+                           f"from a flatter one and must add more itself; part of the model ({d('output_prior_scale')})")
     diff.add_argument("--self_cond", type=float, metavar="PROB",
                       help=f"self-conditioning: the model also reads its previous estimate of the clean embeddings; "
                            f"this share of batches gets one from a first pass without gradient (0: a model without "
@@ -294,7 +299,7 @@ def read_config(path):
 
 # The flags each objective does not read (resolve refuses them when given with other than a falsy value)
 DIFFUSION_ONLY = ("self_cond", "time_warp", "output_prior", "sigma_min", "sigma_max", "rho", "stratified_sigma",
-                  "prior_ramp", "anchor_prob", "warp_shape", "elbo_weight")
+                  "prior_ramp", "anchor_prob", "warp_shape", "elbo_weight", "output_prior_scale")
 NOT_READ = {"ar": DIFFUSION_ONLY + ("multilevel_prob", "mask_weight"), "mdlm": DIFFUSION_ONLY,
             "diffusion": ("mask_weight",)}
 SHORT_NAMES = {"sigma_min": "-smin", "sigma_max": "-smax", "rho": "-rho"}  # as messages name them
@@ -449,6 +454,11 @@ def check_args(args):
         return f"--adam_eps {args.adam_eps}: must be in (0, 1)"
     if not 0 <= args.elbo_weight < float("inf"):
         return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
+    if not 0 < args.output_prior_scale < float("inf"):
+        return f"--output_prior_scale {args.output_prior_scale:g}: must be positive (--no-output_prior for none)"
+    if args.output_prior_scale != 1 and not args.output_prior:
+        return f"--output_prior_scale {args.output_prior_scale:g}: weighs the output prior, which this run trains " \
+               "without (--output_prior)"
     if args.warp_shape != "monotone" and not args.time_warp:
         return f"--warp_shape {args.warp_shape}: shapes the time warp, which this run trains without (--time_warp)"
     if args.fsdp and (args.compile or args.precision == "fp16"):

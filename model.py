@@ -33,6 +33,7 @@ class ModelConfig:
     causal: bool = False      # the autoregressive baseline: a token attends to itself and earlier tokens only
     self_cond: bool = False   # also read a previous estimate of the clean embeddings (self-conditioning)
     output_prior: bool = False  # logits add each token's own posterior (diffusion.py); the head starts at zero
+    output_prior_scale: float = 1.0  # the posterior's weight in the logits (1: exact at the start)
     masked: bool = False      # masked diffusion (masked.py): one embedding more, [MASK] at id vocab_size, never predicted
     conditioning: str = "film"  # "film": a FiLM layer per block; "shared": one for all blocks, an offset per block
 

@@ -14,9 +14,11 @@ import flags
 import scoring
 import train
 import training
+from checkpoint import load_model
 from conftest import run_train, small_model
 from data import conditioning_mask
 from diffusion import Denoising, draw_training_sigma, network_logits, output_prior_offset, stratified_uniform
+from model import ModelConfig
 from test_sampling import ExactDenoiser
 from utils import UsageError
 
@@ -43,7 +45,7 @@ class ContextOnly(ExactDenoiser):
 
     def __init__(self, rows):
         super().__init__(rows)
-        self.cfg.output_prior = True
+        self.cfg.output_prior, self.cfg.output_prior_scale = True, 1.0
 
     def forward(self, x_in, c_noise, segment_ids=None, self_cond=None, output_offset=None):
         sigma = torch.exp(4 * c_noise)
@@ -77,6 +79,32 @@ def test_the_prior_ramp_weights_the_prior_by_the_step():
         full, half, none = (network_logits(model, x, sigma, prior_scale=s) for s in (1.0, 0.5, 0.0))
     torch.testing.assert_close(half, (full + none) / 2)
     assert torch.allclose(none, torch.zeros_like(none))  # zero head, zero bias: nothing but the prior
+
+
+def test_the_prior_scale_tempers_the_starting_posterior_and_multiplies_the_ramp():
+    model = small_model(vocab_size=30, output_prior=True).eval()
+    table = model.embedding_table()
+    x, sigma = table[torch.randint(0, 30, (1, 4))] + 2 * torch.randn(1, 4, 16), torch.full((1, 4), 2.0)
+    with torch.no_grad():
+        exact = network_logits(model, x, sigma)
+        model.cfg.output_prior_scale = 0.25
+        quarter, ramped = network_logits(model, x, sigma), network_logits(model, x, sigma, prior_scale=0.5)
+    torch.testing.assert_close(quarter, exact / 4)  # the posterior at temperature 4: a flatter start
+    torch.testing.assert_close(ramped, exact / 8)
+    assert (quarter.softmax(-1).max(-1).values < exact.softmax(-1).max(-1).values).all()
+
+
+def test_a_prior_scale_is_part_of_the_model_and_needs_the_prior(tmp_path, corpus_file, spm_path):
+    run = tmp_path / "run"
+    checkpoint = run_train(corpus_file, spm_path, run, "--max_steps", "2", "--output_prior_scale", "0.5")
+    assert checkpoint["config"]["output_prior_scale"] == 0.5
+    model, _, _ = load_model(str(run))
+    assert model.cfg.output_prior_scale == 0.5  # what sample.py and eval.py rebuild
+    assert run_train(corpus_file, spm_path, run, "--max_steps", "3")["config"]["output_prior_scale"] == 0.5
+    with pytest.raises(UsageError, match=r"--output_prior_scale 0.5 \(now 1\)"):
+        run_train(corpus_file, spm_path, run, "--max_steps", "4", "--output_prior_scale", "1")
+    del checkpoint["config"]["output_prior_scale"]  # a checkpoint from before the flag: the exact prior, 1
+    assert ModelConfig(**checkpoint["config"]).output_prior_scale == 1.0
 
 
 def test_cond_prob_leaves_that_share_of_examples_wholly_free_and_1_draws_as_before():
