@@ -501,17 +501,25 @@ def write_splits(lines, train_path, valid_path, valid_fraction):
     return counts
 
 
+SPM_LINE_BYTES = 4192  # SentencePiece's default longest training line; longer ones are skipped
+
+
 def train_tokenizer(train_path, model_prefix, vocab_size, where):
     """Train a SentencePiece BPE model on train_path into model_prefix.model and .vocab: bos 0, eos 1, pad 2, unk 3
     and the ten digits as user-defined symbols (the original project's recipe). Raises UsageError naming
-    --vocab_size (and `where`, the corpus as the user knows it) if the corpus cannot support that many pieces."""
+    --vocab_size (and `where`, the corpus as the user knows it) if the corpus cannot support that many pieces, or
+    naming `where` if every line is too long to train on."""
     try:
         spm.SentencePieceTrainer.train(
             input=train_path, model_prefix=model_prefix, model_type="bpe", vocab_size=vocab_size,
             user_defined_symbols=[str(i) for i in range(10)], bos_id=0, eos_id=1, pad_id=2, unk_id=3,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, max_sentence_length=SPM_LINE_BYTES,
+            minloglevel=2)
     except RuntimeError as e:
         most = re.search(r"value <= (\d+)", str(e))
+        if "sentences_.empty()" in str(e):  # SentencePiece skips lines over max_sentence_length bytes
+            raise UsageError(f"{where}: every training line is longer than SentencePiece's {SPM_LINE_BYTES:,} bytes "
+                             "(one line is one example; split the text into lines)") from None
         if most:
             raise UsageError(f"--vocab_size {vocab_size}: {where} supports at most {int(most[1]):,} pieces; "
                              "give a smaller --vocab_size") from None

@@ -260,6 +260,14 @@ def test_prepare_on_the_valid_side_of_its_own_split_says_why_nothing_is_left_to_
     assert not (tmp_path / "again").exists()
 
 
+def test_prepare_on_lines_too_long_for_sentencepiece_names_the_file_and_the_limit(tmp_path, corpus_lines):
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join(" ".join(corpus_lines[i:i + 200]) for i in range(0, 1000, 200)) + "\n")  # > 4,192 bytes
+    with pytest.raises(UsageError, match=r"raw.txt: every training line is longer than SentencePiece's 4,192 bytes"):
+        prepare.main(["-i", str(raw), "-o", str(tmp_path / "out"), "--vocab_size", "300", "--valid_fraction", "0"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_counts_the_lines_longer_than_the_default_rows_and_names_the_flag(tmp_path, corpus_lines, capsys):
     short = list(dict.fromkeys(" ".join(line.split()[:4]) for line in corpus_lines))[:200]
     long_lines = [" ".join(corpus_lines[i:i + 8]) for i in range(0, 80, 8)]  # 10 lines of 8 corpus lines each
