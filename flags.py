@@ -398,6 +398,7 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
         return f"--mask_weight {args.mask_weight}: only for --objective mdlm"
     preset = args.preset or next(row["preset"] for row in rows + [DEFAULTS["every"]] if "preset" in row)
     rows.append(defaults_of(objective, preset))
+    scale_given = args.output_prior_scale is not None
     for name, value in vars(args).items():
         if value is None:
             setattr(args, name, next((row[name] for row in rows if name in row), None))
@@ -405,6 +406,9 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     if missing:
         again = "; a resumed run takes -d and -spm again, as it was started" if saved else ""
         return f"--{missing[0]} is required (or use --demo){again}"
+    if scale_given and not args.output_prior:  # its default is recorded by every run, and read by none without one
+        return f"--output_prior_scale {args.output_prior_scale:g}: weighs the output prior, which this run trains " \
+               "without (--output_prior)"
     if args.time_budget == 0:  # how a resumed run drops the budget its args.json would otherwise keep
         args.time_budget = None
     return check_args(args)
@@ -456,9 +460,6 @@ def check_args(args):
         return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
     if not 0 < args.output_prior_scale < float("inf"):
         return f"--output_prior_scale {args.output_prior_scale:g}: must be positive (--no-output_prior for none)"
-    if args.output_prior_scale != 1 and not args.output_prior:
-        return f"--output_prior_scale {args.output_prior_scale:g}: weighs the output prior, which this run trains " \
-               "without (--output_prior)"
     if args.warp_shape != "monotone" and not args.time_warp:
         return f"--warp_shape {args.warp_shape}: shapes the time warp, which this run trains without (--time_warp)"
     if args.fsdp and (args.compile or args.precision == "fp16"):

@@ -107,6 +107,14 @@ def test_a_prior_scale_is_part_of_the_model_and_needs_the_prior(tmp_path, corpus
     assert ModelConfig(**checkpoint["config"]).output_prior_scale == 1.0
 
 
+def test_a_run_without_the_prior_keeps_the_neutral_scale_whatever_the_default(tmp_path, corpus_file, spm_path,
+                                                                               monkeypatch):
+    monkeypatch.setitem(flags.DEFAULTS["every"], "output_prior_scale", 0.5)
+    checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "2", "--no-output_prior")
+    assert (checkpoint["config"]["output_prior"], checkpoint["config"]["output_prior_scale"]) == (False, 1.0)
+    assert run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3")["step"] == 3  # resumes alike
+
+
 def test_cond_prob_leaves_that_share_of_examples_wholly_free_and_1_draws_as_before():
     free = sum(not any(conditioning_mask(12, 12, random.Random(i), 0.25)) for i in range(4000))
     assert 2850 <= free <= 3150, free  # 75% (binomial sd 27), and the few spans of length 0 besides
