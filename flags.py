@@ -406,9 +406,12 @@ def resolve(args, required=("data_path", "spm_model", "model_dir")):
     if missing:
         again = "; a resumed run takes -d and -spm again, as it was started" if saved else ""
         return f"--{missing[0]} is required (or use --demo){again}"
-    if scale_given and not args.output_prior:  # its default is recorded by every run, and read by none without one
-        return f"--output_prior_scale {args.output_prior_scale:g}: weighs the output prior, which this run trains " \
-               "without (--output_prior)"
+    if not args.output_prior:  # a run without the prior records the neutral scale, so its args.json is a config
+        if scale_given and args.output_prior_scale != 1:
+            return (f"--output_prior_scale {args.output_prior_scale:g}: " +
+                    (f"only for the diffusion objective, not --objective {objective}" if objective != "diffusion" else
+                     "weighs the output prior, which this run trains without (--output_prior)"))
+        args.output_prior_scale = 1.0
     if args.time_budget == 0:  # how a resumed run drops the budget its args.json would otherwise keep
         args.time_budget = None
     return check_args(args)
@@ -458,8 +461,8 @@ def check_args(args):
         return f"--adam_eps {args.adam_eps}: must be in (0, 1)"
     if not 0 <= args.elbo_weight < float("inf"):
         return f"--elbo_weight {args.elbo_weight}: must be 0 or more"
-    if not 0 < args.output_prior_scale < float("inf"):
-        return f"--output_prior_scale {args.output_prior_scale:g}: must be positive (--no-output_prior for none)"
+    if not 0 < args.output_prior_scale <= 100:  # far above, the offset's logits overflow float32
+        return f"--output_prior_scale {args.output_prior_scale:g}: must be in (0, 100] (--no-output_prior for none)"
     if args.warp_shape != "monotone" and not args.time_warp:
         return f"--warp_shape {args.warp_shape}: shapes the time warp, which this run trains without (--time_warp)"
     if args.fsdp and (args.compile or args.precision == "fp16"):

@@ -117,8 +117,7 @@ def build_model(args, vocab_size, device):
     cfg = ModelConfig(vocab_size=vocab_size, embedding_dim=args.embedding_dim, model_dim=args.model_dim,
                       num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout_prob,
                       causal=args.objective == "ar", masked=args.objective == "mdlm", self_cond=args.self_cond > 0,
-                      output_prior=args.output_prior,  # a model without the prior keeps the neutral scale
-                      output_prior_scale=args.output_prior_scale if args.output_prior else 1.0,
+                      output_prior=args.output_prior, output_prior_scale=args.output_prior_scale,
                       conditioning=args.conditioning)
     return ScoreLM(cfg).to(device)
 

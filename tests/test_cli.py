@@ -200,7 +200,10 @@ def test_an_unexpected_error_with_data_workers_running_ends_the_process(tmp_path
     (["-dop", "1"], "-dop 1: must be in [0, 1) (at 1 dropout zeroes every block's output)"),
     (["-dop", "-0.1"], "-dop -0.1: must be in [0, 1)"),
     (["--probe_draws", "1"], "--probe_draws 1: must be at least 2"),  # the probe's bound, at its first probe
-    (["--output_prior_scale", "0"], "--output_prior_scale 0: must be positive"),
+    (["--output_prior_scale", "0"], "--output_prior_scale 0: must be in (0, 100]"),
+    (["--output_prior_scale", "nan"], "--output_prior_scale nan: must be in (0, 100]"),
+    (["--output_prior_scale", "1e39"], "--output_prior_scale 1e+39: must be in (0, 100]"),
+    (["--objective", "mdlm", "--output_prior_scale", "0"], "--output_prior_scale 0: only for the diffusion objective"),
     (["--no-output_prior", "--output_prior_scale", "2"], "--output_prior_scale 2: weighs the output prior, which"),
     (["--objective", "ar", "--output_prior_scale", "2"], "--output_prior_scale: only for the diffusion objective"),
     (["--fsdp", "--compile"], "--fsdp with --compile: not supported together; drop --compile"),

@@ -113,6 +113,9 @@ def test_a_run_without_the_prior_keeps_the_neutral_scale_whatever_the_default(tm
     checkpoint = run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "2", "--no-output_prior")
     assert (checkpoint["config"]["output_prior"], checkpoint["config"]["output_prior_scale"]) == (False, 1.0)
     assert run_train(corpus_file, spm_path, tmp_path / "run", "--max_steps", "3")["step"] == 3  # resumes alike
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["output_prior_scale"] == 1.0
+    again = run_train(corpus_file, spm_path, tmp_path / "again", "--config", str(tmp_path / "run" / "args.json"))
+    assert (again["config"]["output_prior"], again["config"]["output_prior_scale"]) == (False, 1.0)
 
 
 def test_cond_prob_leaves_that_share_of_examples_wholly_free_and_1_draws_as_before():
