@@ -57,7 +57,7 @@ DEFAULTS = {
                   prior_ramp=0, cond_prob=0.5, embedding_lr_scale=60.0, beta2=0.99, stratified_sigma=False,
                   mask_weight="elbo", probe_interval=0, probe_lines=64, probe_draws=4, anchor_prob=0.0,
                   warp_shape="monotone", elbo_weight=0.0, conditioning="film", adam_eps=1e-8, fsdp=False,
-                  output_prior_scale=1.0),
+                  output_prior_scale=0.5),
 }
 
 
