@@ -60,7 +60,8 @@ def main(corpus, spm, cache_dir, out, *extra):
     masked.draw_masks = lambda t, free, *args: free & (torch.arange(t.shape[-1]) % 2 == 0)
     command = ["-d", corpus, "-spm", spm, "-mdir", "unused", "--cache_dir", cache_dir, "-dim", "32", "-nl", "2",
                "-nh", "2", "-emb", "16", "-slen", "32", "-acc", "2", "--num_workers", "0", "-gc", "0", "-ema", "",
-               "--precision", "fp32", "-lr", "1e-2", "-wus", "0"]  # fp32: equal to rounding error
+               "--precision", "fp32", "-lr", "1e-2", "-wus", "0",  # fp32: equal to rounding error
+               "--adam_eps", "1e-4"]  # Adam's step moves by at most lr / eps times a gradient's rounding
     if "--objective" not in extra:  # every micro-batch self-conditioned: no coin to tell one process from several
         command += ["--self_cond", "1"]
     tokenizer = Tokenizer(spm)
