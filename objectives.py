@@ -94,7 +94,7 @@ class Continuous:
                       prior_scale=noise["prior_scale"])
         if self.elbo_weight:
             loss, ce, hit = diffusion.mixed_elbo_loss(model, ids, noise["sigma"], noise["noise"], noise["density"],
-                                                         self.elbo_weight, **common)
+                                                      self.elbo_weight, **common)
         else:
             loss, ce, hit = diffusion.score_interpolation_loss(model, ids, noise["sigma"], noise["noise"], **common)
         return loss, ce if anchors is None else ce * ~anchors, hit

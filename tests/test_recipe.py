@@ -94,14 +94,14 @@ def test_the_prior_scale_tempers_the_starting_posterior_and_multiplies_the_ramp(
     assert (quarter.softmax(-1).max(-1).values < exact.softmax(-1).max(-1).values).all()
 
 
-def test_a_prior_scale_is_part_of_the_model_and_needs_the_prior(tmp_path, corpus_file, spm_path):
-    run = tmp_path / "run"
-    checkpoint = run_train(corpus_file, spm_path, run, "--max_steps", "2", "--output_prior_scale", "0.5")
-    assert checkpoint["config"]["output_prior_scale"] == 0.5
+def test_a_prior_scale_is_part_of_the_model_and_kept_on_resume(tmp_path, corpus_file, spm_path):
+    run = tmp_path / "run"  # 0.25: neither the default (0.5) nor ModelConfig's (1), so that each would show
+    checkpoint = run_train(corpus_file, spm_path, run, "--max_steps", "2", "--output_prior_scale", "0.25")
+    assert checkpoint["config"]["output_prior_scale"] == 0.25
     model, _, _ = load_model(str(run))
-    assert model.cfg.output_prior_scale == 0.5  # what sample.py and eval.py rebuild
-    assert run_train(corpus_file, spm_path, run, "--max_steps", "3")["config"]["output_prior_scale"] == 0.5
-    with pytest.raises(UsageError, match=r"--output_prior_scale 0.5 \(now 1\)"):
+    assert model.cfg.output_prior_scale == 0.25  # what sample.py and eval.py rebuild
+    assert run_train(corpus_file, spm_path, run, "--max_steps", "3")["config"]["output_prior_scale"] == 0.25
+    with pytest.raises(UsageError, match=r"--output_prior_scale 0.25 \(now 1\)"):
         run_train(corpus_file, spm_path, run, "--max_steps", "4", "--output_prior_scale", "1")
     del checkpoint["config"]["output_prior_scale"]  # a checkpoint from before the flag: the exact prior, 1
     assert ModelConfig(**checkpoint["config"]).output_prior_scale == 1.0
